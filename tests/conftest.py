@@ -1,0 +1,29 @@
+"""Shared test set-up: a hypothesis profile for CI, one CPU thread, fixed seeds.
+
+CI runs on a noisy 2-core machine: hypothesis is derandomized (the same examples every
+run) and has no deadline, since a torch call can take a while when the machine is busy.
+"""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    max_examples=30,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", deadline=None, max_examples=100)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# Tiny tensors are faster on one thread, and several test runs may share the machine.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
