@@ -1,0 +1,215 @@
+"""Images as uint8 tensors, and shuffled minibatches of them on a device.
+
+Two sources, both returning uint8 tensors (N, C, H, W) and int64 labels:
+
+- Fashion-MNIST, read straight from its four IDX files (gzip or plain). An IDX
+  file is a big-endian header, magic = 0x0000 08 D (D = number of dimensions),
+  then D sizes as uint32, then the uint8 values.
+- an image folder in fastai's `from_paths` layout: train/<class>/*, valid/<class>/*,
+  optionally test/*. Each image is made RGB, resized so its short side is `size`,
+  then centre-cropped to size x size.
+
+`batches` turns (x, y) into minibatches: x arrives as float32 in [0, 1] on the
+device (uint8 travels, the division happens there), y as int64. The order of
+epoch e is a pure function of (seed, e), so a resumed run sees the same order.
+
+Differs from torchvision/fastai: no Dataset/DataLoader, no worker processes; the
+whole (small) data set is one tensor and a minibatch is an index into it.
+"""
+import gzip
+import os
+from collections import namedtuple
+from pathlib import Path
+
+import torch
+
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+# Per-channel statistics of the 60,000 training images, on [0, 1] pixels.
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minicnn" / "fashion-mnist"
+IDX_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
+             "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+ImageFolder = namedtuple("ImageFolder", "train valid test classes")
+
+
+def read_idx(path):
+    """One IDX file -> uint8 tensor of the shape its header gives; errors name the file."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # gzip raises these for truncated or non-gzip files
+        raise ValueError(f"{path}: cannot read ({e}); delete it and fetch the data again") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path}: not an IDX file of uint8 (bad magic number {raw[:4].hex()})")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated header")
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + int(torch.tensor(shape).prod())
+    if len(raw) != expected:
+        raise ValueError(f"{path}: {len(raw)} bytes, the header {shape} says {expected}; "
+                         "the file is truncated or corrupt")
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
+
+
+def _find_idx(folder, name):
+    for candidate in (Path(folder) / name, Path(folder) / (name + ".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def fashion_mnist_folders(root=None):
+    """Where load_fashion_mnist looks, in order: root, $MINICNN_DATA, Debian's, the user cache."""
+    folders = [root, os.environ.get("MINICNN_DATA"), DEBIAN_FASHION_MNIST, USER_CACHE,
+               USER_CACHE / "FashionMNIST" / "raw"]  # torchvision's download layout
+    return [Path(f) for f in folders if f]
+
+
+def load_fashion_mnist(root=None):
+    """-> ((x_train, y_train), (x_test, y_test), classes); x uint8 (N, 1, 28, 28), y int64."""
+    for folder in fashion_mnist_folders(root):
+        paths = {key: _find_idx(folder, name) for key, name in IDX_FILES.items()}
+        if all(paths.values()):
+            break
+    else:
+        raise FileNotFoundError(
+            "Fashion-MNIST not found in " + ", ".join(map(str, fashion_mnist_folders(root)))
+            + ". Get it with `apt-get install dataset-fashion-mnist` (Debian), or "
+            "`python -m minicnn.data --download` (torchvision, needs internet), or put the four "
+            "IDX files in a folder and pass root= or set MINICNN_DATA.")
+    arrays = {key: read_idx(path) for key, path in paths.items()}
+    for split in ("train", "test"):
+        x, y = arrays[split + "_x"], arrays[split + "_y"]
+        if x.dim() != 3 or x.shape[1:] != (28, 28) or y.dim() != 1 or len(x) != len(y):
+            raise ValueError(f"{paths[split + '_x']}: images {tuple(x.shape)} and labels "
+                             f"{tuple(y.shape)} do not make (N, 28, 28) images with N labels")
+        if int(y.max()) >= 10:
+            raise ValueError(f"{paths[split + '_y']}: label {int(y.max())} is not one of 0..9")
+    return ((arrays["train_x"].unsqueeze(1), arrays["train_y"].long()),
+            (arrays["test_x"].unsqueeze(1), arrays["test_y"].long()), list(FASHION_MNIST_CLASSES))
+
+
+def download_fashion_mnist(folder=USER_CACHE):
+    """Fetch the IDX files through torchvision into the user cache (needs internet)."""
+    import torchvision
+    torchvision.datasets.FashionMNIST(str(folder), train=True, download=True)
+    torchvision.datasets.FashionMNIST(str(folder), train=False, download=True)
+
+
+def train_valid_split(x, y, n_valid, *, seed=0):
+    """Hold out n_valid random samples: -> (x_train, y_train), (x_valid, y_valid)."""
+    if not 0 < n_valid < len(x):
+        raise ValueError(f"n_valid={n_valid} must be between 1 and {len(x) - 1}")
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    valid, train = order[:n_valid], order[n_valid:]
+    return (x[train], y[train]), (x[valid], y[valid])
+
+
+def _load_image(path, size):
+    import torchvision.io as io
+    import torchvision.transforms.v2.functional as TF
+    try:
+        image = io.decode_image(str(path), mode=io.ImageReadMode.RGB)  # (3, H, W) uint8
+    except Exception as e:  # torchvision raises RuntimeError or ValueError, depending on the codec
+        raise ValueError(f"{path}: cannot decode this image ({e}); remove or replace it") from e
+    image = TF.resize(image, size, antialias=True)  # short side -> size
+    return TF.center_crop(image, [size, size])
+
+
+def _load_split(folder, size, classes=None):
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder; expected {folder.parent}/train/<class>/*")
+    found = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    if classes is not None and found != classes:
+        raise ValueError(f"{folder}: classes differ from train/: missing {sorted(set(classes) - set(found))}, "
+                         f"extra {sorted(set(found) - set(classes))}")
+    images, labels = [], []
+    for label, name in enumerate(found):
+        files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        images += [_load_image(p, size) for p in files]
+        labels += [label] * len(files)
+    if not images:
+        raise ValueError(f"{folder}: no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))} in class folders)")
+    return torch.stack(images), torch.tensor(labels), found
+
+
+def load_image_folder(path, size):
+    """train/<class>/*, valid/<class>/* (and optional test/*) -> ImageFolder of uint8 tensors."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such folder")
+    x_train, y_train, classes = _load_split(path / "train", size)
+    x_valid, y_valid, _ = _load_split(path / "valid", size, classes)
+    test = None
+    if (path / "test").is_dir():
+        files = sorted(p for p in (path / "test").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        test = torch.stack([_load_image(p, size) for p in files]) if files else None
+    return ImageFolder((x_train, y_train), (x_valid, y_valid), test, classes)
+
+
+def normalize(x, mean, std):
+    """(x - mean) / std per channel; x float (N, C, H, W)."""
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+class Batches:
+    """Minibatches of (x, y) on a device; len() = batches per epoch; iterate for one epoch."""
+
+    def __init__(self, x, y, batch_size, *, shuffle, generator=None, device="cpu", drop_last=False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if y is not None and len(x) != len(y):
+            raise ValueError(f"{len(x)} images but {len(y)} labels")
+        self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+        self.device, self.drop_last = torch.device(device), drop_last
+        # One seed drawn now; epoch e's order is randperm seeded with (seed, e).
+        self.seed = int(torch.randint(2**62, (1,), generator=generator))
+        self.epochs_seen = 0
+
+    def __len__(self):
+        full, rest = divmod(len(self.x), self.batch_size)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    def order(self, epoch):
+        if not self.shuffle:
+            return torch.arange(len(self.x))
+        return torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.seed + epoch))
+
+    def epoch(self, epoch, *, skip=0):
+        """Yield epoch `epoch`'s minibatches, the first `skip` of them left out."""
+        order = self.order(epoch)
+        for i in range(skip, len(self)):
+            index = order[i * self.batch_size:(i + 1) * self.batch_size]
+            xb = self.x[index].to(self.device, non_blocking=True)
+            if xb.dtype == torch.uint8:
+                xb = xb.float().div_(255)  # (B, C, H, W) in [0, 1]
+            yb = None if self.y is None else self.y[index].to(self.device, non_blocking=True)
+            yield xb, yb
+
+    def __iter__(self):
+        self.epochs_seen += 1
+        return self.epoch(self.epochs_seen - 1)
+
+
+def batches(x, y, batch_size, *, shuffle, generator=None, device="cpu", drop_last=False):
+    """Minibatches of (x, y) moved to `device`; the order comes from `generator` (reproducible)."""
+    return Batches(x, y, batch_size, shuffle=shuffle, generator=generator, device=device,
+                   drop_last=drop_last)
+
+
+if __name__ == "__main__":
+    import sys
+    if "--download" in sys.argv:
+        download_fashion_mnist()
+    (x_train, _), (x_test, _), _ = load_fashion_mnist()
+    print(f"Fashion-MNIST: {len(x_train)} training and {len(x_test)} test images")
