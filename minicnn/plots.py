@@ -1,0 +1,195 @@
+"""The figures of the lessons: LR finder curve, schedules, losses, augmented samples, confusions.
+
+Each function builds a matplotlib Figure on the Agg canvas (no pyplot, so no window, no
+global figure list to leak memory in long runs), saves it as a PNG when given a path
+(parent folders are created), and returns the Figure so a test or notebook can look inside.
+
+Inputs are duck-typed so this file imports nothing from minicnn and can be copied alone:
+- plot_lr_find reads result.lrs, result.smoothed_losses, result.suggested_lr and, when
+  present, result.suggested_index, result.skip_start (noisy head dropped), result.stop
+  (one past the last usable point), result.reason.
+- plot_losses reads history.batch_loss, train_loss, valid_loss and, when present,
+  train_eval_loss (per epoch).
+Images are float tensors (K, C, H, W) in [0, 1] with C = 1 (drawn in grey) or C = 3.
+Source: the plots of fastai 0.7 (sched.plot, plot_lr, most_by_uncertain), redrawn.
+"""
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def _new_figure(width, height):
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)  # attaches the Agg canvas; savefig and draw use it
+    return fig
+
+
+def _save(fig, path):
+    if path is not None:
+        path = Path(path)
+        if path.suffix.lower() != ".png":
+            raise ValueError(f"plots are saved as PNG: give a path ending in .png, not {str(path)!r}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png")
+    return fig
+
+
+def plot_lr_find(result, path=None):
+    """Smoothed loss against LR (log axis), usable points only, the suggestion marked by a dot."""
+    lrs = np.asarray(result.lrs, dtype=float)
+    smoothed = np.asarray(result.smoothed_losses, dtype=float)
+    first = getattr(result, "skip_start", 0) or 0
+    stop = getattr(result, "stop", None)
+    stop = len(lrs) if stop is None else stop
+    fig = _new_figure(6, 4)
+    ax = fig.add_subplot()
+    ax.plot(lrs[first:stop], smoothed[first:stop], label="smoothed loss")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("loss (bias-corrected EMA)")
+    lr = result.suggested_lr
+    if lr is not None:
+        index = getattr(result, "suggested_index", None)
+        if index is None:  # nearest point on the log axis
+            index = int(np.argmin(np.abs(np.log(lrs) - math.log(lr))))
+        ax.plot([lr], [smoothed[index]], "o", color="red", label=f"suggested {lr:.2g}")
+        ax.legend()
+    ax.set_title(getattr(result, "reason", "") or "LR range test", fontsize=8, wrap=True)
+    return _save(fig, path)
+
+
+def plot_schedule(schedules, path=None, *, title=""):
+    """LR against step: one line per named schedule (a dict), or a single list."""
+    if not isinstance(schedules, dict):
+        schedules = {"lr": schedules}
+    if not schedules:
+        raise ValueError("plot_schedule needs at least one schedule")
+    fig = _new_figure(6, 3.5)
+    ax = fig.add_subplot()
+    for name, lrs in schedules.items():
+        ax.plot(np.arange(len(lrs)), np.asarray(lrs, dtype=float), label=str(name))
+    ax.set_xlabel("step (minibatch)")
+    ax.set_ylabel("learning rate")
+    ax.legend()
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_losses(history, path=None, *, title=""):
+    """Per-minibatch training loss (faint) and per-epoch losses, x in epochs; title = diagnosis."""
+    batch_loss = list(getattr(history, "batch_loss", []) or [])
+    per_epoch = {"train (running)": history.train_loss, "valid": history.valid_loss,
+                 "train (eval mode)": getattr(history, "train_eval_loss", []) or []}
+    epochs = max(len(v) for v in per_epoch.values())
+    if epochs == 0 and not batch_loss:
+        raise ValueError("plot_losses: the history holds no losses yet")
+    fig = _new_figure(6, 4)
+    ax = fig.add_subplot()
+    if batch_loss:
+        # Step s ends at epoch (s+1)/steps_per_epoch, so per-epoch points line up with batches.
+        steps_per_epoch = len(batch_loss) / max(epochs, 1)
+        x = (np.arange(len(batch_loss)) + 1) / steps_per_epoch
+        ax.plot(x, batch_loss, color="0.7", linewidth=0.8, label="train (per minibatch)")
+    for name, values in per_epoch.items():
+        if len(values):
+            ax.plot(np.arange(1, len(values) + 1), values, "o-", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.set_title(title, fontsize=8, wrap=True)
+    return _save(fig, path)
+
+
+def _check_images(x, name):
+    if not torch.is_tensor(x) or x.dim() != 4 or x.shape[1] not in (1, 3):
+        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"{name}: expected a tensor (K, C, H, W) with C = 1 or 3, got {shape}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected float images in [0, 1], got {x.dtype}; divide uint8 by 255")
+
+
+def _show(ax, image):
+    """image (C, H, W) float; clipped to [0, 1] since lighting may step a little outside."""
+    image = image.detach().float().cpu().clamp(0, 1)
+    if image.shape[0] == 1:
+        ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(image.permute(1, 2, 0).numpy())  # (H, W, 3)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_augmented(rows, path=None, *, title=""):
+    """A grid: one row per named batch of images (e.g. "original", "side_on"), K columns."""
+    if not rows:
+        raise ValueError("plot_augmented needs at least one row of images")
+    for name, images in rows.items():
+        _check_images(images, f"plot_augmented row {name!r}")
+    n_cols = max(len(images) for images in rows.values())
+    fig = _new_figure(1.5 * n_cols + 1, 1.5 * len(rows) + 0.5)
+    axes = fig.subplots(len(rows), n_cols, squeeze=False)
+    for r, (name, images) in enumerate(rows.items()):
+        for c in range(n_cols):
+            if c < len(images):
+                _show(axes[r, c], images[c])
+            else:
+                axes[r, c].axis("off")
+        axes[r, 0].set_ylabel(str(name))
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_confusion(y_true, y_pred, classes, path=None):
+    """Confusion matrix: row = true class, column = predicted class, counts written in."""
+    y_true = torch.as_tensor(y_true).long().flatten()
+    y_pred = torch.as_tensor(y_pred).long().flatten()
+    n = len(classes)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true has {len(y_true)} labels but y_pred has {len(y_pred)}")
+    if len(y_true) and (min(y_true.min(), y_pred.min()) < 0 or max(y_true.max(), y_pred.max()) >= n):
+        raise ValueError(f"labels must lie in 0..{n - 1} for {n} classes")
+    counts = torch.bincount(y_true * n + y_pred, minlength=n * n).reshape(n, n).numpy()
+    fig = _new_figure(0.6 * n + 2.5, 0.6 * n + 2)
+    ax = fig.add_subplot()
+    ax.imshow(counts, cmap="Blues")
+    for i in range(n):
+        for j in range(n):
+            color = "white" if counts[i, j] > counts.max() / 2 else "black"
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center", color=color, fontsize=7)
+    ax.set_xticks(range(n), [str(c) for c in classes], rotation=90)
+    ax.set_yticks(range(n), [str(c) for c in classes])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"accuracy {np.trace(counts) / max(counts.sum(), 1):.3f}")
+    return _save(fig, path)
+
+
+def plot_top_losses(x, y_true, probs, classes, path=None, *, k=9):
+    """The k images with the highest loss -log p(true class), worst first, titled pred/true/loss/p."""
+    _check_images(x, "plot_top_losses x")
+    y_true = torch.as_tensor(y_true).long().flatten()
+    probs = torch.as_tensor(probs).float()
+    if not (len(x) == len(y_true) == len(probs)) or probs.dim() != 2:
+        raise ValueError(f"x, y_true and probs (N, n_classes) must agree: {len(x)}, {len(y_true)}, "
+                         f"{tuple(probs.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    p_true = probs[torch.arange(len(y_true)), y_true]  # (N,)
+    losses = -torch.log(p_true.clamp_min(1e-12))
+    top = torch.argsort(losses, descending=True, stable=True)[:k]
+    n_cols = math.ceil(math.sqrt(len(top)))
+    n_rows = math.ceil(len(top) / n_cols)
+    fig = _new_figure(2.2 * n_cols, 2.4 * n_rows)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).flatten()
+    for ax, i in zip(axes, top.tolist()):
+        _show(ax, x[i])
+        pred = int(probs[i].argmax())
+        ax.set_title(f"{classes[pred]}/{classes[y_true[i]]}\n{losses[i]:.2f}/{p_true[i]:.2f}", fontsize=8)
+    for ax in axes[len(top):]:
+        ax.axis("off")
+    fig.suptitle("predicted/actual, loss/probability of actual class", fontsize=9)
+    return _save(fig, path)

@@ -1,0 +1,143 @@
+"""Plots: what is drawn on the axes is the data given, files written are PNGs, bad input fails."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from minicnn.plots import (plot_augmented, plot_confusion, plot_losses, plot_lr_find,
+                           plot_schedule, plot_top_losses)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path):
+    return path.read_bytes()[:8] == PNG_MAGIC
+
+
+def _lr_result(**extra):
+    lrs = [1e-4 * 10 ** (i / 4) for i in range(20)]
+    smoothed = [2.0 - 0.1 * i for i in range(15)] + [1.0, 1.5, 3.0, float("nan"), float("nan")]
+    fields = dict(lrs=lrs, smoothed_losses=smoothed, suggested_lr=lrs[7], suggested_index=7,
+                  skip_start=2, stop=18, reason="middle of the steepest fall")
+    fields.update(extra)
+    return SimpleNamespace(**fields)
+
+
+def test_plot_lr_find_draws_usable_points_and_marks_suggestion(tmp_path):
+    result = _lr_result()
+    fig = plot_lr_find(result, tmp_path / "sub" / "lr.png")
+    ax = fig.axes[0]
+    curve, marker = ax.lines
+    np.testing.assert_allclose(curve.get_xdata(), result.lrs[2:18])
+    np.testing.assert_allclose(curve.get_ydata(), result.smoothed_losses[2:18])
+    assert np.isfinite(curve.get_ydata()).all()  # the NaN tail is left out
+    assert list(marker.get_xdata()) == [result.lrs[7]]
+    assert list(marker.get_ydata()) == [result.smoothed_losses[7]]
+    assert ax.get_xscale() == "log"
+    assert ax.get_title() == "middle of the steepest fall"
+    assert _is_png(tmp_path / "sub" / "lr.png")
+
+
+def test_plot_lr_find_finds_marker_without_index_and_draws_none_without_suggestion():
+    result = _lr_result(suggested_index=None, suggested_lr=1.01e-4 * 10 ** (5 / 4))
+    marker = plot_lr_find(result).axes[0].lines[1]
+    assert list(marker.get_ydata()) == [result.smoothed_losses[5]]  # nearest in log LR
+    bare = SimpleNamespace(lrs=[1e-3, 1e-2], smoothed_losses=[1.0, 2.0], suggested_lr=None)
+    assert len(plot_lr_find(bare).axes[0].lines) == 1
+
+
+def test_plot_lr_find_marks_index_zero():
+    result = _lr_result(suggested_lr=1e-4, suggested_index=0, skip_start=0)
+    marker = plot_lr_find(result).axes[0].lines[1]
+    assert list(marker.get_xdata()) == [1e-4]
+
+
+def test_plot_schedule_dict_and_list(tmp_path):
+    a, b = [0.1, 0.05, 0.0], [0.2, 0.2, 0.1, 0.0]
+    ax = plot_schedule({"a": a, "b": b}, tmp_path / "s.png", title="two").axes[0]
+    assert [line.get_label() for line in ax.lines] == ["a", "b"]
+    np.testing.assert_allclose(ax.lines[1].get_ydata(), b)
+    np.testing.assert_allclose(ax.lines[1].get_xdata(), [0, 1, 2, 3])
+    assert ax.get_title() == "two" and _is_png(tmp_path / "s.png")
+    np.testing.assert_allclose(plot_schedule(a).axes[0].lines[0].get_ydata(), a)
+    with pytest.raises(ValueError, match="at least one"):
+        plot_schedule({})
+
+
+def test_plot_losses_epoch_axis_lines_up_with_batches(tmp_path):
+    history = SimpleNamespace(batch_loss=[2.0, 1.8, 1.5, 1.4, 1.2, 1.1], train_loss=[1.8, 1.3, 1.1],
+                              valid_loss=[1.5, 1.2, 1.15], train_eval_loss=[1.4, 1.1, 0.9])
+    fig = plot_losses(history, tmp_path / "l.png", title="good fit: ...")
+    lines = {line.get_label(): line for line in fig.axes[0].lines}
+    np.testing.assert_allclose(lines["train (per minibatch)"].get_xdata(), [0.5, 1, 1.5, 2, 2.5, 3])
+    np.testing.assert_allclose(lines["valid"].get_xdata(), [1, 2, 3])
+    np.testing.assert_allclose(lines["valid"].get_ydata(), history.valid_loss)
+    np.testing.assert_allclose(lines["train (eval mode)"].get_ydata(), history.train_eval_loss)
+    assert fig.axes[0].get_title() == "good fit: ..." and _is_png(tmp_path / "l.png")
+
+
+def test_plot_losses_hand_made_history_without_batches():
+    history = SimpleNamespace(train_loss=[1.0, 0.8], valid_loss=[0.5, 0.4], valid_acc=[0.8, 0.9])
+    labels = [line.get_label() for line in plot_losses(history).axes[0].lines]
+    assert labels == ["train (running)", "valid"]
+    with pytest.raises(ValueError, match="no losses"):
+        plot_losses(SimpleNamespace(batch_loss=[], train_loss=[], valid_loss=[]))
+
+
+def test_plot_augmented_shows_pixels_grey_and_rgb(tmp_path):
+    grey = torch.rand(3, 1, 8, 8)
+    rgb = torch.rand(2, 3, 8, 8)
+    fig = plot_augmented({"grey": grey, "rgb": rgb}, tmp_path / "a.png", title="aug")
+    axes = np.array(fig.axes).reshape(2, 3)
+    np.testing.assert_allclose(axes[0, 1].images[0].get_array(), grey[1, 0].numpy())
+    np.testing.assert_allclose(axes[1, 0].images[0].get_array(), rgb[0].permute(1, 2, 0).numpy())
+    assert not axes[1, 2].images and axes[1, 0].get_ylabel() == "rgb"
+    assert _is_png(tmp_path / "a.png")
+
+
+def test_plot_augmented_rejects_bad_images():
+    with pytest.raises(ValueError, match="C = 1 or 3"):
+        plot_augmented({"x": torch.rand(2, 2, 8, 8)})
+    with pytest.raises(ValueError, match=r"\(K, C, H, W\)"):
+        plot_augmented({"x": torch.rand(8, 8)})
+    with pytest.raises(TypeError, match="divide uint8 by 255"):
+        plot_augmented({"x": torch.zeros(1, 1, 8, 8, dtype=torch.uint8)})
+    with pytest.raises(ValueError, match="at least one"):
+        plot_augmented({})
+
+
+def test_plot_confusion_counts(tmp_path):
+    y_true = torch.tensor([0, 0, 1, 1, 1, 2])
+    y_pred = torch.tensor([0, 1, 1, 1, 2, 2])
+    fig = plot_confusion(y_true, y_pred, ["a", "b", "c"], tmp_path / "c.png")
+    expected = np.array([[1, 1, 0], [0, 2, 1], [0, 0, 1]])
+    np.testing.assert_array_equal(fig.axes[0].images[0].get_array(), expected)
+    assert fig.axes[0].get_title() == "accuracy 0.667" and _is_png(tmp_path / "c.png")
+    with pytest.raises(ValueError, match="0..2"):
+        plot_confusion([0, 3], [0, 1], ["a", "b", "c"])
+    with pytest.raises(ValueError, match="2 labels"):
+        plot_confusion([0, 1], [0], ["a", "b", "c"])
+
+
+def test_plot_top_losses_worst_first(tmp_path):
+    x = torch.rand(4, 1, 8, 8)
+    y = torch.tensor([0, 1, 0, 1])
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.5, 0.5]])
+    fig = plot_top_losses(x, y, probs, ["cat", "dog"], tmp_path / "t.png", k=2)
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(shown) == 2
+    # losses: -log p(true) = 0.105, 0.916, 1.609, 0.693 -> worst are samples 2 then 1
+    assert shown[0].get_title() == "dog/cat\n1.61/0.20"
+    np.testing.assert_allclose(shown[0].images[0].get_array(), x[2, 0].numpy())
+    assert shown[1].get_title() == "cat/dog\n0.92/0.40"
+    assert _is_png(tmp_path / "t.png")
+    with pytest.raises(ValueError, match="must agree"):
+        plot_top_losses(x, y[:3], probs, ["cat", "dog"])
+    with pytest.raises(ValueError, match="k must be"):
+        plot_top_losses(x, y, probs, ["cat", "dog"], k=0)
+
+
+def test_path_must_be_png(tmp_path):
+    with pytest.raises(ValueError, match=".png"):
+        plot_schedule([0.1], tmp_path / "s.jpg")
