@@ -18,6 +18,7 @@ whole (small) data set is one tensor and a minibatch is an index into it.
 """
 import gzip
 import os
+import warnings
 from collections import namedtuple
 from pathlib import Path
 
@@ -113,10 +114,14 @@ def train_valid_split(x, y, n_valid, *, seed=0):
 
 
 def _load_image(path, size):
-    import torchvision.io as io
     import torchvision.transforms.v2.functional as TF
+    with warnings.catch_warnings():  # torchvision 0.29 warns that torchcodec will take decoding over
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import torchvision.io as io
     try:
-        image = io.decode_image(str(path), mode=io.ImageReadMode.RGB)  # (3, H, W) uint8
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            image = io.decode_image(str(path), mode=io.ImageReadMode.RGB)  # (3, H, W) uint8
     except Exception as e:  # torchvision raises RuntimeError or ValueError, depending on the codec
         raise ValueError(f"{path}: cannot decode this image ({e}); remove or replace it") from e
     image = TF.resize(image, size, antialias=True)  # short side -> size

@@ -1,0 +1,208 @@
+"""IDX parsing, image folders, minibatches and normalisation, on files the tests write."""
+import gzip
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minicnn import data
+from minicnn.data import Batches, batches, load_fashion_mnist, load_image_folder, normalize, read_idx
+
+
+def idx_bytes(array):
+    """The IDX encoding of a uint8 array: magic 0x00000800 + ndim, big-endian sizes, values."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_fashion(folder, n_train=6, n_test=4, *, gz=True, corrupt=None):
+    rng = np.random.default_rng(0)
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+              "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+              "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test)}
+    for name, array in arrays.items():
+        raw = idx_bytes(array)
+        if corrupt == name:
+            raw = raw[:-7]  # truncated
+        if gz:
+            with gzip.open(folder / (name + ".gz"), "wb") as f:
+                f.write(raw)
+        else:
+            (folder / name).write_bytes(raw)
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_reads_idx_values_and_shapes(tmp_path, gz):
+    arrays = write_fashion(tmp_path, gz=gz)
+    (x_train, y_train), (x_test, y_test), classes = load_fashion_mnist(tmp_path)
+    assert x_train.dtype == torch.uint8 and x_train.shape == (6, 1, 28, 28)
+    assert y_train.dtype == torch.int64 and len(classes) == 10 and classes[9] == "Ankle boot"
+    assert np.array_equal(x_train[:, 0].numpy(), arrays["train-images-idx3-ubyte"])
+    assert np.array_equal(y_test.numpy(), arrays["t10k-labels-idx1-ubyte"])
+    assert np.array_equal(x_test[:, 0].numpy(), arrays["t10k-images-idx3-ubyte"])
+
+
+def test_truncated_idx_names_the_file(tmp_path):
+    write_fashion(tmp_path, corrupt="t10k-images-idx3-ubyte")
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.*truncated or corrupt"):
+        load_fashion_mnist(tmp_path)
+
+
+def test_bad_magic_and_broken_gzip_are_named(tmp_path):
+    (tmp_path / "a").write_bytes(b"\x00\x00\x09\x01\x00\x00\x00\x01\x05")
+    with pytest.raises(ValueError, match="a: not an IDX file"):
+        read_idx(tmp_path / "a")
+    (tmp_path / "b.gz").write_bytes(b"this is not gzip")
+    with pytest.raises(ValueError, match="b.gz: cannot read"):
+        read_idx(tmp_path / "b.gz")
+
+
+def test_labels_out_of_range_are_refused(tmp_path):
+    write_fashion(tmp_path, gz=False)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.array([0, 1, 2, 3, 4, 12])))
+    with pytest.raises(ValueError, match="label 12"):
+        load_fashion_mnist(tmp_path)
+
+
+def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "fashion_mnist_folders", lambda root=None: [tmp_path])
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist()
+
+
+def test_search_order_root_then_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINICNN_DATA", str(tmp_path / "env"))
+    folders = data.fashion_mnist_folders(tmp_path / "root")
+    assert folders[:3] == [tmp_path / "root", tmp_path / "env", data.Path(data.DEBIAN_FASHION_MNIST)]
+    (tmp_path / "env").mkdir()
+    write_fashion(tmp_path / "env", n_train=3)
+    assert len(load_fashion_mnist()[0][0]) == 3  # found through $MINICNN_DATA
+
+
+def save_image(path, mode, size=(12, 8), color=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(str(path)))
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    array = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    Image.fromarray(array.squeeze(-1) if channels == 1 else array, mode).save(path)
+
+
+def make_folder(root):
+    save_image(root / "train" / "cat" / "a.png", "RGB")
+    save_image(root / "train" / "cat" / "b.jpg", "L")
+    save_image(root / "train" / "dog" / "c.png", "RGBA", size=(8, 16))
+    save_image(root / "valid" / "cat" / "d.jpeg", "RGB")
+    save_image(root / "valid" / "dog" / "e.png", "L")
+
+
+def test_image_folder_rgb_resize_and_crop(tmp_path):
+    make_folder(tmp_path)
+    folder = load_image_folder(tmp_path, 6)
+    x_train, y_train = folder.train
+    assert folder.classes == ["cat", "dog"] and folder.test is None
+    assert x_train.dtype == torch.uint8 and x_train.shape == (3, 3, 6, 6)  # grey and RGBA made RGB
+    assert y_train.tolist() == [0, 0, 1] and folder.valid[1].tolist() == [0, 1]
+    grey = x_train[1]  # b.jpg was grayscale: its three channels are equal
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+
+
+def test_image_folder_center_crop_keeps_the_middle(tmp_path):
+    # a 4x12 image whose middle 4x4 is white: short side 4 -> crop the centre -> all white
+    array = np.zeros((4, 12, 3), np.uint8)
+    array[:, 4:8] = 255
+    for split in ("train", "valid"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.fromarray(array).save(tmp_path / split / "a" / "x.png")
+    x_train = load_image_folder(tmp_path, 4).train[0]
+    assert int(x_train.min()) == 255
+
+
+def test_image_folder_errors_name_what_is_wrong(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        load_image_folder(tmp_path / "nowhere", 8)
+    make_folder(tmp_path)
+    save_image(tmp_path / "valid" / "bird" / "f.png", "RGB")
+    with pytest.raises(ValueError, match=r"extra \['bird'\]"):
+        load_image_folder(tmp_path, 8)
+    (tmp_path / "valid" / "bird" / "f.png").unlink()
+    (tmp_path / "valid" / "bird").rmdir()
+    (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(ValueError, match="broken.png: cannot decode"):
+        load_image_folder(tmp_path, 8)
+
+
+def test_image_folder_without_images(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="no images"):
+        load_image_folder(tmp_path, 8)
+
+
+def test_image_folder_reads_the_test_split(tmp_path):
+    make_folder(tmp_path)
+    save_image(tmp_path / "test" / "t1.png", "RGB")
+    save_image(tmp_path / "test" / "t2.png", "L")
+    assert load_image_folder(tmp_path, 5).test.shape == (2, 3, 5, 5)
+
+
+def test_batches_cover_every_sample_once_per_epoch_and_repeat_with_the_seed():
+    x = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1)
+    y = torch.arange(10)
+    b = batches(x, y, 3, shuffle=True, generator=torch.Generator().manual_seed(1))
+    epochs = [[yb.tolist() for _, yb in b] for _ in range(2)]
+    assert len(b) == 4 and [len(batch) for batch in epochs[0]] == [3, 3, 3, 1]
+    for epoch in epochs:
+        assert sorted(sum(epoch, [])) == list(range(10))
+    assert epochs[0] != epochs[1]  # a new order each epoch
+    again = batches(x, y, 3, shuffle=True, generator=torch.Generator().manual_seed(1))
+    assert [[yb.tolist() for _, yb in again] for _ in range(2)] == epochs
+    # images travel as uint8 and arrive as float in [0, 1], still paired with their labels
+    for xb, yb in b.epoch(0):
+        assert xb.dtype == torch.float32 and torch.equal(xb.view(-1) * 255, yb.float())
+
+
+def test_batches_epoch_order_is_pure_and_skip_resumes():
+    b = Batches(torch.arange(7).float().view(7, 1), torch.arange(7), 2, shuffle=True,
+                generator=torch.Generator().manual_seed(3))
+    full = [yb.tolist() for _, yb in b.epoch(5)]
+    assert [yb.tolist() for _, yb in b.epoch(5, skip=2)] == full[2:]
+    assert [yb.tolist() for _, yb in b.epoch(5)] == full
+
+
+def test_batches_without_shuffle_and_drop_last():
+    b = batches(torch.zeros(7, 1), torch.arange(7), 3, shuffle=False, drop_last=True)
+    assert len(b) == 2 and [yb.tolist() for _, yb in b] == [[0, 1, 2], [3, 4, 5]]
+    with pytest.raises(ValueError, match="batch_size"):
+        batches(torch.zeros(7, 1), torch.arange(7), 0, shuffle=False)
+    with pytest.raises(ValueError, match="7 images but 6 labels"):
+        batches(torch.zeros(7, 1), torch.arange(6), 2, shuffle=False)
+
+
+def test_train_valid_split_partitions():
+    x, y = torch.arange(20).view(20, 1), torch.arange(20)
+    (x_tr, y_tr), (x_va, y_va) = data.train_valid_split(x, y, 5, seed=1)
+    assert len(y_va) == 5 and sorted(y_tr.tolist() + y_va.tolist()) == list(range(20))
+    assert torch.equal(x_va.view(-1), y_va)
+    with pytest.raises(ValueError, match="n_valid"):
+        data.train_valid_split(x, y, 20)
+
+
+def test_normalize_matches_torchvision():
+    import torchvision.transforms.v2.functional as TF
+    x = torch.rand(2, 3, 4, 4)
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.6, 0.7)
+    assert torch.allclose(normalize(x, mean, std), TF.normalize(x, mean, std), atol=1e-7)
+
+
+@pytest.mark.skipif(not os.path.isdir(data.DEBIAN_FASHION_MNIST), reason="dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_statistics():
+    (x_train, y_train), (x_test, _), _ = load_fashion_mnist()
+    assert len(x_train) == 60_000 and len(x_test) == 10_000
+    assert torch.bincount(y_train).tolist() == [6000] * 10
+    pixels = x_train.float() / 255
+    assert abs(pixels.mean() - data.FASHION_MNIST_MEAN[0]) < 1e-3
+    assert abs(pixels.std() - data.FASHION_MNIST_STD[0]) < 1e-3

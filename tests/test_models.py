@@ -1,0 +1,50 @@
+"""simple_resnet: layer groups partition the parameters, input normalisation, any image size."""
+import pytest
+import torch
+
+from minicnn.models import Normalize, ResidualBlock, simple_resnet
+
+
+def test_layer_groups_hold_every_parameter_exactly_once():
+    model = simple_resnet(10, widths=(4, 8, 16))
+    grouped = [id(p) for group in model.layer_groups for p in group.parameters()]
+    assert len(model.layer_groups) == 3
+    assert len(grouped) == len(set(grouped)) == len(list(model.parameters()))
+    assert all(sum(1 for _ in group.parameters()) > 0 for group in model.layer_groups)
+
+
+def test_forward_is_the_groups_in_order():
+    model = simple_resnet(5, widths=(4, 8)).eval()
+    x = torch.rand(3, 1, 28, 28)
+    out = x
+    for group in model.layer_groups:
+        out = group(out)
+    assert torch.equal(model(x), out) and out.shape == (3, 5)
+
+
+def test_any_image_size_and_three_channels():
+    model = simple_resnet(4, in_channels=3, widths=(4, 8, 8)).eval()
+    small, large = model(torch.rand(2, 3, 12, 12)), model(torch.rand(2, 3, 40, 40))
+    assert small.shape == large.shape == (2, 4)
+
+
+def test_normalize_layer_uses_the_given_statistics():
+    layer = Normalize((0.5,), (0.25,))
+    assert torch.allclose(layer(torch.tensor([0.0, 0.5, 1.0]).view(1, 1, 1, 3)).view(-1),
+                          torch.tensor([-2.0, 0.0, 2.0]))
+    assert set(dict(layer.named_buffers())) == {"mean", "std"}  # saved in state_dict, moved by .to()
+
+
+def test_residual_block_starts_as_identity_of_relu():
+    block = ResidualBlock(4).eval()  # last BN weight is 0: F(x) = 0 at initialisation
+    x = torch.randn(2, 4, 6, 6)
+    assert torch.allclose(block(x), torch.relu(x))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="mean= and std="):
+        simple_resnet(10, in_channels=2)
+    with pytest.raises(ValueError, match="at least 2 stages"):
+        simple_resnet(10, widths=(8,))
+    model = simple_resnet(10, in_channels=2, mean=(0.5, 0.5), std=(0.2, 0.2), widths=(4, 8))
+    assert model(torch.rand(1, 2, 8, 8)).shape == (1, 10)
