@@ -1,0 +1,194 @@
+"""Batched data augmentation: each image of a float batch (N, C, H, W) in [0, 1] gets its own
+random flip, rotation, zoom and shift (ONE 2x3 matrix, ONE grid_sample) and lighting change.
+
+Formula. Coordinates are normalised (x right, y down, both in [-1, 1]); the matrix maps an
+output pixel to the input point it samples, as F.affine_grid expects:
+    theta = (T @ D @ R @ Z)[:2]                                    (2, 3) per image
+    Z = [[1/s, 0, 0], [0, 1/s, 0], [0, 0, 1]]                      zoom s ~ U(1, max_zoom)
+    R = [[cos a, -sin a * H/W, 0], [sin a * W/H, cos a, 0], [0, 0, 1]]   a ~ U(+-max_rotate deg)
+    D = [[-1, 0, 0], [0, 1, 0], [0, 0, 1]] with probability flip, else I; with dihedral=True
+        one of the 8 signed permutations diag(sx, sy) @ (I or [[0, 1], [1, 0]]), uniformly
+    T = [[1, 0, tx], [0, 1, ty], [0, 0, 1]]                        t ~ U(+-2 * max_translate)
+    (with probability 1 - p_affine an image gets a = 0, s = 1, t = 0: only D)
+    lighting: x <- clamp(c * x + (1 - c) * mean(x) + b, 0, 1),
+              b ~ U(+-max_brightness), log c ~ U(+-log(1 + max_contrast)), with probability p.
+Images whose matrix is a pure symmetry D (no rotation, zoom or shift) skip the resampling:
+D moves pixel centres onto pixel centres, so they are permuted exactly (one gather). The
+others are resampled bilinearly (align_corners=False); there the identity matrix gives the input
+back to about 1e-7 * max(H, W) (float32 rounding of the grid: 4e-6 at 28x28). Random numbers
+come from the generator's device (a CPU one is fine for a CUDA batch), the same number whatever
+the outcome, so a seed fixes the batch.
+
+Source: fast.ai 2018 lesson 2 (transforms_side_on / transforms_top_down, max_zoom=1.1:
+flip or dihedral, rotate 10 degrees, lighting 0.05); fastai 2's aug_transforms (one matrix
+per image, one grid_sample for the batch, reflection padding, p_affine=0.75).
+Differs from fastai 0.7: batched on the device, not image by image with OpenCV, and the zoom
+stays centred (use max_translate to move it). From fastai 2: the rotation is in pixel units
+(H/W factors above) so non-square images are rotated, not sheared; flips/dihedral are exact;
+lighting uses fastai 0.7's formula, not logits. torchvision.transforms.v2 does one image a call.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+PADDINGS = ("reflection", "zeros", "border")
+
+
+def _check_images(x):
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"expected a batch of images (N, C, H, W), got {shape}; use x[None] for one image")
+    if not x.is_floating_point():
+        raise TypeError(f"expected float images in [0, 1], got {x.dtype}; convert with x.float() / 255")
+
+
+def _check_range(name, value, low, high=math.inf):
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+
+
+def _uniform(generator, n, k, device):
+    """(n, k) uniforms in [0, 1) from `generator` (None: torch's global RNG), moved to `device`."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    source = generator.device if generator is not None else "cpu"
+    return torch.rand(n, k, generator=generator, device=source).to(device)
+
+
+def affine(x, theta, *, padding="reflection"):
+    """Resample x (N, C, H, W) through one 2x3 matrix per image, theta (N, 2, 3): one grid_sample."""
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)  # (N, H, W, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
+
+
+def _permute_pixels(x, D):
+    """x (N, C, H, W) through integer symmetries D (N, 2, 2), exactly: the same map as affine()."""
+    N, C, H, W = x.shape
+    # Centred pixel coordinates 2j + 1 - W are odd integers: D maps them to each other exactly.
+    cv, cu = torch.meshgrid(torch.arange(H) * 2 + 1 - H, torch.arange(W) * 2 + 1 - W, indexing="ij")
+    D = D.cpu()[:, :, :, None, None]                                      # (N, 2, 2, 1, 1)
+    cu_in = D[:, 0, 0] * cu + D[:, 0, 1] * cv                             # (N, H, W)
+    cv_in = D[:, 1, 0] * cu + D[:, 1, 1] * cv
+    index = (cv_in + H - 1) // 2 * W + (cu_in + W - 1) // 2               # flat input pixel
+    index = index.view(N, 1, H * W).expand(N, C, H * W).to(x.device)
+    return x.flatten(2).gather(2, index).view(N, C, H, W)
+
+
+def random_affine(x, *, generator, flip=0.5, dihedral=False, max_rotate=10.0, max_zoom=1.1,
+                  max_translate=0.0, p_affine=0.75, padding="reflection"):
+    """Flip (or a dihedral symmetry), rotate, zoom, shift: one matrix an image (see module doc).
+
+    dihedral=True replaces the flip (the 8 symmetries include it) and needs square images.
+    """
+    _check_images(x)
+    for name, value, low, high in [("flip", flip, 0, 1), ("p_affine", p_affine, 0, 1),
+                                   ("max_rotate", max_rotate, 0, 180), ("max_zoom", max_zoom, 1, 10),
+                                   ("max_translate", max_translate, 0, 1)]:
+        _check_range(name, value, low, high)
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    N, C, H, W = x.shape
+    if dihedral and H != W:
+        raise ValueError(f"dihedral=True needs square images, got {H}x{W}; center_crop them first")
+    u = _uniform(generator, N, 6, "cpu").double()        # per image: symmetry, on, a, s, tx, ty
+    k = (u[:, 0] * 8).long() if dihedral else (u[:, 0] < flip).long()    # symmetry 0..7
+    on = (u[:, 1] < p_affine).double()
+    angle = torch.deg2rad((2 * u[:, 2] - 1) * max_rotate) * on
+    scale = 1 + (max_zoom - 1) * u[:, 3] * on
+    shift = (2 * u[:, 4:6] - 1) * 2 * max_translate * on[:, None]       # (N, 2)
+    # D = diag(sx, sy) @ (I or swap), bits of k: 1 -> sx = -1, 2 -> sy = -1, 4 -> swap.
+    sx, sy, swap = 1 - 2 * (k & 1), 1 - 2 * (k >> 1 & 1), k >> 2
+    D = torch.stack([sx * (1 - swap), sx * swap, sy * swap, sy * (1 - swap)], 1).view(N, 2, 2)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    R = torch.stack([cos, -sin * H / W, sin * W / H, cos], 1).view(N, 2, 2)
+    A = D.double() @ R / scale[:, None, None]                           # (N, 2, 2)
+    theta = torch.cat([A, shift[:, :, None]], 2)                          # (N, 2, 3)
+    exact = (angle == 0) & (scale == 1) & (shift == 0).all(1)            # only D: permute pixels
+    out = torch.empty_like(x)
+    if exact.any():
+        index = exact.nonzero()[:, 0].to(x.device)                   # indices built on the CPU
+        out[index] = _permute_pixels(x[index], D[exact])
+    if not exact.all():
+        index = (~exact).nonzero()[:, 0].to(x.device)
+        out[index] = affine(x[index], theta[~exact], padding=padding)
+    return out
+
+
+def lighting(x, *, generator, max_brightness=0.2, max_contrast=0.2, p=0.75):
+    """Random brightness b and contrast c per image: clamp(c*x + (1-c)*mean(x) + b, 0, 1)."""
+    _check_images(x)
+    for name, value in [("max_brightness", max_brightness), ("max_contrast", max_contrast), ("p", p)]:
+        _check_range(name, value, 0, 1)
+    u = _uniform(generator, x.shape[0], 3, x.device).to(x.dtype)    # per image: on, b, c
+    on = (u[:, 0] < p).to(x.dtype)
+    b = ((2 * u[:, 1] - 1) * max_brightness * on).view(-1, 1, 1, 1)
+    c = torch.exp((2 * u[:, 2] - 1) * math.log1p(max_contrast) * on).view(-1, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)                         # (N, 1, 1, 1)
+    # Written so that b = 0, c = 1 gives x back bit for bit (no x - mean + mean rounding).
+    return (c * x + (1 - c) * mean + b).clamp(0, 1)
+
+
+def _preset(dihedral, generator, max_rotate, max_zoom, max_lighting, p, padding):
+    geometry = dict(flip=0.0 if dihedral else 0.5, dihedral=dihedral, max_rotate=max_rotate,
+                    max_zoom=max_zoom, p_affine=p, padding=padding)
+    light = dict(max_brightness=max_lighting, max_contrast=max_lighting, p=p)
+    no_images = torch.zeros(0, 1, 1, 1)         # checks the arguments now; draws no numbers
+    lighting(random_affine(no_images, generator=generator, **geometry), generator=generator, **light)
+
+    def apply(x):
+        x = random_affine(x, generator=generator, **geometry)
+        return lighting(x, generator=generator, **light)
+    return apply
+
+
+def side_on(*, generator=None, max_rotate=10.0, max_zoom=1.1, max_lighting=0.05, p=0.75, padding="reflection"):
+    """fastai's transforms_side_on (photos taken from the side: a horizontal flip is fine).
+    Returns a function x -> x drawing from `generator` (None: torch's global RNG). p is the
+    probability of the rotate+zoom and, separately, of the lighting change (fastai 2's 0.75)."""
+    return _preset(False, generator, max_rotate, max_zoom, max_lighting, p, padding)
+
+
+def top_down(*, generator=None, max_rotate=10.0, max_zoom=1.1, max_lighting=0.05, p=0.75, padding="reflection"):
+    """fastai's transforms_top_down (satellite photos: any of the 8 dihedral symmetries).
+    Returns a function x -> x drawing from `generator`; images must be square."""
+    return _preset(True, generator, max_rotate, max_zoom, max_lighting, p, padding)
+
+
+PRESETS = {"side_on": side_on, "top_down": top_down}
+
+
+def augment(x, generator, preset="side_on"):
+    """Apply a preset: a name in PRESETS, or a factory like side_on / partial(side_on, max_zoom=1.2)."""
+    factory = PRESETS.get(preset) if isinstance(preset, str) else preset
+    if not callable(factory):
+        raise ValueError(f"preset must be one of {sorted(PRESETS)} or a factory like side_on, got {preset!r}")
+    return factory(generator=generator)(x)
+
+
+def resize(x, size):
+    """Antialiased bilinear resize of (N, C, H, W) to size (int: square, or (h, w)), for progressive
+    resizing. uint8 stays uint8 (rounded), so a whole dataset can be resized once."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError("resize expects a batch (N, C, H, W); use x[None] for one image")
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    if h < 1 or w < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    chunks = []
+    for chunk in x.split(4096):                 # bounded memory when x is a whole dataset
+        y = F.interpolate(chunk if chunk.is_floating_point() else chunk.float(), size=(h, w),
+                          mode="bilinear", antialias=True, align_corners=False)
+        chunks.append(y.to(x.dtype) if x.is_floating_point() else y.round().clamp(0, 255).to(x.dtype))
+    return torch.cat(chunks) if chunks else x.new_empty(0, *x.shape[1:2], h, w)
+
+
+def center_crop(x, size):
+    """The centred size (int or (h, w)) window of (..., H, W); offsets (H - h) // 2, (W - w) // 2."""
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    H, W = x.shape[-2:]
+    if not (1 <= h <= H and 1 <= w <= W):
+        raise ValueError(f"crop size {(h, w)} must be positive and fit in the image {(H, W)}")
+    top, left = (H - h) // 2, (W - w) // 2
+    return x[..., top:top + h, left:left + w]
