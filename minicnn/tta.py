@@ -1,0 +1,75 @@
+"""Test-time augmentation (TTA): predict each image as the mean of the model's probabilities
+over its plain view and n_aug randomly augmented views.
+
+Formula, per image, with p_v = softmax(model(view v)):
+    beta=None:  p = (p_plain + p_aug_1 + ... + p_aug_n) / (n + 1)          (fastai 0.7)
+    beta given: p = beta * p_plain + (1 - beta) * (p_aug_1 + ... + p_aug_n) / n   (fastai 2)
+Why probabilities and not logits: softmax(mean of logits) is the normalised GEOMETRIC mean of
+the views' probabilities, so one confident view (a probability near 0) vetoes a class the
+other views agree on; the arithmetic mean counts each view as one vote, bounded in [0, 1].
+The course's mean(exp(log p)) is exactly this mean of probabilities.
+
+Convention: `augment` is a function x -> x on float [0, 1] batches (N, C, H, W), the same
+kind train.fit takes, e.g. minicnn.augment.side_on(generator=g); it draws its own random
+numbers. Or pass a preset name ("side_on", "top_down") with `generator` and it is built from
+minicnn/augment.py (the only time this module imports another minicnn module).
+
+Source: fast.ai 2018 lesson 2 (learn.TTA(): the validation view plus 4 augmented views);
+fastai 2's Learner.tta (n=4, beta=0.25). Differs from fastai 2: beta=None means the plain
+equal mean, not a (augmented, plain) tuple; no use_max option.
+Runs in eval mode (BatchNorm running statistics, no dropout) under no_grad; each module's
+train/eval mode is put back as it was, even after an error.
+"""
+import torch
+
+
+def _augmentation(augment, generator):
+    if isinstance(augment, str):
+        from minicnn.augment import PRESETS               # only for a preset given by name
+        if augment not in PRESETS:
+            raise ValueError(f"augment must be one of {sorted(PRESETS)} or a function x -> x, got {augment!r}")
+        return PRESETS[augment](generator=generator)
+    if not callable(augment):
+        raise TypeError(f"augment must be a function x -> x or a preset name, got {type(augment).__name__}")
+    if generator is not None:
+        raise ValueError("generator is used only with a preset name; a function x -> x draws from "
+                         "its own generator (make it with side_on(generator=g))")
+    return augment
+
+
+def predict_tta(model, batches, *, augment, n_aug=4, generator=None, beta=None):
+    """-> probabilities (N, n_classes), float32 on the CPU, in the order of `batches`.
+
+    batches: an iterable of (x, y) with x float in [0, 1] on the model's device (y unused).
+    augment: a function x -> x, or "side_on" / "top_down" built with `generator`.
+    n_aug: augmented views per image (0: the plain prediction).
+    beta: weight of the plain view (fastai 2 uses 0.25); None: all n_aug + 1 views equal.
+    """
+    augment = _augmentation(augment, generator)
+    if not isinstance(n_aug, int) or n_aug < 0:
+        raise ValueError(f"n_aug must be an int >= 0, got {n_aug!r}")
+    if beta is not None and not 0 <= beta <= 1:
+        raise ValueError(f"beta must be in [0, 1] or None, got {beta}")
+    if beta is not None and n_aug == 0 and beta != 1:
+        raise ValueError("beta mixes the plain view with augmented ones; give n_aug >= 1")
+    modes = {module: module.training for module in model.modules()}  # e.g. frozen BN kept in eval
+    model.eval()
+    try:
+        with torch.no_grad():
+            probs = [_predict_batch(model, x, augment, n_aug, beta).float().cpu() for x, _ in batches]
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    if not probs:
+        raise ValueError("predict_tta got no batches")
+    return torch.cat(probs)
+
+
+def _predict_batch(model, x, augment, n_aug, beta):
+    plain = torch.softmax(model(x), dim=1)                               # (B, n_classes)
+    if n_aug == 0:
+        return plain
+    augmented = sum(torch.softmax(model(augment(x)), dim=1) for _ in range(n_aug)) / n_aug
+    if beta is None:
+        return (plain + n_aug * augmented) / (n_aug + 1)
+    return beta * plain + (1 - beta) * augmented
