@@ -1,0 +1,190 @@
+"""The LR range test: raise the LR exponentially batch by batch, watch the loss, put everything back.
+
+Sweep (Smith 2015, "Cyclical Learning Rates"; fast.ai 2018 lesson 2, steps 2 and 7):
+    lr_i = start_lr * (end_lr / start_lr) ** (i / (num_iter - 1))       i = 0 .. num_iter-1
+    avg_i = beta * avg_{i-1} + (1 - beta) * loss_i,  avg_{-1} = 0
+    smoothed_i = avg_i / (1 - beta ** (i + 1))     bias-corrected: smoothed_0 == loss_0
+Stops after the step whose smoothed loss exceeds diverge * best, or whose loss is NaN/inf.
+With several param groups the groups keep their ratios: the swept lr is the last group's.
+Afterwards parameters (and .grad), buffers (BatchNorm statistics), optimizer state and
+hyper-parameters, requires_grad, train/eval mode and the torch (and CUDA) RNG states are
+as they were, bit for bit; a Batches object is read through .epoch(0), .epoch(1), ... so
+running the test twice gives the same curve.
+
+suggest_lr, the rule ("the highest rate where the loss is clearly improving"):
+  1. keep points skip_start .. first non-finite loss (exclusive); skip_start defaults to
+     len(lrs) // 10 (the noisy head, as fastai's plot drops 10 of 100);
+  2. "clearly falling" = a slope d(smoothed)/d(log10 lr) at least as steep as the average
+     slope from the highest point before the minimum down to the minimum;
+  3. take the longest run of clearly falling steps, its length measured in decades of LR;
+  4. suggest its point nearest the middle in log LR, never its last point (a minimum).
+  If the minimum lies at the first usable point, or the fall is under min_fall (2%) of the
+  loss, loss_fell is False and lr is the rate of the lowest loss, not a recommendation.
+Peers: fastai 2 `valley` takes the longest decreasing (not contiguous) subsequence by
+index and a point ~halfway into it; fastai `steep` and Lightning take the single steepest
+gradient (Lightning's per LR, pytorch-lr-finder's per index, both noisy); fastai 0.7 gave
+no suggestion. pytorch-lr-finder does not debias its EMA and restores nothing unless
+reset() is called. Here the run of steep steps is found on a log-LR axis, so it does not
+depend on num_iter, and a noisy flat start is neither steep nor taken.
+"""
+import copy
+import itertools
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+RULE = "middle of the longest steep fall"
+
+
+class Suggestion(NamedTuple):
+    lr: Optional[float]     # None only with fewer than 2 usable points
+    index: Optional[int]    # into lrs
+    loss_fell: bool         # False: the loss never clearly fell; lr is not a recommendation
+    reason: str
+    skip_start: int         # usable points are skip_start .. stop-1
+    stop: int
+
+
+@dataclass
+class LRFindResult:
+    lrs: list               # the swept (last group's) LR of every step taken
+    losses: list            # raw minibatch losses
+    smoothed_losses: list   # bias-corrected EMA; NaN from the first non-finite loss on
+    suggested_lr: Optional[float]
+    suggested_index: Optional[int]
+    rule: str
+    reason: str             # one sentence: where, why, and where the loss blew up
+    loss_fell: bool
+    skip_start: int
+    stop: int
+    stop_reason: str
+
+
+def suggest_lr(lrs, losses, *, skip_start=None, min_fall=0.02):
+    """Suggest an LR from a sweep's LRs and SMOOTHED losses (raw ones are too noisy) -> Suggestion."""
+    if len(lrs) != len(losses):
+        raise ValueError(f"{len(lrs)} lrs but {len(losses)} losses; give one loss per LR")
+    lrs, losses = [float(v) for v in lrs], [float(v) for v in losses]
+    bad = (i for i, (lr, y) in enumerate(zip(lrs, losses)) if not (lr > 0 and math.isfinite(lr * y)))
+    stop = next(bad, len(lrs))
+    skip = len(lrs) // 10 if skip_start is None else skip_start
+    skip = max(0, min(skip, stop - 2))  # keep two points when there are two
+    if stop - skip < 2:
+        return Suggestion(None, None, False, f"only {stop} usable point(s) before a non-finite loss; "
+                          "need 2: lower start_lr or raise num_iter", skip, stop)
+    x = [math.log10(lr) for lr in lrs]
+    lowest = min(range(skip, stop), key=lambda k: losses[k])
+    highest = max(range(skip, lowest + 1), key=lambda k: losses[k])
+    fall = losses[highest] - losses[lowest]
+    if lowest == skip or fall <= min_fall * abs(losses[highest]):
+        return Suggestion(lrs[lowest], lowest, False, f"the smoothed loss never clearly fell (by "
+                          f"{min_fall:.0%}); lowest at lr {lrs[lowest]:.2g}, not a recommendation: "
+                          "lower start_lr, or check the model and the data", skip, stop)
+    steep = fall / (x[lowest] - x[highest])  # mean fall per decade, highest -> lowest
+    best_run, start = (skip, skip), None
+    for k in range(skip, stop):  # run = points start..k joined by steep steps
+        if k + 1 < stop and (losses[k] - losses[k + 1]) >= steep * (x[k + 1] - x[k]):
+            start = k if start is None else start
+        elif start is not None:
+            if x[k] - x[start] > x[best_run[1]] - x[best_run[0]]:
+                best_run = (start, k)
+            start = None
+    first, last = best_run if best_run[1] > best_run[0] else (highest, lowest)  # rounding left none
+    middle = (x[first] + x[last]) / 2
+    index = min(range(first, last), key=lambda k: abs(x[k] - middle))
+    return Suggestion(lrs[index], index, True, f"{RULE} of the smoothed loss ({lrs[first]:.2g} to "
+                      f"{lrs[last]:.2g}): {lrs[index]:.2g}", skip, stop)
+
+
+def lr_find(model, train_batches, opt, *, loss_fn=F.cross_entropy, start_lr=1e-7, end_lr=10.0,
+            num_iter=100, beta=0.98, diverge=4.0, skip_start=None, device=None):
+    """Run the range test on `model` with `opt`'s groups, then restore everything -> LRFindResult."""
+    if not 0 < start_lr < end_lr:
+        raise ValueError(f"need 0 < start_lr < end_lr, got {start_lr} and {end_lr}")
+    if num_iter < 2 or not 0 <= beta < 1 or diverge <= 1:
+        raise ValueError(f"need num_iter >= 2, 0 <= beta < 1, diverge > 1; got {num_iter}, {beta}, {diverge}")
+    last_lr = opt.param_groups[-1]["lr"]
+    if not last_lr > 0:
+        raise ValueError(f"the last param group's lr is {last_lr}; it must be > 0: the groups' LRs "
+                         "give the ratios the sweep keeps")
+    ratios = [group["lr"] / last_lr for group in opt.param_groups]
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    saved = _save_state(model, opt)
+    lrs, losses, smoothed, avg, best, stop_reason = [], [], [], 0.0, math.inf, f"ran {num_iter} steps"
+    try:
+        model.train()
+        opt.zero_grad()
+        for i, (x, y) in zip(range(num_iter), _cycle(train_batches)):
+            lr = start_lr * (end_lr / start_lr) ** (i / (num_iter - 1))
+            for group, ratio in zip(opt.param_groups, ratios):
+                group["lr"] = lr * ratio
+            with torch.enable_grad():
+                loss = loss_fn(model(x.to(device)), y.to(device))
+            value = loss.item()
+            lrs.append(lr)
+            losses.append(value)
+            if not math.isfinite(value):
+                smoothed.append(math.nan)
+                stop_reason = f"the loss was {value} at lr {lr:.2g}"
+                break
+            avg = beta * avg + (1 - beta) * value
+            smoothed.append(avg / (1 - beta ** (i + 1)))
+            if smoothed[-1] > diverge * best:
+                stop_reason = f"the loss blew up past lr {lr:.2g} ({smoothed[-1]:.3g} > {diverge:g} x best {best:.3g})"
+                break
+            best = min(best, smoothed[-1])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        _restore_state(model, opt, saved)
+    if not lrs:
+        raise ValueError("train_batches yielded no batches")
+    s = suggest_lr(lrs, smoothed, skip_start=skip_start)
+    return LRFindResult(lrs, losses, smoothed, s.lr, s.index, RULE, f"{s.reason}; {stop_reason}",
+                        s.loss_fell, s.skip_start, s.stop, stop_reason)
+
+
+def _cycle(batches):
+    """Epoch after epoch; Batches is read as .epoch(0), .epoch(1).. so the test never moves it on."""
+    for e in itertools.count():
+        epoch = batches.epoch(e) if hasattr(batches, "epoch") else iter(batches)
+        empty = True
+        for xy in epoch:
+            empty = False
+            yield xy
+        if empty:
+            return
+
+
+def _save_state(model, opt):
+    clone = lambda t: None if t is None else t.detach().clone()  # noqa: E731
+    return dict(
+        params=[(p, clone(p), clone(p.grad), p.requires_grad) for p in model.parameters()],
+        buffers=[(b, clone(b)) for b in model.buffers()],
+        modes=[(m, m.training) for m in model.modules()],
+        # state_dict() returns the live momentum buffers: deepcopy, or the sweep overwrites them
+        opt=copy.deepcopy(opt.state_dict()),
+        rng=torch.get_rng_state(),
+        cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+
+
+def _restore_state(model, opt, saved):
+    with torch.no_grad():
+        for p, value, grad, requires_grad in saved["params"]:
+            p.copy_(value)
+            p.grad = grad
+            p.requires_grad_(requires_grad)
+        for b, value in saved["buffers"]:
+            b.copy_(value)
+    for m, training in saved["modes"]:
+        m.training = training
+    if isinstance(getattr(opt, "state", None), dict):
+        opt.state.clear()  # so a load_state_dict that merges cannot keep the sweep's momentum
+    opt.load_state_dict(saved["opt"])
+    torch.set_rng_state(saved["rng"])
+    if saved["cuda_rng"] is not None:
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
