@@ -19,13 +19,12 @@ back to about 1e-7 * max(H, W) (float32 rounding of the grid: 4e-6 at 28x28). Ra
 come from the generator's device (a CPU one is fine for a CUDA batch), the same number whatever
 the outcome, so a seed fixes the batch.
 
-Source: fast.ai 2018 lesson 2 (transforms_side_on / transforms_top_down, max_zoom=1.1:
-flip or dihedral, rotate 10 degrees, lighting 0.05); fastai 2's aug_transforms (one matrix
-per image, one grid_sample for the batch, reflection padding, p_affine=0.75).
-Differs from fastai 0.7: batched on the device, not image by image with OpenCV, and the zoom
-stays centred (use max_translate to move it). From fastai 2: the rotation is in pixel units
-(H/W factors above) so non-square images are rotated, not sheared; flips/dihedral are exact;
-lighting uses fastai 0.7's formula, not logits. torchvision.transforms.v2 does one image a call.
+Source: fast.ai 2018 lesson 2 (transforms_side_on/top_down, max_zoom=1.1: flip or dihedral,
+rotate 10 degrees, lighting 0.05); fastai 2's aug_transforms (one matrix per image, one
+grid_sample per batch, reflection padding, p_affine=0.75). Differs from fastai 0.7: batched on
+the device, not OpenCV image by image; the zoom stays centred (max_translate moves it). From
+fastai 2: rotation in pixel units (H/W above: non-square images are rotated, not sheared),
+exact flips, fastai 0.7's lighting formula. torchvision.transforms.v2 does one image a call.
 """
 import math
 
@@ -64,25 +63,29 @@ def affine(x, theta, *, padding="reflection"):
     return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
 
-def _permute_pixels(x, D):
-    """x (N, C, H, W) through integer symmetries D (N, 2, 2), exactly: the same map as affine()."""
+def _symmetries(k):
+    """k (N,) in 0..7 -> D (N, 2, 2) = diag(sx, sy) @ (I or swap): bit 1 sx = -1, bit 2 sy = -1, bit 4 swap."""
+    sx, sy, swap = 1 - 2 * (k & 1), 1 - 2 * (k >> 1 & 1), k >> 2
+    return torch.stack([sx * (1 - swap), sx * swap, sy * swap, sy * (1 - swap)], 1).view(-1, 2, 2)
+
+
+def _permute_pixels(x, k):
+    """x (N, C, H, W) through symmetry k (N,), exactly: the same map as affine() with _symmetries(k)."""
     N, C, H, W = x.shape
-    # Centred pixel coordinates 2j + 1 - W are odd integers: D maps them to each other exactly.
+    # Centred pixel coordinates 2j + 1 - W are odd integers: each D maps them to each other.
     cv, cu = torch.meshgrid(torch.arange(H) * 2 + 1 - H, torch.arange(W) * 2 + 1 - W, indexing="ij")
-    D = D.cpu()[:, :, :, None, None]                                      # (N, 2, 2, 1, 1)
-    cu_in = D[:, 0, 0] * cu + D[:, 0, 1] * cv                             # (N, H, W)
+    D = _symmetries(torch.arange(8 if H == W else 4))[:, :, :, None, None]   # (S, 2, 2, 1, 1)
+    cu_in = D[:, 0, 0] * cu + D[:, 0, 1] * cv                                # (S, H, W)
     cv_in = D[:, 1, 0] * cu + D[:, 1, 1] * cv
-    index = (cv_in + H - 1) // 2 * W + (cu_in + W - 1) // 2               # flat input pixel
-    index = index.view(N, 1, H * W).expand(N, C, H * W).to(x.device)
+    table = ((cv_in + H - 1) // 2 * W + (cu_in + W - 1) // 2).view(-1, H * W)  # input pixel per output pixel
+    index = table[k].to(x.device)[:, None].expand(N, C, H * W)              # (N, C, H*W)
     return x.flatten(2).gather(2, index).view(N, C, H, W)
 
 
 def random_affine(x, *, generator, flip=0.5, dihedral=False, max_rotate=10.0, max_zoom=1.1,
                   max_translate=0.0, p_affine=0.75, padding="reflection"):
-    """Flip (or a dihedral symmetry), rotate, zoom, shift: one matrix an image (see module doc).
-
-    dihedral=True replaces the flip (the 8 symmetries include it) and needs square images.
-    """
+    """Flip, rotate, zoom, shift: one matrix an image (module doc). dihedral=True (square images)
+    draws one of the 8 symmetries instead of the flip (they include it)."""
     _check_images(x)
     for name, value, low, high in [("flip", flip, 0, 1), ("p_affine", p_affine, 0, 1),
                                    ("max_rotate", max_rotate, 0, 180), ("max_zoom", max_zoom, 1, 10),
@@ -99,9 +102,7 @@ def random_affine(x, *, generator, flip=0.5, dihedral=False, max_rotate=10.0, ma
     angle = torch.deg2rad((2 * u[:, 2] - 1) * max_rotate) * on
     scale = 1 + (max_zoom - 1) * u[:, 3] * on
     shift = (2 * u[:, 4:6] - 1) * 2 * max_translate * on[:, None]       # (N, 2)
-    # D = diag(sx, sy) @ (I or swap), bits of k: 1 -> sx = -1, 2 -> sy = -1, 4 -> swap.
-    sx, sy, swap = 1 - 2 * (k & 1), 1 - 2 * (k >> 1 & 1), k >> 2
-    D = torch.stack([sx * (1 - swap), sx * swap, sy * swap, sy * (1 - swap)], 1).view(N, 2, 2)
+    D = _symmetries(k)                                                    # (N, 2, 2)
     cos, sin = torch.cos(angle), torch.sin(angle)
     R = torch.stack([cos, -sin * H / W, sin * W / H, cos], 1).view(N, 2, 2)
     A = D.double() @ R / scale[:, None, None]                           # (N, 2, 2)
@@ -110,7 +111,7 @@ def random_affine(x, *, generator, flip=0.5, dihedral=False, max_rotate=10.0, ma
     out = torch.empty_like(x)
     if exact.any():
         index = exact.nonzero()[:, 0].to(x.device)                   # indices built on the CPU
-        out[index] = _permute_pixels(x[index], D[exact])
+        out[index] = _permute_pixels(x[index], k[exact])
     if not exact.all():
         index = (~exact).nonzero()[:, 0].to(x.device)
         out[index] = affine(x[index], theta[~exact], padding=padding)
@@ -181,7 +182,7 @@ def resize(x, size):
         y = F.interpolate(chunk if chunk.is_floating_point() else chunk.float(), size=(h, w),
                           mode="bilinear", antialias=True, align_corners=False)
         chunks.append(y.to(x.dtype) if x.is_floating_point() else y.round().clamp(0, 255).to(x.dtype))
-    return torch.cat(chunks) if chunks else x.new_empty(0, *x.shape[1:2], h, w)
+    return torch.cat(chunks)
 
 
 def center_crop(x, size):
