@@ -1,0 +1,161 @@
+"""Learning-rate schedules as pure functions of the step: SGDR (cosine with warm restarts) and others.
+
+SGDR, stepped once per minibatch. Cycle k lasts T_k steps; t = steps since it began (0..T_k-1):
+
+    lr     = lr_min + (peak_k - lr_min) * (1 + cos(pi * t / T_k)) / 2
+    peak_k = max(lr_min, lr_max * cycle_decay**k)        (cycle_decay=1: every restart at lr_max)
+    T_k    = steps_per_cycle * cycle_mult**k
+
+Cycle k starts at step B_k = steps_per_cycle * (m**k - 1) / (m - 1) for m = cycle_mult > 1
+(= steps_per_cycle * k for m = 1), a geometric series. Inverting it gives the cycle of step s in
+closed form, k = floor(log_m(s * (m - 1) / steps_per_cycle + 1)); the log is then checked
+against exact integer starts, because in floating point it can be one short (log_3(243) gives
+4.999...). Fractional m: B_k, computed in float64 as written, is rounded to the nearest whole
+step (halves up) and T_k = B_(k+1) - B_k. So every cycle is within one step of
+steps_per_cycle * m**k, and n cycles always last exactly total_steps(n) = B_n steps: rounding
+never accumulates.
+
+The last step of a cycle is lr_min + (peak_k - lr_min) * sin(pi / (2 T_k))**2, not lr_min:
+lr_min belongs to t = T_k, which is the next cycle's first step (the paper's and torch's choice).
+
+Warm-up (warmup_steps = w > 0): the first w steps rise linearly from lr_max/100 (fastai 0.7's
+warm-up LR; lr_min if that is higher) and reach lr_max at step w; the first cycle's cosine then
+runs over its remaining T_0 - w steps. No cycle boundary moves, so restart k >= 1 is at peak_k.
+
+Sources: Loshchilov & Hutter 2017, "SGDR: Stochastic Gradient Descent with Warm Restarts";
+fastai 0.7 fit(lr, n_cycle, cycle_len, cycle_mult); timm CosineLRScheduler (cycle_decay).
+How it differs
+- torch's CosineAnnealingWarmRestarts is an object stepped once a step; sgdr_lr gives the same
+  numbers (tests/test_schedule.py) as a function of the step, so a resumed run needs only the
+  step. torch's jump-to-epoch path uses int(math.log(...)) and puts step B_5 of T_mult=3 in
+  cycle 4; integer checks here stop that. Fractional cycle_mult, decay, warm-up are extras.
+- fastai 0.7 anneals to 0 and warms up at a constant lr/100 for 1/20 of the first cycle.
+"""
+import math
+import numbers
+
+
+def _integer(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def _real(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def _lr_range(lr_max, lr_min):
+    if _real("lr_max", lr_max, 0) == 0:
+        raise ValueError("lr_max must be > 0, got 0; a schedule that never moves needs no schedule")
+    if _real("lr_min", lr_min, 0) > lr_max:
+        raise ValueError(f"lr_min ({lr_min}) must not exceed lr_max ({lr_max}); swap them?")
+
+
+def _cycle_args(steps_per_cycle, cycle_mult):
+    steps_per_cycle = _integer("steps_per_cycle", steps_per_cycle, 1)
+    m = _real("cycle_mult", cycle_mult, 1)  # cycles that shrink would never end
+    return steps_per_cycle, int(m) if float(m).is_integer() else float(m)
+
+
+def _cycle_start(k, steps_per_cycle, m):
+    """B_k, the first step of cycle k: exact integers for integer m, rounded half up otherwise."""
+    if m == 1:
+        return steps_per_cycle * k
+    if isinstance(m, int):
+        return steps_per_cycle * (m**k - 1) // (m - 1)
+    return math.floor(steps_per_cycle * (m**k - 1) / (m - 1) + 0.5)  # float64, then half up
+
+
+def cycle_position(step, *, steps_per_cycle, cycle_mult=1):
+    """(cycle, step_in_cycle, cycle_steps) of a global step, counting from 0."""
+    step = _integer("step", step, 0)
+    n, m = _cycle_args(steps_per_cycle, cycle_mult)
+    if m == 1:
+        k = step // n
+    else:
+        k = int(math.log(step * (m - 1) / n + 1) / math.log(m))  # the geometric series inverted
+        while _cycle_start(k + 1, n, m) <= step:  # floating point: at most a step or two off
+            k += 1
+        while _cycle_start(k, n, m) > step:
+            k -= 1
+    start = _cycle_start(k, n, m)
+    return k, step - start, _cycle_start(k + 1, n, m) - start
+
+
+def total_steps(n_cycles, *, steps_per_cycle, cycle_mult=1):
+    """Steps in the first n_cycles cycles. fastai: 3 cycles of 1 epoch, cycle_mult=2 -> 7 epochs."""
+    return _cycle_start(_integer("n_cycles", n_cycles, 1), *_cycle_args(steps_per_cycle, cycle_mult))
+
+
+def cycle_end_steps(n_cycles, *, steps_per_cycle, cycle_mult=1):
+    """Global index of the last step of each of the first n_cycles cycles (train.fit's cycle_ends)."""
+    n, m = _cycle_args(steps_per_cycle, cycle_mult)
+    return [_cycle_start(k + 1, n, m) - 1 for k in range(_integer("n_cycles", n_cycles, 1))]
+
+
+def sgdr_lr(step, *, steps_per_cycle, cycle_mult=1, lr_max, lr_min=0.0, warmup_steps=0, cycle_decay=1.0):
+    """SGDR: cosine from peak_k down towards lr_min in every cycle, restarts at peak_k (see above)."""
+    _lr_range(lr_max, lr_min)
+    steps_per_cycle, cycle_mult = _cycle_args(steps_per_cycle, cycle_mult)
+    if not 0 < _real("cycle_decay", cycle_decay, 0) <= 1:
+        raise ValueError(f"cycle_decay must be in (0, 1], got {cycle_decay}")
+    warmup = _integer("warmup_steps", warmup_steps, 0)
+    if warmup >= steps_per_cycle:
+        raise ValueError(f"warmup_steps ({warmup}) must be shorter than the first cycle ({steps_per_cycle} steps)")
+    cycle, t, cycle_steps = cycle_position(step, steps_per_cycle=steps_per_cycle, cycle_mult=cycle_mult)
+    if cycle == 0 and warmup:
+        if t < warmup:
+            lr_start = max(lr_min, lr_max / 100)
+            return lr_start + (lr_max - lr_start) * t / warmup
+        t, cycle_steps = t - warmup, cycle_steps - warmup  # the cosine fills the rest of cycle 0
+    peak = max(lr_min, lr_max * cycle_decay**cycle)
+    if t == 0:
+        return peak  # exactly, where lr_min + (peak - lr_min) may be off in the last bit
+    lr = lr_min + (peak - lr_min) * (1 + math.cos(math.pi * t / cycle_steps)) / 2
+    return min(peak, lr)  # in a cycle of ~1e9 steps, 1 + cos(pi * 1 / T) rounds to 2
+
+
+def _before_end(step, total_steps):
+    step, total_steps = _integer("step", step, 0), _integer("total_steps", total_steps, 1)
+    if step >= total_steps:
+        raise ValueError(f"step {step} is past the schedule's end (total_steps={total_steps}: steps 0..{total_steps - 1})")
+
+
+def cosine_lr(step, *, total_steps, lr_max, lr_min=0.0):
+    """One cosine from lr_max (step 0) towards lr_min over total_steps: SGDR with a single cycle."""
+    _before_end(step, total_steps)
+    return sgdr_lr(step, steps_per_cycle=total_steps, lr_max=lr_max, lr_min=lr_min)
+
+
+def linear_lr(step, *, total_steps, lr_start, lr_end=0.0):
+    """lr_start + (lr_end - lr_start) * step / total_steps: a straight line (up or down)."""
+    _before_end(step, total_steps)
+    _real("lr_start", lr_start, 0), _real("lr_end", lr_end, 0)
+    return lr_start + (lr_end - lr_start) * step / total_steps
+
+
+def step_decay_lr(step, *, lr_max, decay_every, factor=10.0):
+    """lr_max / factor**(step // decay_every): the "naive way", divide by 10 every few epochs."""
+    _lr_range(lr_max, 0.0)
+    step, decay_every = _integer("step", step, 0), _integer("decay_every", decay_every, 1)
+    return lr_max / _real("factor", factor, 1) ** (step // decay_every)
+
+
+def set_lrs(optimizer, lrs):
+    """Set group i's LR to lrs[i] (one number: every group) on any optimizer with param_groups."""
+    groups = optimizer.param_groups
+    lrs = [lrs] * len(groups) if isinstance(lrs, numbers.Real) else list(lrs)
+    if len(lrs) != len(groups):
+        raise ValueError(f"set_lrs: {len(lrs)} learning rates for {len(groups)} param groups; "
+                         "give one per group (earliest first), or one number for all")
+    for i, lr in enumerate(lrs):
+        _real(f"lrs[{i}]", lr, 0)
+    for group, lr in zip(groups, lrs):
+        group["lr"] = float(lr)
