@@ -72,8 +72,9 @@ def diagnose(history, *, margin=0.10, rise=0.03, improving=0.01, min_fall=0.10):
 
     if batch_loss and t > (1 - min_fall) * float(batch_loss[0]):
         verdict = "underfitting"
-        advice = (f"the training loss fell less than {min_fall:.0%} from its start {float(batch_loss[0]):.4f}: "
-                  "the model is not learning; check the learning rate (run lr_find) and the data")
+        advice = (f"the training loss {t:.4f} is not {min_fall:.0%} below the first minibatch's "
+                  f"{float(batch_loss[0]):.4f}: the model is not learning; check the learning rate (run "
+                  "lr_find) and the data")
     elif v < (1 - margin) * t:
         verdict = "underfitting"
         advice = (f"the validation loss is {1 - v / t:.0%} below the training loss: train longer "

@@ -68,13 +68,13 @@ def suggest_lr(lrs, losses, *, skip_start=None, min_fall=0.02):
     if len(lrs) != len(losses):
         raise ValueError(f"{len(lrs)} lrs but {len(losses)} losses; give one loss per LR")
     lrs, losses = [float(v) for v in lrs], [float(v) for v in losses]
-    bad = (i for i, (lr, y) in enumerate(zip(lrs, losses)) if not (lr > 0 and math.isfinite(lr * y)))
+    bad = (i for i, (lr, y) in enumerate(zip(lrs, losses)) if not (lr > 0 and math.isfinite(lr) and math.isfinite(y)))
     stop = next(bad, len(lrs))
     skip = len(lrs) // 10 if skip_start is None else skip_start
     skip = max(0, min(skip, stop - 2))  # keep two points when there are two
     if stop - skip < 2:
-        return Suggestion(None, None, False, f"only {stop} usable point(s) before a non-finite loss; "
-                          "need 2: lower start_lr or raise num_iter", skip, stop)
+        return Suggestion(None, None, False, f"only {stop} usable point(s) (finite, before any non-finite "
+                          "loss); need 2: lower start_lr or raise num_iter", skip, stop)
     x = [math.log10(lr) for lr in lrs]
     lowest = min(range(skip, stop), key=lambda k: losses[k])
     highest = max(range(skip, lowest + 1), key=lambda k: losses[k])
