@@ -24,7 +24,8 @@ rotate 10 degrees, lighting 0.05); fastai 2's aug_transforms (one matrix per ima
 grid_sample per batch, reflection padding, p_affine=0.75). Differs from fastai 0.7: batched on
 the device, not OpenCV image by image; the zoom stays centred (max_translate moves it). From
 fastai 2: rotation in pixel units (H/W above: non-square images are rotated, not sheared),
-exact flips, fastai 0.7's lighting formula. torchvision.transforms.v2 does one image a call.
+exact flips, fastai 0.7's lighting. torchvision.transforms.v2 draws one set of parameters per
+call, so per-image randomness there means one call per image.
 """
 import math
 
