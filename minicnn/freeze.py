@@ -1,0 +1,126 @@
+"""Freezing by layer group, and one optimizer group (with its own LR) per layer group.
+
+A model here has `model.layer_groups`: a list of modules (early body, late body, head)
+that together hold every parameter once. Fine-tuning a pretrained body (fastai 0.7,
+lesson 2):
+    freeze(model)                  only the last group (the new head) trains
+    freeze_to(model, n)            groups 0..n-1 frozen, groups n.. train
+    unfreeze(model)                every group trains
+    param_groups(model, lrs)       [{"params": group 0's, "lr": lrs[0]}, ...]
+    discriminative_lrs(lr, n, ratio=r) = [lr / r**(n-1), ..., lr / r, lr]
+Earlier layers hold general features (edges, textures) that need little change, so they
+get a 3x-10x lower LR than later ones (the course: [1e-4, 1e-3, 1e-2], ratio 10; fastai 2's
+slice(lr/9, lr): [lr/9, lr/3, lr], ratio 3).
+
+Frozen means `requires_grad = False`, so backward never gives those parameters a gradient
+(their `.grad` stays None; freeze_to also clears an old one). Optimizers skip a parameter
+whose grad is None: torch.optim.SGD and minicnn.optim.SGD then apply no weight decay, no
+momentum and make no state, so frozen weights stay bit for bit the same.
+param_groups makes a group for every layer group, frozen or not: the LR list always has
+as many entries as there are groups, and a group unfrozen mid-run is already in the
+optimizer, with its own LR from the schedule. (fastai 0.7 rebuilt the optimizer instead.)
+
+BatchNorm in frozen groups, `train_bn`:
+- True (fastai 2's default): the BN layers' affine weights keep training and, in train
+  mode, their running statistics follow the new data. Cheap (few parameters) and it lets
+  a body trained on ImageNet adapt its normalisation to very different images.
+- False (fastai 0.7's `bn_freeze`): frozen groups' BN layers are frozen too and run in
+  eval mode, normalising with ImageNet's running statistics, even after model.train();
+  the frozen body is then exactly the function it was, as precomputing assumes.
+How: a forward pre-hook (torch's own extension point; nothing is patched) on each such BN
+layer sets its `training` flag to False before every forward while its weight is frozen.
+freeze_to and unfreeze remove the hooks they no longer want and give every BN layer the
+model's mode back. Hooks live on the modules; `_hooks` maps each to its handle (weakly).
+"""
+import numbers
+import weakref
+
+from torch import nn
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_hooks = weakref.WeakKeyDictionary()  # BN layer -> handle of its eval-mode hook
+
+
+def _layer_groups(model):
+    groups = getattr(model, "layer_groups", None)
+    if groups is None:
+        raise TypeError(f"{type(model).__name__} has no layer_groups; use a model from minicnn.models "
+                        "or give yours a `layer_groups` list of modules (early body, ..., head)")
+    return list(groups)
+
+
+def _run_in_eval_while_frozen(bn, inputs):
+    """Forward pre-hook: a BN layer whose weight is frozen normalises with its running statistics."""
+    if bn.weight is None or not bn.weight.requires_grad:
+        bn.training = False  # only this layer; the rest of the model keeps its mode
+
+
+def freeze_to(model, n, *, train_bn=True):
+    """Freeze layer groups 0..n-1, make groups n.. trainable; 0 <= n < number of groups.
+
+    train_bn=True: BatchNorm layers in frozen groups still train (weights and statistics);
+    False: they are frozen and stay in eval mode (see the module docstring).
+    """
+    groups = _layer_groups(model)
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n < len(groups):
+        raise ValueError(f"freeze_to: n={n!r} must be an int in 0..{len(groups) - 1} (this model has "
+                         f"{len(groups)} layer groups; n={len(groups)} would leave nothing to train)")
+    for i, group in enumerate(groups):
+        frozen = i < n
+        for module in group.modules():
+            is_bn = isinstance(module, BATCH_NORMS)
+            if is_bn and module in _hooks:  # start clean: every BN in its model's mode, no hook
+                _hooks.pop(module).remove()
+                module.train(model.training)
+            trainable = not frozen or (is_bn and train_bn)
+            for p in module.parameters(recurse=False):
+                p.requires_grad_(trainable)
+                if not trainable:
+                    p.grad = None  # an optimizer skips a parameter without gradient: no decay, no momentum
+            if is_bn and frozen and not train_bn:
+                _hooks[module] = module.register_forward_pre_hook(_run_in_eval_while_frozen)
+                module.eval()
+
+
+def freeze(model, *, train_bn=True):
+    """Only the last layer group (the head) trains."""
+    freeze_to(model, len(_layer_groups(model)) - 1, train_bn=train_bn)
+
+
+def unfreeze(model):
+    """Every layer group trains; BatchNorm layers go back to the model's mode."""
+    freeze_to(model, 0)
+
+
+def _check_lr(lr, what):
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0 or lr == float("inf"):
+        raise ValueError(f"{what} must be a positive finite number, got {lr!r}")
+
+
+def param_groups(model, lrs, **hyper):
+    """One optimizer param group per layer group, frozen ones included -> list of dicts.
+
+    lrs: one number for all groups, or a list with one LR per layer group.
+    hyper: other settings copied into every group (momentum=0.9, weight_decay=1e-4, ...).
+    Use: SGD(param_groups(model, discriminative_lrs(1e-2, 3, ratio=10), momentum=0.9), lr=1e-2).
+    """
+    groups = _layer_groups(model)
+    if isinstance(lrs, numbers.Real):
+        lrs = [lrs] * len(groups)
+    lrs = list(lrs)
+    if len(lrs) != len(groups):
+        raise ValueError(f"param_groups: {len(lrs)} learning rates for {len(groups)} layer groups; "
+                         f"give one per group, e.g. discriminative_lrs(lr, {len(groups)}, ratio=3)")
+    for i, lr in enumerate(lrs):
+        _check_lr(lr, f"param_groups: lrs[{i}]")
+    return [{"params": list(group.parameters()), "lr": lr, **hyper} for group, lr in zip(groups, lrs)]
+
+
+def discriminative_lrs(lr, n_groups, *, ratio):
+    """[lr / ratio**(n_groups-1), ..., lr / ratio, lr]: each group `ratio` times lower than the next."""
+    _check_lr(lr, "discriminative_lrs: lr")
+    if isinstance(n_groups, bool) or not isinstance(n_groups, numbers.Integral) or n_groups < 1:
+        raise ValueError(f"discriminative_lrs: n_groups={n_groups!r} must be an int >= 1")
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 1 <= ratio < float("inf"):
+        raise ValueError(f"discriminative_lrs: ratio={ratio!r} must be >= 1 (3 to 10 is usual; 1 = one LR)")
+    return [lr / ratio ** (n_groups - 1 - i) for i in range(n_groups)]
