@@ -1,0 +1,120 @@
+"""precompute.py: features equal the frozen body's output, the cache hits and misses, the head trained
+on features predicts in the full model as it did on features."""
+import pytest
+import torch
+from torch import nn
+
+from minicnn.data import batches
+from minicnn.freeze import freeze, param_groups
+from minicnn.models import GroupedModel, fastai_head, simple_resnet
+from minicnn.precompute import body_and_head, precompute_features
+from minicnn.train import fit, predict
+
+
+def tiny_model():
+    """simple_resnet's body with fastai's head (concat pool, BN, dropout, ...): 2 x 8 features."""
+    early, late, _ = simple_resnet(3, in_channels=1, widths=(4, 8)).layer_groups
+    return GroupedModel(early, late, fastai_head(8, 3, hidden=16))
+
+
+def tiny_images(n=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 1, 8, 8), generator=g, dtype=torch.uint8), torch.randint(0, 3, (n,), generator=g)
+
+
+class CountingBody(nn.Module):
+    """Wraps a body and counts the images it sees, to tell a cache hit from a miss."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body, self.seen = body, 0
+
+    def forward(self, x):
+        self.seen += len(x)
+        return self.body(x)
+
+
+def test_features_are_the_eval_mode_body_output_and_the_mode_is_restored():
+    model = tiny_model()
+    model.train()
+    model(tiny_images()[0].float() / 255)  # move the BN statistics away from their initial values
+    body, _ = body_and_head(model)
+    x, _ = tiny_images()
+    features = precompute_features(body, x, batch_size=7)  # 7 does not divide 20: a last short batch
+    assert body.training
+    body.eval()
+    with torch.no_grad():
+        expected = body(x.float() / 255)
+    assert features.shape == (20, 16) and features.dtype == torch.float32
+    torch.testing.assert_close(features, expected)
+    torch.testing.assert_close(precompute_features(body, x.float() / 255, batch_size=20), expected)
+
+
+def test_cache_hit_reuses_and_any_key_change_misses(tmp_path):
+    body = CountingBody(body_and_head(tiny_model())[0])
+    x, _ = tiny_images()
+    first = precompute_features(body, x, batch_size=8, cache=tmp_path, arch="tiny")
+    assert body.seen == 20 and len(list(tmp_path.glob("tiny-8x8-*.pt"))) == 1
+    again = precompute_features(body, x, batch_size=8, cache=tmp_path, arch="tiny")
+    assert body.seen == 20  # a hit: the body did not run
+    assert torch.equal(first, again)
+
+    changed = x.clone()
+    changed[3, 0, 4, 4] ^= 1  # one pixel, one bit
+    precompute_features(body, changed, batch_size=8, cache=tmp_path, arch="tiny")
+    assert body.seen == 40
+    precompute_features(body, x, batch_size=8, cache=tmp_path, arch="other")
+    assert body.seen == 60
+    bigger = torch.nn.functional.interpolate(x.float(), size=(12, 12)).to(torch.uint8)
+    precompute_features(body, bigger, batch_size=8, cache=tmp_path, arch="tiny")
+    assert body.seen == 80 and len(list(tmp_path.glob("tiny-12x12-*.pt"))) == 1
+    with torch.no_grad():
+        next(body.parameters()).add_(0.01)  # other weights: the old features would be stale
+    precompute_features(body, x, batch_size=8, cache=tmp_path, arch="tiny")
+    assert body.seen == 100
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_head_trained_on_features_predicts_the_same_inside_the_full_model():
+    torch.manual_seed(0)
+    model = tiny_model()
+    freeze(model, train_bn=False)
+    body, head = body_and_head(model)
+    x, _ = tiny_images(32)
+    brightness = x.float().mean(dim=(1, 2, 3))
+    y = (brightness > brightness.quantile(1 / 3)).long() + (brightness > brightness.quantile(2 / 3)).long()
+    features = precompute_features(body, x, batch_size=16)
+    train = batches(features, y, 8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.SGD(head.parameters(), lr=0.05, momentum=0.9)
+    before = [p.detach().clone() for p in model.layer_groups[2].parameters()]
+    history = fit(head, train, None, opt, lambda step: 0.05, 5, verbose=False)
+    assert history.train_loss[-1] < 0.9 * history.train_loss[0]  # it learns (labels: brightness terciles)
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.layer_groups[2].parameters()))
+
+    on_features = predict(head, batches(features, y, 10, shuffle=False))
+    on_images = predict(model, batches(x, y, 10, shuffle=False))
+    torch.testing.assert_close(on_images, on_features, atol=1e-6, rtol=1e-5)
+
+
+def test_body_and_head_share_the_models_modules():
+    model = tiny_model()
+    body, head = body_and_head(model)
+    head_params = {id(p) for p in head.parameters()}
+    assert head_params == {id(p) for p in model.layer_groups[2].parameters()}
+    assert {id(p) for p in body.parameters()} == {id(p) for g in model.layer_groups[:2] for p in g.parameters()}
+    assert len(opt_groups := param_groups(model, 0.1)) == 3 and opt_groups[2]["params"][0] is next(head.parameters())
+
+
+def test_errors_say_what_to_do(tmp_path):
+    body, _ = body_and_head(tiny_model())
+    x, _ = tiny_images()
+    with pytest.raises(ValueError, match="arch="):
+        precompute_features(body, x, batch_size=8, cache=tmp_path)
+    with pytest.raises(ValueError, match="batch_size"):
+        precompute_features(body, x, batch_size=0)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        precompute_features(body, x[0], batch_size=8)
+    with pytest.raises(TypeError, match="layer_groups"):
+        body_and_head(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="have parameters"):
+        body_and_head(tiny_model(), n_pool=3)
