@@ -20,8 +20,8 @@ from minicnn.data import batches, load_fashion_mnist, train_valid_split  # noqa:
 N_VALID = 10_000  # held out of the 60,000 training images; the test set is never used to choose
 
 
-def add_common_args(parser, *, out):
-    """--quick, --device, --out, --seed, --threads, --limit, --batch-size."""
+def add_common_args(parser, *, out, auto_batch=False):
+    """--quick, --device, --out, --seed, --threads, --limit, --batch-size (auto_batch: an int or 'auto')."""
     parser.add_argument("--quick", action="store_true", help="a smoke run on a small slice (seconds)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=f"runs/{out}", help="folder for figures and reports")
@@ -29,7 +29,11 @@ def add_common_args(parser, *, out):
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all)")
     parser.add_argument("--limit", type=int, default=None,
                         help="use only this many training images (and a tenth as many for valid/test)")
-    parser.add_argument("--batch-size", type=int, default=128)
+    if auto_batch:
+        parser.add_argument("--batch-size", default=None,
+                            help="an int, or 'auto': the largest batch that fits (minicnn.batch_size)")
+    else:
+        parser.add_argument("--batch-size", type=int, default=128)
     return parser
 
 
