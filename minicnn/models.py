@@ -113,7 +113,9 @@ def fastai_head(n_features, n_classes, *, hidden=512, dropout=(0.25, 0.5)):
 
 
 def _efficientnet_body(pretrained, in_channels):
-    net = efficientnet_lite0(pretrained)
+    # BN momentum 0.1 (torch's default; TF trained with 0.01): a short fine-tuning run on new
+    # images must move the running statistics within a few hundred steps (timm does the same)
+    net = efficientnet_lite0(pretrained, bn_momentum=0.1)
     stem = grey_stem(net._conv_stem) if in_channels == 1 else net._conv_stem
     # (p - 127) / 128 on 0..255 is (x - 127/255) / (128/255) on [0, 1]; the same for every channel
     normalize = Normalize((INPUT_MEAN / 255,) * in_channels, (INPUT_STD / 255,) * in_channels)

@@ -56,6 +56,9 @@ def test_batchnorm_settings_are_tensorflows(imagenet_net):
     bns = [m for m in imagenet_net.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(bns) == 2 + 3 * 16 - 1  # stem, head, three a block (the first block has no expansion)
     assert all(bn.eps == 1e-3 and bn.momentum == 0.01 for bn in bns)
+    fine_tuned = pretrained_classifier("efficientnet_lite0", 10, pretrained=False)
+    body_bns = [m for m in fine_tuned.layer_groups[:2].modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(body_bns) == len(bns) and all(bn.eps == 1e-3 and bn.momentum == 0.1 for bn in body_bns)
 
 
 def test_classifier_body_is_the_imagenet_body_on_0_1_images(imagenet_net):
