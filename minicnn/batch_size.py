@@ -29,15 +29,27 @@ How it differs from Lightning: a margin (Lightning's users found its size failin
 real training, when memory fragments or an evaluation batch is bigger); capped at the
 dataset's size (`limit`); state restored; cuDNN's NOT_SUPPORTED is not taken for
 out-of-memory (it also means a genuinely unsupported input), it is re-raised.
+On the CPU a restart IS needed in one case: oneDNN (convolutions), out of memory while it
+builds a kernel, says "could not create a primitive" and keeps the failed kernel in its
+cache, so every new shape fails afterwards (seen with torch 2.14 / oneDNN 3.12). That error
+stops the search with this explanation. On a shared CPU, bound the search by `limit`.
 """
 import gc
 import math
+import re
 import time
 
 import torch
 
 OOM_MESSAGES = ("out of memory",                                  # CUDA, MPS: "... out of memory"
                 "DefaultCPUAllocator: can't allocate memory")     # the CPU allocator
+# oneDNN (the CPU's convolution library) says exactly this when memory runs out while it builds
+# a kernel ("... primitive descriptor ..." means unsupported: another error).
+ONEDNN_OOM = "could not create a primitive"
+ONEDNN_ADVICE = ("oneDNN (CPU convolutions) ran out of memory while building a kernel and keeps the "
+                 "failed kernel in its cache: new batch sizes would fail in this process whatever the "
+                 "memory, so the search stops. Start a fresh process; on the CPU bound the search by "
+                 "`limit` rather than by memory.")
 
 
 def is_out_of_memory(error):
@@ -47,29 +59,38 @@ def is_out_of_memory(error):
     return isinstance(error, RuntimeError) and any(m in str(error) for m in OOM_MESSAGES)
 
 
+def _short(error):
+    """'RuntimeError: DefaultCPUAllocator: ...' without the C++ source location, one line."""
+    text = re.sub(r"^\[enforce fail at [^\]]*\][^.]*\.\s*", "", str(error).strip())  # "[...] err == 0. "
+    return type(error).__name__ + (f": {text.splitlines()[0][:120]}" if text else "")
+
+
 def _free_memory(device):
     gc.collect()  # frames of the failed step caught in reference cycles
     if device.type == "cuda":
         torch.cuda.empty_cache()  # cached blocks back to the driver, so the next try starts clean
 
 
-def _fits(try_step, batch_size, device, verbose):
+def _out_of_memory(try_step, batch_size, device, verbose):
+    """None when try_step(batch_size) fits, else the out-of-memory error's text."""
     started = time.perf_counter()
     try:
         try_step(batch_size)
-        fits = True
+        message = None
     except Exception as error:
+        if isinstance(error, RuntimeError) and str(error).strip().endswith(ONEDNN_OOM):
+            raise RuntimeError(f"{error}: {ONEDNN_ADVICE}") from error
         if not is_out_of_memory(error):
             raise
-        fits = False
-    if not fits:
+        message = _short(error)  # text only: no reference to the error's tensors
+    if message is not None:
         # Out of the except block: Python has deleted `error` and, with it, the traceback whose
         # frames held the failed step's tensors; only now can gc and empty_cache free them.
         _free_memory(device)
     if verbose:
-        print(f"  batch size {batch_size:6d}: {'fits' if fits else 'out of memory'} "
-              f"({time.perf_counter() - started:.2f}s)", flush=True)
-    return fits
+        outcome = "fits" if message is None else f"out of memory ({message})"
+        print(f"  batch size {batch_size:6d}: {outcome} ({time.perf_counter() - started:.2f}s)", flush=True)
+    return message
 
 
 def _cpu_copy(obj):
@@ -116,7 +137,8 @@ def find_batch_size(try_step, *, start=2, limit, margin=0.9, device=None, model=
         # doubling: start, 2*start, 4*start, ... until out-of-memory or the limit
         good, bad, size = 0, None, start
         while True:
-            if not _fits(try_step, size, device, verbose):
+            failure = _out_of_memory(try_step, size, device, verbose)
+            if failure:
                 bad = size
                 break
             good = size
@@ -124,15 +146,15 @@ def find_batch_size(try_step, *, start=2, limit, margin=0.9, device=None, model=
                 break
             size = min(2 * size, limit)
         if good == 0:
-            raise MemoryError(f"even batch size {start} does not fit in memory on {device}: try start=1, "
-                              "a smaller model or smaller images, or mixed precision")
+            raise MemoryError(f"even batch size {start} does not fit in memory on {device} ({failure}); "
+                              "try start=1, a smaller model or smaller images, or mixed precision")
         # bisection between the last size that fit and the first that did not
         while bad is not None and bad - good > 1:
             mid = (good + bad) // 2
-            if _fits(try_step, mid, device, verbose):
-                good = mid
-            else:
+            if _out_of_memory(try_step, mid, device, verbose):
                 bad = mid
+            else:
+                good = mid
     finally:
         if model is not None:
             model.load_state_dict(model_state)  # copies into the same Parameters, on their device

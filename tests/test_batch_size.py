@@ -76,8 +76,16 @@ def test_the_limit_caps_the_result_and_no_margin_when_the_whole_dataset_fits():
     assert find_batch_size(fake_step(999, MemoryError), limit=1000) == 899
 
 
+def test_when_even_start_does_not_fit_the_error_says_so_and_why():
+    with pytest.raises(MemoryError, match=r"even batch size 4 does not fit in memory on cpu \(OutOfMemoryError: "
+                                          r"CUDA out of memory. Tried.*\); try start=1"):
+        find_batch_size(fake_step(3, OOM_ERRORS["torch.OutOfMemoryError"]), start=4, limit=100)
+
+
 @pytest.mark.parametrize("error", [ValueError("bad labels"), RuntimeError("mat1 and mat2 shapes cannot be multiplied"),
-                                   RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED")])
+                                   RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED"),
+                                   RuntimeError("could not create a primitive descriptor for a convolution "
+                                                "forward propagation primitive")])
 def test_other_errors_are_re_raised(error):
     def try_step(batch_size):
         if batch_size >= 16:
@@ -85,6 +93,14 @@ def test_other_errors_are_re_raised(error):
     with pytest.raises(type(error), match=str(error)[:10]):
         find_batch_size(try_step, limit=1000)
     assert not is_out_of_memory(error)
+
+
+def test_onednns_out_of_memory_stops_the_search_with_what_to_do():
+    """oneDNN caches a kernel that failed to build: later sizes would fail too, so no bisection."""
+    tried = []
+    with pytest.raises(RuntimeError, match=r"could not create a primitive: oneDNN .* Start a fresh process") as e:
+        find_batch_size(fake_step(10, lambda: RuntimeError("could not create a primitive"), tried), limit=100)
+    assert tried == [2, 4, 8, 16] and str(e.value.__cause__) == "could not create a primitive"
 
 
 def test_a_real_cpu_allocator_failure_is_recognised():
@@ -162,7 +178,10 @@ def test_the_failed_steps_tensors_are_freed_before_the_next_try():
 def test_verbose_prints_each_try(capsys):
     find_batch_size(fake_step(5, MemoryError), limit=100, verbose=True)
     out = capsys.readouterr().out
-    assert "batch size      4: fits" in out and "batch size      8: out of memory" in out
+    assert "batch size      4: fits" in out and "batch size      8: out of memory (MemoryError)" in out
+    find_batch_size(fake_step(5, OOM_ERRORS["CPU allocator"]), limit=100, verbose=True)
+    assert ("batch size      8: out of memory (RuntimeError: DefaultCPUAllocator: can't allocate memory: "
+            "you tried to allocate 137438953472 bytes.") in capsys.readouterr().out
 
 
 def test_bad_arguments():
