@@ -1,0 +1,32 @@
+"""Every lesson runs end to end with --quick on a small slice of Fashion-MNIST, so CI catches a
+broken lesson. Each writes its figures into a temporary folder and ends with its self-check,
+whose failure makes the script exit non-zero."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minicnn.data import fashion_mnist_folders
+
+ROOT = Path(__file__).resolve().parent.parent
+LESSONS = sorted(p.name for p in (ROOT / "lessons").glob("lesson*.py") if p.name != "lesson2_steps.py")
+HAVE_DATA = any((Path(f) / "train-images-idx3-ubyte.gz").is_file() or (Path(f) / "train-images-idx3-ubyte").is_file()
+                for f in fashion_mnist_folders())
+
+
+def test_every_lesson_is_listed():
+    assert {"lesson1_baseline.py", "lesson2.py"} <= set(LESSONS)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST not installed (make test installs it)")
+@pytest.mark.parametrize("lesson", LESSONS)
+def test_lesson_runs_quick(lesson, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "lessons" / lesson), "--quick", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env={**os.environ, "MPLBACKEND": "Agg"})
+    assert result.returncode == 0, f"{lesson} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert "self-check passed" in result.stdout
+    assert list(tmp_path.glob("*.png")), f"{lesson} wrote no figure"
