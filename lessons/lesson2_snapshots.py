@@ -25,7 +25,7 @@ Own options: --train-size (15,000 of the 50,000 training images, so 7 epochs fit
 minutes; 512 with --quick), --cycles (3), --lr (0.1, the peak of every cycle), --n-aug (4),
 --search-limit (on the CPU 1,024, 256 with --quick; on a GPU the training set's size).
 Writes schedule.png (the LR, snapshots marked), snapshots.png (the table as bars), resume.png,
-losses.png and checkpoint_cyc_{i}.pt to --out. Validation images only: the test set is kept
+batch_size.png, losses.png and checkpoint_cyc_{i}.pt to --out. Validation images only: the test set is kept
 for lesson2.py's end.
 """
 import time
@@ -99,6 +99,21 @@ def plot_table(rows, path, n_aug):
     ax.set_xlim(max(0.0, min(values) - 0.02), min(1.0, max(values) + 0.01))
     ax.set_xlabel("validation accuracy")
     ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_search(tried, fitted, found, path):
+    """The sizes tried, in order (log scale): green fit, red ran out of memory; the size chosen."""
+    fig = Figure(figsize=(6, 3))
+    ax = fig.add_subplot()
+    for i, size in enumerate(tried):
+        ax.plot(i + 1, size, "o", color="tab:green" if size in fitted else "tab:red")
+    ax.axhline(found, color="0.5", linestyle="--", label=f"batch size to use: {found}")
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("try (3 training steps each); green fits, red out of memory")
+    ax.set_ylabel("batch size")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -193,6 +208,7 @@ def main(argv=None):
     if on_gpu:
         print(f"GPU memory allocated before the search {before / 2**20:.0f} MB, after "
               f"{torch.cuda.memory_allocated() / 2**20:.0f} MB")
+    plot_search(tried, fitted, found, args.out / "batch_size.png")
     unchanged = all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
     try_step(found)  # training goes on in the same process, at the size found
     print(f"then 3 more training steps at batch size {found} in this process; "
