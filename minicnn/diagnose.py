@@ -4,13 +4,16 @@ fast.ai 2018 lesson 2: "validation loss well below training loss means underfitt
 longer"; and a model only overfits once its validation loss gets worse, not merely when
 training loss is the lower of the two. Rules, on the last epoch E (epochs counted from 1),
 T = training loss, V = validation loss, V_best = lowest V, at epoch b; first match wins:
-  1. underfitting, not learning: T > (1 - min_fall) * T_start, min_fall = 0.10, where
-     T_start = history.batch_loss[0] (the loss before the first step; only when recorded)
-  2. underfitting: V < (1 - margin) * T, margin = 0.10       -> train longer
-  3. overfitting: b < E and V > (1 + rise) * V_best, rise = 0.03  -> stop at epoch b
-  4. still improving: b == E and V fell by more than improving = 0.01 (1%) in the last
-     epoch, or there is one epoch only                       -> train longer
-  5. good fit: V has levelled off at (or within rise of) its best -> keep it
+  1. underfitting (not learning): T > (1 - min_fall) * T_start, min_fall = 0.10, where
+     T_start = history.batch_loss[0], the loss before any step (only when recorded)
+                                                           -> check the LR (lr_find) and data
+  2. underfitting: V < (1 - margin) * T, margin = 0.10     -> train longer
+  3. underfitting (unstable): b < E, V > (1 + rise) * V_best, rise = 0.03, and T >= T_b (T at
+     epoch b): both losses rose, the steps are too large    -> lower or anneal the LR
+  4. overfitting: b < E, V > (1 + rise) * V_best, T < T_b  -> stop at epoch b
+  5. still improving: b == E and V fell by more than improving = 0.01 (1%) in the last
+     epoch, or there is one epoch only                     -> train longer
+  6. good fit: V has levelled off at (or within rise of) its best -> keep it
 Which T: history.train_eval_loss when recorded (train.fit(..., train_eval=Batches of a
 training sample)): the loss in eval mode, without augmentation, at the epoch's end. The
 running train_loss is the mean over an epoch in train mode: dropout drops units,
@@ -79,6 +82,11 @@ def diagnose(history, *, margin=0.10, rise=0.03, improving=0.01, min_fall=0.10):
         verdict = "underfitting"
         advice = (f"the validation loss is {1 - v / t:.0%} below the training loss: train longer "
                   "(more epochs or cycles), or use less regularization or a bigger model")
+    elif best < epochs - 1 and v > (1 + rise) * v_best and t >= train[best]:
+        verdict = "underfitting"
+        advice = (f"the validation loss rose {v / v_best - 1:.0%} from its best at epoch {best + 1} and the "
+                  f"training loss rose too ({train[best]:.4f} -> {t:.4f}): the steps are too large to settle; "
+                  "lower the learning rate or anneal it (SGDR)")
     elif best < epochs - 1 and v > (1 + rise) * v_best:
         verdict = "overfitting"
         advice = (f"the validation loss rose {v / v_best - 1:.0%} from its best at epoch {best + 1}: stop "

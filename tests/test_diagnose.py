@@ -38,6 +38,15 @@ def test_overfitting_names_the_epoch_to_stop_at():
     assert "stop at epoch 3" in d.advice and "rose 20%" in d.advice
 
 
+def test_both_losses_rising_is_instability_not_overfitting():
+    # Constant high LR: validation AND eval-mode training loss went up after epoch 2.
+    h = History(train_loss=[1.0, 0.6, 0.5], valid_loss=[1.2, 0.57, 0.85], valid_acc=[0.6, 0.8, 0.72],
+                train_eval_loss=[1.1, 0.55, 0.76])
+    d = diagnose(h)
+    assert d.verdict == "underfitting" and d.best_epoch == 2
+    assert "training loss rose too (0.5500 -> 0.7600)" in d.advice and "lower the learning rate" in d.advice
+
+
 def test_good_fit_when_validation_levels_off_at_its_best():
     h = History(train_loss=[0.6, 0.45, 0.42, 0.41], valid_loss=[0.6, 0.45, 0.400, 0.401],
                 valid_acc=[0.8] * 4, train_eval_loss=[0.55, 0.42, 0.38, 0.37])
