@@ -40,17 +40,14 @@ Resumed = namedtuple("Resumed", "step extra")
 def _rng_states():
     state = np.random.get_state()  # ("MT19937", keys uint32 (624,), pos, has_gauss, cached_gaussian)
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,  # used at all?
             "python": random.getstate(),
             "numpy": (state[0], torch.from_numpy(state[1].astype(np.int64)), *state[2:])}
 
 
 def _set_rng_states(states):
     torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None and torch.cuda.is_available():
-        if len(states["cuda"]) != torch.cuda.device_count():
-            raise ValueError(f"the checkpoint holds RNG states of {len(states['cuda'])} CUDA devices, "
-                             f"this machine has {torch.cuda.device_count()}; an exact resume needs the same")
+    if states["cuda"] is not None and torch.cuda.is_available():  # on a CPU-only machine: not needed
         torch.cuda.set_rng_state_all(states["cuda"])
     random.setstate(states["python"])
     name, keys, *rest = states["numpy"]
@@ -140,10 +137,15 @@ def load_checkpoint(path, *, model, optimizer, generators=None):
     if missing:
         raise ValueError(f"{path} holds no state for generators {missing}; it has "
                          f"{sorted(checkpoint['generators'])}")
-    model.load_state_dict(checkpoint["model"])  # copies onto the model's own device
+    cuda = checkpoint["rng"]["cuda"]
+    if cuda is not None and torch.cuda.is_available() and len(cuda) != torch.cuda.device_count():
+        raise ValueError(f"{path} holds RNG states of {len(cuda)} CUDA devices, this machine has "
+                         f"{torch.cuda.device_count()}; an exact resume needs the same devices")
+    # the optimizer checks its groups before it changes anything; after it nothing can fail
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    model.load_state_dict(checkpoint["model"])  # copies into the same Parameters, on their device
     for name, p in model.named_parameters():
         p.requires_grad_(checkpoint["requires_grad"][name])
-    optimizer.load_state_dict(checkpoint["optimizer"])
     _set_rng_states(checkpoint["rng"])
     for name, g in generators.items():
         g.set_state(checkpoint["generators"][name])

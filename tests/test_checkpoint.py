@@ -181,6 +181,11 @@ def test_bad_input(tmp_path):
     save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=0)
     with pytest.raises(ValueError, match=r"no state for generators \['augment'\]"):
         load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, generators={"augment": torch.Generator()})
+    other = tiny_model(1)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError):  # other param groups: refused before the model is touched
+        load_checkpoint(tmp_path / "c.pt", model=other, optimizer=torch.optim.SGD(list(other.parameters())[1:], lr=0.1))
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in before.items())
     torch.save(model.state_dict(), tmp_path / "weights.pt")
     with pytest.raises(ValueError, match="not a minicnn checkpoint"):
         load_checkpoint(tmp_path / "weights.pt", model=model, optimizer=opt)
