@@ -6,7 +6,7 @@ Algorithm (try_step(b) runs a few real training steps at batch size b):
     -> good = largest that fit, bad = first that did not
     while bad - good > 1:  mid = (good + bad) // 2;  good or bad <- mid
     return min(limit, floor(margin * good))        or `limit` when even `limit` fit
-Cost: about 2 * log2(largest / start) trials.
+Cost: log2(largest / start) + 1 doublings, then at most log2(largest) bisection steps.
 
 Why no "restart the kernel" (the seed's advice after a CUDA out-of-memory error): the error
 is raised before anything is computed, and the GPU is fine. What stays allocated is what is
