@@ -145,7 +145,10 @@ def main(argv=None):
     p_tta = predict_tta(augmented, valid, augment="side_on", generator=torch.Generator().manual_seed(args.seed))
     p_beta = predict_tta(augmented, valid, augment="side_on", generator=torch.Generator().manual_seed(args.seed),
                          beta=0.25)
+    # Flip only: the plain view and its mirror image, an exact view (no resampling blur).
+    p_flip = predict_tta(augmented, valid, augment=lambda x: x.flip(-1), n_aug=1)
     acc_plain, acc_tta, acc_beta = accuracy(p_plain, y_valid), accuracy(p_tta, y_valid), accuracy(p_beta, y_valid)
+    acc_flip = accuracy(p_flip, y_valid)
     draw_tta_views(augmented, x_valid, y_valid, p_plain, p_tta, data["classes"], args)
 
     gap = {name: h.valid_loss[-1] - h.train_eval_loss[-1] for name, h in [("plain", h_plain), ("augmented", h_aug)]}
@@ -157,7 +160,8 @@ def main(argv=None):
     print(f"\naugmentation: gap {gap['plain']:.4f} -> {gap['augmented']:.4f}; "
           f"accuracy {h_plain.valid_acc[-1]:.4f} -> {h_aug.valid_acc[-1]:.4f}")
     print(f"TTA on the augmented model: {acc_plain:.4f} -> {acc_tta:.4f} (gain {acc_tta - acc_plain:+.4f}); "
-          f"fastai 2's beta=0.25 mix: {acc_beta:.4f} ({acc_beta - acc_plain:+.4f})")
+          f"fastai 2's beta=0.25 mix: {acc_beta:.4f} ({acc_beta - acc_plain:+.4f}); "
+          f"flip only: {acc_flip:.4f} ({acc_flip - acc_plain:+.4f})")
     print(f"progressive resizing vs full size, same pixel budget: accuracy {h_prog.valid_acc[-1]:.4f} vs "
           f"{h_aug.valid_acc[-1]:.4f}, training time {t_prog:.0f}s vs {t_aug:.0f}s")
     print(f"\ntotal {time.perf_counter() - started:.0f}s; figures in {args.out}")
@@ -171,7 +175,7 @@ def main(argv=None):
         check(acc_tta >= acc_plain - 0.003, f"TTA does not hurt: {acc_plain:.4f} -> {acc_tta:.4f}")
         check(h_prog.valid_acc[-1] >= h_aug.valid_acc[-1] - 0.01,
               f"progressive resizing within 1 point of full size: {h_prog.valid_acc[-1]:.4f} vs {h_aug.valid_acc[-1]:.4f}")
-    return dict(gap=gap, acc_plain=acc_plain, acc_tta=acc_tta, acc_beta=acc_beta,
+    return dict(gap=gap, acc_plain=acc_plain, acc_tta=acc_tta, acc_beta=acc_beta, acc_flip=acc_flip,
                 acc_progressive=h_prog.valid_acc[-1], acc_full=h_aug.valid_acc[-1], seconds=(t_plain, t_aug, t_prog))
 
 
