@@ -156,6 +156,7 @@ def main(argv=None):
     fig = plot_schedule({sgdr: lrs}, title="a snapshot at the end of each cycle")
     fig.axes[0].plot(ends, [lrs[s] for s in ends], "o", color="red", label="snapshot")
     fig.axes[0].legend()
+    fig.tight_layout()
     fig.savefig(args.out / "schedule.png")
     plot_losses(history, args.out / "losses.png", title=f"{sgdr}, side_on augmentation")
 
@@ -187,6 +188,9 @@ def main(argv=None):
     fig = plot_schedule({"first run": history.batch_loss, f"resumed at step {k}": [float("nan")] * k + again.batch_loss},
                         title="training loss per step: the resumed run retraces the first")
     fig.axes[0].set_ylabel("training loss")
+    fig.axes[0].lines[1].set(linestyle="none", marker=".", markersize=3)  # dots on the first run's line
+    fig.axes[0].legend()
+    fig.tight_layout()
     fig.savefig(args.out / "resume.png")
 
     # 4. the largest batch that fits: try_step really trains, 3 steps at batch size b
