@@ -113,37 +113,43 @@ def train_valid_split(x, y, n_valid, *, seed=0):
     return (x[train], y[train]), (x[valid], y[valid])
 
 
-def _load_image(path, size):
+def _load_images(paths, size):
+    """Decode, make RGB, resize the short side to size, centre-crop -> uint8 (N, 3, size, size).
+    Every file that will not decode is named in one error, after all were tried."""
     import torchvision.transforms.v2.functional as TF
     with warnings.catch_warnings():  # torchvision 0.29 warns that torchcodec will take decoding over
         warnings.simplefilter("ignore", DeprecationWarning)
         import torchvision.io as io
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            image = io.decode_image(str(path), mode=io.ImageReadMode.RGB)  # (3, H, W) uint8
-    except Exception as e:  # torchvision raises RuntimeError or ValueError, depending on the codec
-        raise ValueError(f"{path}: cannot decode this image ({e}); remove or replace it") from e
-    image = TF.resize(image, size, antialias=True)  # short side -> size
-    return TF.center_crop(image, [size, size])
+        images, broken = [], []
+        for path in paths:
+            try:
+                image = io.decode_image(str(path), mode=io.ImageReadMode.RGB)  # (3, H, W) uint8
+            except Exception as e:  # RuntimeError or ValueError, depending on the codec
+                broken.append(f"{path} ({e})")
+                continue
+            images.append(TF.center_crop(TF.resize(image, size, antialias=True), [size, size]))
+    if broken:
+        raise ValueError(f"{len(broken)} image(s) cannot be decoded; remove or replace them: " + "; ".join(broken))
+    return torch.stack(images) if images else None
+
+
+def _image_files(folder):
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _load_split(folder, size, classes=None):
-    folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder; expected {folder.parent}/train/<class>/*")
     found = sorted(d.name for d in folder.iterdir() if d.is_dir())
     if classes is not None and found != classes:
         raise ValueError(f"{folder}: classes differ from train/: missing {sorted(set(classes) - set(found))}, "
                          f"extra {sorted(set(found) - set(classes))}")
-    images, labels = [], []
-    for label, name in enumerate(found):
-        files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        images += [_load_image(p, size) for p in files]
-        labels += [label] * len(files)
-    if not images:
+    files = [_image_files(folder / name) for name in found]
+    images = _load_images([p for class_files in files for p in class_files], size)
+    if images is None:
         raise ValueError(f"{folder}: no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))} in class folders)")
-    return torch.stack(images), torch.tensor(labels), found
+    labels = torch.tensor([label for label, class_files in enumerate(files) for _ in class_files])
+    return images, labels, found
 
 
 def load_image_folder(path, size):
@@ -153,10 +159,7 @@ def load_image_folder(path, size):
         raise FileNotFoundError(f"{path}: no such folder")
     x_train, y_train, classes = _load_split(path / "train", size)
     x_valid, y_valid, _ = _load_split(path / "valid", size, classes)
-    test = None
-    if (path / "test").is_dir():
-        files = sorted(p for p in (path / "test").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        test = torch.stack([_load_image(p, size) for p in files]) if files else None
+    test = _load_images(_image_files(path / "test"), size) if (path / "test").is_dir() else None
     return ImageFolder((x_train, y_train), (x_valid, y_valid), test, classes)
 
 

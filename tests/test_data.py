@@ -131,8 +131,9 @@ def test_image_folder_errors_name_what_is_wrong(tmp_path):
     (tmp_path / "valid" / "bird" / "f.png").unlink()
     (tmp_path / "valid" / "bird").rmdir()
     (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"not a png at all")
-    with pytest.raises(ValueError, match="broken.png: cannot decode"):
-        load_image_folder(tmp_path, 8)
+    (tmp_path / "train" / "cat" / "empty.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match="2 image.*cannot be decoded.*empty.jpg.*broken.png"):
+        load_image_folder(tmp_path, 8)  # every broken file named at once, not only the first
 
 
 def test_image_folder_without_images(tmp_path):
