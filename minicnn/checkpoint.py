@@ -9,7 +9,9 @@ What the next training step depends on, and where it is kept here:
     augmentation, sampling               the torch.Generators passed as `generators`
     random / numpy in user code          Python's and numpy's global RNG
 The data order needs nothing: minicnn's Batches draws epoch e's order from (seed, e), so
-fit(start_step=k) sees the same batches as the run that was never stopped.
+fit(start_step=k) sees the same batches as the run that was never stopped. Code is not
+state: freeze.py's eval-mode hooks for BatchNorm (train_bn=False) are not saved, so call
+the same freeze_to(...) before loading, as the saved run did before it trained.
 
 Atomic write: torch.save into a temporary file in the same folder, flush + fsync, then
 os.replace onto the target (a rename: all or nothing on POSIX and Windows), then fsync the
