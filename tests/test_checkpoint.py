@@ -58,9 +58,12 @@ def lr_at(step):
     return 0.05 * (1 - step / (EPOCHS * 5))
 
 
-def run(tmp_path, kind, stop_after=None, resume=False, seed=0):
+def run(tmp_path, kind, stop_after=None, resume=False, seed=0, frozen=False):
     """Train from scratch (or from tmp_path/ckpt.pt) -> (model, optimizer, history)."""
     model = tiny_model(seed)
+    if frozen:  # the early group frozen, its BatchNorm in eval mode (a hook: code, re-applied)
+        from minicnn.freeze import freeze_to
+        freeze_to(model, 1, train_bn=False)
     opt = optimizers(model, kind)
     aug_gen = torch.Generator().manual_seed(seed + 1)
     train = batches(*data(), BATCH, shuffle=True, generator=torch.Generator().manual_seed(0))
@@ -97,6 +100,19 @@ def test_a_resumed_run_ends_bit_identical_to_the_never_stopped_run(tmp_path, kin
         assert torch.equal(resumed.state_dict()[name], value), name
     for a, b in zip(whole_opt.state_dict()["state"].values(), resumed_opt.state_dict()["state"].values()):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+
+
+def test_a_frozen_run_resumes_exactly_when_freeze_to_is_called_again(tmp_path):
+    pytest.importorskip("minicnn.freeze")
+    torch.manual_seed(123)
+    whole, _, whole_history = run(tmp_path, "torch", frozen=True)
+    torch.manual_seed(123)
+    run(tmp_path, "torch", stop_after=7, frozen=True)
+    resumed, _, resumed_history = run(tmp_path, "torch", resume=True, seed=7, frozen=True)
+    assert resumed_history.batch_loss == whole_history.batch_loss[7:]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()))
+    early = whole.layer_groups[0][1][1]  # a BatchNorm of the frozen group: its statistics never moved
+    assert torch.equal(early.running_mean, torch.zeros_like(early.running_mean))
 
 
 def test_without_the_rng_states_the_resume_would_differ(tmp_path):
