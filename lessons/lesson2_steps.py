@@ -24,7 +24,7 @@ from minicnn.tta import predict_tta
 # rather than their gain; `--arch efficientnet_lite0` or `--full` show the gain.
 SETTINGS = {
     "cpu": dict(arch="simple_resnet", small_size=20, size=28, batch_size=128, limit=None,
-                head_epochs=1, frozen_cycles=1, cycles=3, lr_find_iter=100, lr_ratio=3,
+                head_epochs=1, frozen_cycles=1, cycles=4, lr_find_iter=100, lr_ratio=3,
                 weight_decay=1e-4, tta_n_aug=4, expected_test_acc=0.91),
     "full": dict(arch="efficientnet_lite0", small_size=64, size=128, batch_size=256, limit=None,
                  head_epochs=2, frozen_cycles=2, cycles=4, lr_find_iter=100, lr_ratio=3,
@@ -158,19 +158,22 @@ def accuracy(probs, y):
 
 
 def final_predictions(model, snapshots, stage, *, augment_preset, args, n_aug):
-    """Validation and test probabilities of: the last weights, TTA, the snapshot ensemble, both."""
+    """Validation and test probabilities of: the last weights, TTA, the snapshot ensemble, both.
+    The ensemble's size M (the last M snapshots) is chosen on the validation set."""
     def tta(m, b):  # a fresh seeded generator per call: every snapshot sees the same views
         return predict_tta(m, b, augment=augment_preset(generator=torch.Generator().manual_seed(args.seed)),
                            n_aug=n_aug)
-    last = min(3, len(snapshots))
+    valid_y = stage["valid"].y
+    sizes = range(2, len(snapshots) + 1) or [1]
+    last = max(sizes, key=lambda m: accuracy(ensemble_predict(model, snapshots, stage["valid"], last=m), valid_y))
     ways = {"last weights": lambda b: predict(model, b), f"TTA ({n_aug} views + plain)": lambda b: tta(model, b),
             f"ensemble of last {last} snapshots": lambda b: ensemble_predict(model, snapshots, b, last=last),
-            "ensemble + TTA": lambda b: ensemble_predict(model, snapshots, b, last=last, predict_fn=tta)}
+            f"ensemble of last {last} + TTA": lambda b: ensemble_predict(model, snapshots, b, last=last, predict_fn=tta)}
     results = {}
     for name, way in ways.items():
         started = time.perf_counter()
         valid_probs, test_probs = way(stage["valid"]), way(stage["test"])
-        results[name] = dict(valid=accuracy(valid_probs, stage["valid"].y), test=accuracy(test_probs, stage["test"].y),
+        results[name] = dict(valid=accuracy(valid_probs, valid_y), test=accuracy(test_probs, stage["test"].y),
                              test_probs=test_probs, seconds=time.perf_counter() - started)
     return results
 
