@@ -65,7 +65,8 @@ def plot_paths(paths, path):
     w0, w1 = np.meshgrid(np.linspace(-4.5, 1.5, 200), np.linspace(-1.3, 1.3, 200))
     ax.contour(w0, w1, 0.5 * (w0**2 + 20 * w1**2), levels=12, colors="0.8", linewidths=0.7)
     for name, p in paths.items():
-        ax.plot(p[:, 0], p[:, 1], "o-", markersize=2.5, linewidth=1, label=f"{name}: f = {0.5 * (p[-1] ** 2 * [1, 20]).sum():.1e}")
+        f_end = 0.5 * (p[-1] ** 2 * [1, 20]).sum()
+        ax.plot(p[:, 0], p[:, 1], "o-", markersize=2.5, linewidth=1, label=f"{name}: f = {f_end:.1e}")
     ax.set_xlabel("w0")
     ax.set_ylabel("w1")
     ax.legend(fontsize=8)

@@ -125,7 +125,8 @@ def sgdr_lr(step, *, steps_per_cycle, cycle_mult=1, lr_max, lr_min=0.0, warmup_s
 def _before_end(step, total_steps):
     step, total_steps = _integer("step", step, 0), _integer("total_steps", total_steps, 1)
     if step >= total_steps:
-        raise ValueError(f"step {step} is past the schedule's end (total_steps={total_steps}: steps 0..{total_steps - 1})")
+        raise ValueError(f"step {step} is past the schedule's end "
+                         f"(total_steps={total_steps}: steps 0..{total_steps - 1})")
 
 
 def cosine_lr(step, *, total_steps, lr_max, lr_min=0.0):
