@@ -28,7 +28,7 @@ strings, lists, dicts, tensors (dataclasses.asdict(history) for a History).
 """
 import os
 import random
-import tempfile
+import secrets
 from collections import namedtuple
 from pathlib import Path
 
@@ -95,7 +95,9 @@ def save_checkpoint(path, *, model, optimizer, step, extra=None, generators=None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # the temporary file must be in the same folder: os.replace is atomic only within one file system
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # (not tempfile.mkstemp: its 0600 mode would survive the rename; here the umask applies, as for open())
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(checkpoint, f)

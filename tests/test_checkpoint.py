@@ -1,5 +1,6 @@
 """A run stopped after k steps and resumed from its checkpoint ends bit for bit where the
 never-stopped run ends; saving is atomic; a wrong architecture is named key by key."""
+import os
 import random
 
 import numpy as np
@@ -164,6 +165,9 @@ def test_an_interrupted_save_leaves_the_old_checkpoint_loadable(tmp_path, monkey
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt).step == 1
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o666 & ~umask  # like any file open() makes
 
 
 def test_a_different_architecture_names_the_keys(tmp_path):
