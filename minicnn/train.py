@@ -16,6 +16,7 @@ Differs from fastai's Learner.fit: no callbacks, one hook; from a Lightning
 Trainer: no hidden state; the loop below is all there is.
 """
 import math
+import numbers
 import sys
 import time
 from dataclasses import dataclass, field
@@ -77,7 +78,7 @@ def predict(model, batches, *, mixed_precision=None):
 
 def _lrs_for(opt, lr_at, step):
     lrs = lr_at(step)
-    lrs = [float(lrs)] * len(opt.param_groups) if isinstance(lrs, (int, float)) else [float(lr) for lr in lrs]
+    lrs = [float(lrs)] * len(opt.param_groups) if isinstance(lrs, numbers.Real) else [float(lr) for lr in lrs]
     if len(lrs) != len(opt.param_groups):
         raise ValueError(f"lr_at({step}) gave {len(lrs)} learning rates for {len(opt.param_groups)} "
                          "param groups; give one per group (or a single number for all)")

@@ -48,6 +48,9 @@ def test_one_lr_per_param_group_and_the_count_is_checked():
     history = fit(model, train, None, opt, lambda step: [0.001, 0.01, 0.1], 1, verbose=False)
     assert history.batch_lr[0] == [0.001, 0.01, 0.1]
     assert [g["lr"] for g in opt.param_groups] == [0.001, 0.01, 0.1]
+    np = pytest.importorskip("numpy")
+    history = fit(model, train, None, opt, lambda step: np.float32(0.5), 1, verbose=False)
+    assert history.batch_lr[0] == [0.5, 0.5, 0.5]  # one number of any real type: every group
     with pytest.raises(ValueError, match="2 learning rates for 3 param groups"):
         fit(model, train, None, opt, lambda step: [0.1, 0.1], 1, verbose=False)
 
