@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 
 def _new_figure(width, height):
-    fig = Figure(figsize=(width, height), dpi=100)
+    fig = Figure(figsize=(width, height), dpi=100, layout="tight")  # tight: no label clipped
     FigureCanvasAgg(fig)  # attaches the Agg canvas; savefig and draw use it
     return fig
 
