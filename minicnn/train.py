@@ -49,18 +49,31 @@ def _model_device(model):
     return next(model.parameters()).device
 
 
-def evaluate(model, batches, *, loss_fn=F.cross_entropy, mixed_precision=None):
-    """-> (mean loss, accuracy) over all samples, in eval mode under no_grad; mode restored."""
-    was_training, device = model.training, _model_device(model)
+def _eval_mode(model):
+    """Eval mode now; returns a function that gives every module its own mode back (a frozen
+    BatchNorm kept in eval mode stays so, which model.train(True) would undo)."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
+
+    def restore():
+        for module, training in modes:
+            module.training = training
+    return restore
+
+
+def evaluate(model, batches, *, loss_fn=F.cross_entropy, mixed_precision=None):
+    """-> (mean loss, accuracy) over all samples, in eval mode under no_grad; modes restored."""
+    device, restore = _model_device(model), _eval_mode(model)
     total_loss, correct, count = 0.0, 0, 0
-    with torch.no_grad(), _autocast(device, mixed_precision):
-        for x, y in batches:
-            logits = model(x).float()
-            total_loss += float(loss_fn(logits, y)) * len(y)  # mean -> sum
-            correct += int((logits.argmax(1) == y).sum())
-            count += len(y)
-    model.train(was_training)
+    try:
+        with torch.no_grad(), _autocast(device, mixed_precision):
+            for x, y in batches:
+                logits = model(x).float()
+                total_loss += float(loss_fn(logits, y)) * len(y)  # mean -> sum
+                correct += int((logits.argmax(1) == y).sum())
+                count += len(y)
+    finally:
+        restore()
     if count == 0:
         raise ValueError("evaluate got no samples")
     return total_loss / count, correct / count
@@ -68,11 +81,12 @@ def evaluate(model, batches, *, loss_fn=F.cross_entropy, mixed_precision=None):
 
 def predict(model, batches, *, mixed_precision=None):
     """-> softmax probabilities (N, n_classes), float32 on the CPU, in the batches' order."""
-    was_training, device = model.training, _model_device(model)
-    model.eval()
-    with torch.no_grad(), _autocast(device, mixed_precision):
-        probs = [torch.softmax(model(x).float(), dim=1).cpu() for x, _ in batches]
-    model.train(was_training)
+    device, restore = _model_device(model), _eval_mode(model)
+    try:
+        with torch.no_grad(), _autocast(device, mixed_precision):
+            probs = [torch.softmax(model(x).float(), dim=1).cpu() for x, _ in batches]
+    finally:
+        restore()
     return torch.cat(probs)
 
 

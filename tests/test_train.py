@@ -128,6 +128,16 @@ def test_evaluate_and_predict_keep_order_and_mode():
     assert accuracy == int((expected.argmax(1) == y).sum()) / 20
 
 
+def test_evaluate_gives_each_module_its_own_mode_back():
+    x, y = blobs(8)
+    model = tiny_model().train()
+    frozen_bn = model.layer_groups[0][1][1]  # a BatchNorm kept in eval mode, as freeze(train_bn=False) does
+    frozen_bn.eval()
+    evaluate(model, batches(x, y, 4, shuffle=False))
+    predict(model, batches(x, y, 4, shuffle=False))
+    assert model.training and not frozen_bn.training
+
+
 def test_history_by_hand():
     history = History(train_loss=[1.0, 0.5], valid_loss=[0.9, 0.6], valid_acc=[0.5, 0.7])
     assert history.batch_loss == [] and history.valid_acc[-1] == 0.7
