@@ -1,0 +1,177 @@
+"""Lesson 2, fine-tuning: an ImageNet network (EfficientNet-Lite0) learns Fashion-MNIST, step by step.
+
+The recipe's steps on a pretrained body, each followed by the validation accuracy and
+what that step bought:
+  1. precompute: the frozen body's activations for every image, once (cached on disk);
+  2. LR range test on the head (cheap: it runs on the features);
+  3. train the new head on the features, SGDR with cycle_len=1;
+  4. precompute off: the frozen body in the loop, so augmentation (side_on) can act;
+  5. unfreeze all layer groups, 6. with differential LRs (each group `--ratio` x lower);
+  7. (--full, or --lr-find-again) the LR range test again, now on the whole network;
+  8. SGDR with growing cycles (cycle_mult=2) over the whole network.
+The 28x28 grey images are resized once (bilinear, antialiased) to --size; the grey channel
+goes through the stem's weights summed over RGB (minicnn/efficientnet.py, grey_stem).
+
+Run:
+    python lessons/lesson2_fine_tune.py            # CPU: a subset at a small size, ~5 minutes on 2 cores
+    python lessons/lesson2_fine_tune.py --quick    # a smoke run, under 30 seconds
+    python lessons/lesson2_fine_tune.py --full     # meant for a GPU: all 50,000 images at 64x64
+CPU default: --limit 4000 training images (400 held out for validation), --size 32, 2,000 test
+images. Common options (lessons/common.py): --device, --out (runs/lesson2_fine_tune), --seed,
+--threads, --batch-size (CPU 64, --full 128), --limit. Own options (PRESETS below gives the CPU, --full and
+--quick values): --size, --head-epochs, --frozen-epochs, --cycles (2: 1 + 2 epochs unfrozen),
+--ratio (3), --n-test, --n-train, --lr-find-again.
+Writes lr_find_head.png (and lr_find_unfrozen.png), losses_{head,frozen,unfrozen}.png; caches
+features under --out/features.
+"""
+import time
+
+import torch
+
+from common import check, fashion_data, parse_args, threads_note
+from minicnn.augment import resize, side_on
+from minicnn.data import batches, load_fashion_mnist
+from minicnn.freeze import discriminative_lrs, freeze, param_groups, unfreeze
+from minicnn.lr_find import lr_find
+from minicnn.models import pretrained_classifier
+from minicnn.optim import SGD
+from minicnn.plots import plot_losses, plot_lr_find
+from minicnn.precompute import body_and_head, precompute_features
+from minicnn.schedule import sgdr_lr, total_steps
+from minicnn.train import evaluate, fit
+
+MOMENTUM, WEIGHT_DECAY = 0.9, 1e-4
+# What each setting leaves to the command line; an option given there wins.
+PRESETS = {"cpu": dict(limit=12_000, size=48, head_epochs=3, frozen_epochs=1, cycles=2, n_test=2000, batch_size=64),
+           "full": dict(limit=None, size=64, head_epochs=3, frozen_epochs=2, cycles=3, n_test=10_000, batch_size=128),
+           "quick": dict(n_train=256, size=32, head_epochs=1, frozen_epochs=1, cycles=1, n_test=200, batch_size=64)}
+
+
+def options(parser):
+    parser.add_argument("--full", action="store_true", help="all images, 64x64, longer: meant for a GPU")
+    parser.add_argument("--size", type=int, help="image side after resizing (CPU: 32)")
+    parser.add_argument("--head-epochs", type=int, help="step 3 (3)")
+    parser.add_argument("--frozen-epochs", type=int, help="step 4 (CPU: 1)")
+    parser.add_argument("--cycles", type=int, help="step 8: SGDR cycles of 1, 2, 4.. epochs (CPU: 2)")
+    parser.add_argument("--ratio", type=float, default=3.0, help="LR ratio between layer groups (3)")
+    parser.add_argument("--n-test", type=int, help="test images (CPU: 2,000)")
+    parser.add_argument("--n-train", type=int, help="use only the first N training images after the split")
+    parser.add_argument("--lr-find-again", action="store_true", help="step 7 on the CPU too (slow there)")
+    parser.set_defaults(batch_size=None)  # common's 128 only for --full; the CPU preset takes 64
+
+
+def apply_preset(args):
+    preset = PRESETS["quick" if args.quick else "full" if args.full else "cpu"]
+    for name, value in preset.items():
+        if name == "limit":
+            args.limit = args.limit if args.limit is not None else value  # --quick: common's 1,024
+        elif getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def sgdr(lrs, steps_per_cycle, cycle_mult=1):
+    """lr_at(step) for fit: every group's LR follows SGDR from its own peak."""
+    return lambda step: [sgdr_lr(step, steps_per_cycle=steps_per_cycle, cycle_mult=cycle_mult, lr_max=lr)
+                         for lr in lrs]
+
+
+def main(argv=None):
+    args = parse_args(__doc__.splitlines()[0], out="lesson2_fine_tune", argv=argv, extra=options)
+    apply_preset(args)
+    data = fashion_data(args)
+    _, (x_test, y_test), _ = load_fashion_mnist()
+    x_test, y_test = x_test[:args.n_test], y_test[:args.n_test]  # never used to choose anything
+    x_train, y_train = data["x_train"][:args.n_train], data["y_train"][:args.n_train]
+    # 28x28 -> size x size once, kept as uint8 (a quarter of the memory of floats)
+    x_train, x_valid, x_test = (resize(x, args.size) for x in (x_train, data["x_valid"], x_test))
+    y_valid = data["y_valid"]
+    generator = torch.Generator().manual_seed(args.seed)
+    train = batches(x_train, y_train, args.batch_size, shuffle=True, generator=generator, device=args.device)
+    valid = batches(x_valid, y_valid, 256, shuffle=False, device=args.device)
+    test = batches(x_test, y_test, 256, shuffle=False, device=args.device)
+    print(f"Fashion-MNIST: {len(x_train)} train, {len(x_valid)} valid, {len(x_test)} test images at "
+          f"{args.size}x{args.size}; {args.device} ({threads_note()})")
+    started, results = time.perf_counter(), []
+
+    def report(step):
+        _, acc = evaluate(model, valid)
+        seconds = time.perf_counter() - started
+        gain = acc - results[-1][1] if results else acc
+        results.append((step, acc, seconds))
+        print(f"--> {step}: valid accuracy {acc:.4f} ({gain:+.4f}), {seconds:.0f}s so far\n")
+
+    model = pretrained_classifier("efficientnet_lite0", 10, in_channels=1).to(args.device)
+    freeze(model, train_bn=False)  # body frozen, its BatchNorm on ImageNet's statistics
+    body, head = body_and_head(model)  # body ends with the concat pooling: features (N, 2560)
+    pretrained = {k: v.clone() for k, v in body.state_dict().items()}  # to check steps 1-4 left it alone
+
+    # 1. Precompute: run the frozen body once over train and valid (cached: a rerun skips this).
+    cache = args.out / "features"
+    f_train, f_valid = (precompute_features(body, x, batch_size=256, cache=cache, arch="efficientnet_lite0")
+                        for x in (x_train, x_valid))
+    f_train_b = batches(f_train, y_train, train.batch_size, shuffle=True, generator=generator, device=args.device)
+    f_valid_b = batches(f_valid, y_valid, 256, shuffle=False, device=args.device)
+    print(f"1. precomputed {tuple(f_train.shape)} training features in {time.perf_counter() - started:.0f}s")
+
+    # 2. LR range test on the head alone, on the features.
+    head_opt = SGD(head.parameters(), lr=1e-2, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    found = lr_find(head, f_train_b, head_opt, num_iter=30 if args.quick else 100)
+    plot_lr_find(found, args.out / "lr_find_head.png")
+    lr = found.suggested_lr if found.loss_fell else 1e-2
+    print(f"2. LR range test on the head: {found.reason}\n   -> lr {lr:.3g}")
+
+    # 3. The head on the features: SGDR, cycle_len=1 (a restart every epoch).
+    history = fit(head, f_train_b, f_valid_b, head_opt, sgdr([lr], len(f_train_b)), args.head_epochs,
+                  channels_last=False)  # features are (N, 2560), not images
+    epoch_on_features = sum(history.seconds) / len(history.seconds)
+    plot_losses(history, args.out / "losses_head.png", title="head on precomputed features")
+    report("3. head on precomputed features")
+
+    # 4. Precompute off: the frozen body runs every step, so augmentation now changes what the head sees.
+    opt = SGD(param_groups(model, lr), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    augment = side_on(generator=torch.Generator().manual_seed(args.seed))
+    history = fit(model, train, valid, opt, sgdr([lr] * 3, len(train)), args.frozen_epochs, augment=augment)
+    plot_losses(history, args.out / "losses_frozen.png", title="frozen body, augmented images")
+    print(f"   an epoch through the frozen body took {sum(history.seconds) / len(history.seconds):.1f}s, "
+          f"one on the precomputed features {epoch_on_features:.2f}s")
+    report("4. + augmentation, body frozen")
+
+    body_unchanged = all(torch.equal(v, body.state_dict()[k]) for k, v in pretrained.items())
+
+    # 5-6. Unfreeze; each layer group `ratio` x lower than the next (course: lr/9, lr/3, lr).
+    unfreeze(model)
+    lrs = discriminative_lrs(lr, 3, ratio=args.ratio)
+    # 7. The range test again, on the whole network, keeping the ratios (costly on a CPU).
+    if args.full or args.lr_find_again:
+        for group, group_lr in zip(opt.param_groups, lrs):
+            group["lr"] = group_lr
+        found = lr_find(model, train, opt, num_iter=100)
+        plot_lr_find(found, args.out / "lr_find_unfrozen.png")
+        if found.loss_fell:
+            lrs = discriminative_lrs(found.suggested_lr, 3, ratio=args.ratio)
+        print(f"7. LR range test, unfrozen: {found.reason}")
+    print("5-6. unfrozen, learning rates " + ", ".join(f"{v:.3g}" for v in lrs))
+
+    # 8. SGDR with growing cycles: 1, 2, 4, ... epochs; every group from its own peak.
+    epochs = total_steps(args.cycles, steps_per_cycle=1, cycle_mult=2)
+    history = fit(model, train, valid, opt, sgdr(lrs, len(train), cycle_mult=2), epochs, augment=augment)
+    plot_losses(history, args.out / "losses_unfrozen.png", title="unfrozen, differential LRs, SGDR x2")
+    report(f"8. unfrozen, differential LRs, SGDR {args.cycles} cycles ({epochs} epochs)")
+
+    test_loss, test_acc = evaluate(model, test)
+    print(f"{'step':58} {'valid acc':>9} {'gain':>7} {'time':>6}")
+    previous = 0.0
+    for step, acc, seconds in results:
+        print(f"{step:58} {acc:9.4f} {acc - previous:+7.4f} {seconds:5.0f}s")
+        previous = acc
+    print(f"test accuracy ({len(x_test)} images): {test_acc:.4f}; total {time.perf_counter() - started:.0f}s; "
+          f"figures in {args.out}")
+    check(body_unchanged, "steps 1-4 left the frozen body (weights and BatchNorm statistics) bit for bit as it was")
+    if not args.quick:
+        check(results[-1][1] > results[0][1] + 0.01,
+              f"fine-tuning the whole network beat the head alone: {results[0][1]:.4f} -> {results[-1][1]:.4f}")
+    return results, test_acc
+
+
+if __name__ == "__main__":
+    main()
