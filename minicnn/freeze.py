@@ -6,6 +6,7 @@ lesson 2):
     freeze(model)                  only the last group (the new head) trains
     freeze_to(model, n)            groups 0..n-1 frozen, groups n.. train
     unfreeze(model)                every group trains
+    bn_freeze(model)               the body's BatchNorm layers keep their running statistics
     param_groups(model, lrs)       [{"params": group 0's, "lr": lrs[0]}, ...]
     discriminative_lrs(lr, n, ratio=r) = [lr / r**(n-1), ..., lr / r, lr]
 Earlier layers hold general features (edges, textures) that need little change, so they
@@ -24,13 +25,20 @@ BatchNorm in frozen groups, `train_bn`:
 - True (fastai 2's default): the BN layers' affine weights keep training and, in train
   mode, their running statistics follow the new data. Cheap (few parameters) and it lets
   a body trained on ImageNet adapt its normalisation to very different images.
-- False (fastai 0.7's `bn_freeze`): frozen groups' BN layers are frozen too and run in
-  eval mode, normalising with ImageNet's running statistics, even after model.train();
-  the frozen body is then exactly the function it was, as precomputing assumes.
+- False (fastai 0.7's behaviour for frozen layers): frozen groups' BN layers are frozen too
+  and run in eval mode, normalising with ImageNet's running statistics, even after
+  model.train(); the frozen body is then exactly the function it was, as precomputing assumes.
+bn_freeze(model) (fastai 0.7's `learn.bn_freeze(True)`) does the same for the body's
+trainable groups: their BN weights train, their statistics stay. Use it when unfreezing on
+images whose statistics differ from ImageNet's, where switching the body's BN layers from
+running to batch statistics changes the function the head was trained on: on grey 48x48
+Fashion-MNIST that switch cost 11-19 points of accuracy after an unfrozen epoch, while
+bn_freeze gained 1.4 (lessons/lesson2_fine_tune.py, docs/fine_tuning.md).
 How: a forward pre-hook (torch's own extension point; nothing is patched) on each such BN
-layer sets its `training` flag to False before every forward while its weight is frozen.
-freeze_to and unfreeze remove the hooks they no longer want and give every BN layer the
-model's mode back. Hooks live on the modules; `_hooks` maps each to its handle (weakly).
+layer sets its `training` flag to False before every forward. freeze_to and unfreeze remove
+the hooks and give every BN layer the model's mode back; `_hooks` maps each BN layer to its
+hook's handle (weakly). A deep copy of a model keeps its hooks (it behaves the same) but
+they are not in `_hooks`: copy state_dicts, not hooked modules.
 """
 import numbers
 import weakref
@@ -49,10 +57,21 @@ def _layer_groups(model):
     return list(groups)
 
 
-def _run_in_eval_while_frozen(bn, inputs):
-    """Forward pre-hook: a BN layer whose weight is frozen normalises with its running statistics."""
-    if bn.weight is None or not bn.weight.requires_grad:
-        bn.training = False  # only this layer; the rest of the model keeps its mode
+def _run_in_eval(bn, inputs):
+    """Forward pre-hook: this BN layer normalises with its running statistics, which stay fixed."""
+    bn.training = False  # only this layer; the rest of the model keeps its mode
+
+
+def _keep_in_eval(bn):
+    if bn not in _hooks:
+        _hooks[bn] = bn.register_forward_pre_hook(_run_in_eval)
+    bn.eval()
+
+
+def _release(bn, training):
+    if bn in _hooks:
+        _hooks.pop(bn).remove()
+        bn.train(training)
 
 
 def freeze_to(model, n, *, train_bn=True):
@@ -69,17 +88,15 @@ def freeze_to(model, n, *, train_bn=True):
         frozen = i < n
         for module in group.modules():
             is_bn = isinstance(module, BATCH_NORMS)
-            if is_bn and module in _hooks:  # start clean: every BN in its model's mode, no hook
-                _hooks.pop(module).remove()
-                module.train(model.training)
+            if is_bn:  # start clean: every BN layer in the model's mode, no hook
+                _release(module, model.training)
             trainable = not frozen or (is_bn and train_bn)
             for p in module.parameters(recurse=False):
                 p.requires_grad_(trainable)
                 if not trainable:
                     p.grad = None  # an optimizer skips a parameter without gradient: no decay, no momentum
             if is_bn and frozen and not train_bn:
-                _hooks[module] = module.register_forward_pre_hook(_run_in_eval_while_frozen)
-                module.eval()
+                _keep_in_eval(module)
 
 
 def freeze(model, *, train_bn=True):
@@ -90,6 +107,20 @@ def freeze(model, *, train_bn=True):
 def unfreeze(model):
     """Every layer group trains; BatchNorm layers go back to the model's mode."""
     freeze_to(model, 0)
+
+
+def bn_freeze(model, frozen=True):
+    """frozen=True: every BatchNorm layer of the body (all groups but the head) runs in eval mode,
+    on its running statistics, even after model.train(); its weights still train if their group
+    does. False: back to freeze_to's state (only frozen groups' BN with train_bn=False stay).
+    freeze_to and unfreeze undo it: call it after them. The head's BN layers were made for
+    this data and keep training (fastai 0.7 froze those too)."""
+    for group in _layer_groups(model)[:-1]:
+        for bn in (m for m in group.modules() if isinstance(m, BATCH_NORMS)):
+            if frozen:
+                _keep_in_eval(bn)
+            elif bn.weight is not None and bn.weight.requires_grad:  # frozen by freeze_to: keep
+                _release(bn, model.training)
 
 
 def _check_lr(lr, what):

@@ -7,7 +7,7 @@ from hypothesis import given, strategies as st
 from torch import nn
 
 from minicnn.data import batches
-from minicnn.freeze import discriminative_lrs, freeze, freeze_to, param_groups, unfreeze
+from minicnn.freeze import bn_freeze, discriminative_lrs, freeze, freeze_to, param_groups, unfreeze
 from minicnn.models import simple_resnet
 from minicnn.train import fit
 
@@ -114,6 +114,44 @@ def test_train_bn_true_lets_frozen_batchnorm_statistics_move():
     assert not torch.equal(stats["1.1.running_mean"], model.layer_groups[0].state_dict()["1.1.running_mean"])
 
 
+def running_means(module):
+    return [bn.running_mean.clone() for bn in bn_layers(module)]
+
+
+def test_bn_freeze_keeps_body_statistics_while_its_weights_train():
+    model = tiny_model()
+    model.layer_groups[2].insert(2, nn.BatchNorm1d(8))  # a head BN layer: bn_freeze leaves it alone
+    unfreeze(model)
+    bn_freeze(model)
+    body = nn.Sequential(*model.layer_groups[:2])
+    stats, head_stats = running_means(body), model.layer_groups[2][2].running_mean.clone()
+    weights = [bn.weight.detach().clone() for bn in bn_layers(body)]
+    train_steps(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2)  # calls model.train()
+    assert all(torch.equal(a, b) for a, b in zip(stats, running_means(body)))
+    assert all(not torch.equal(a, bn.weight) for a, bn in zip(weights, bn_layers(body)))
+    assert not torch.equal(head_stats, model.layer_groups[2][2].running_mean)
+
+    bn_freeze(model, False)  # statistics follow the batches again
+    model.train()
+    model(tiny_data()[0])
+    assert all(not torch.equal(a, b) for a, b in zip(stats, running_means(body)))
+
+
+def test_bn_freeze_off_keeps_what_freeze_to_froze():
+    model = tiny_model()
+    freeze_to(model, 1, train_bn=False)  # group 0 frozen with its BN; group 1 trains
+    bn_freeze(model)
+    bn_freeze(model, False)
+    model.train()
+    early, late = running_means(model.layer_groups[0]), running_means(model.layer_groups[1])
+    model(tiny_data()[0])
+    assert all(torch.equal(a, b) for a, b in zip(early, running_means(model.layer_groups[0])))
+    assert all(not torch.equal(a, b) for a, b in zip(late, running_means(model.layer_groups[1])))
+    bn_freeze(model)
+    unfreeze(model)  # undoes bn_freeze too
+    assert all(bn.training for bn in bn_layers(model))
+
+
 def test_refreezing_does_not_stack_hooks():
     model = tiny_model()
     for _ in range(3):
@@ -187,6 +225,8 @@ def test_models_without_layer_groups_are_rejected():
         freeze(nn.Linear(2, 2))
     with pytest.raises(TypeError, match="layer_groups"):
         param_groups(nn.Linear(2, 2), 0.1)
+    with pytest.raises(TypeError, match="layer_groups"):
+        bn_freeze(nn.Linear(2, 2))
 
 
 @pytest.mark.parametrize("lrs,match", [([0.1, 0.1], "2 learning rates for 3"), ([0.1] * 4, "4 learning rates"),
