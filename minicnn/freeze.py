@@ -32,7 +32,7 @@ bn_freeze(model) (fastai 0.7's `learn.bn_freeze(True)`) does the same for the bo
 trainable groups: their BN weights train, their statistics stay. Use it when unfreezing on
 images whose statistics differ from ImageNet's, where switching the body's BN layers from
 running to batch statistics changes the function the head was trained on: on grey 48x48
-Fashion-MNIST that switch cost 11-19 points of accuracy after an unfrozen epoch, while
+Fashion-MNIST that switch cost 11-20 points of accuracy after an unfrozen epoch, while
 bn_freeze gained 1.4 (lessons/lesson2_fine_tune.py, docs/fine_tuning.md).
 How: a forward pre-hook (torch's own extension point; nothing is patched) on each such BN
 layer sets its `training` flag to False before every forward. freeze_to and unfreeze remove
