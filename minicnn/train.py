@@ -131,7 +131,7 @@ def fit(model, train, valid, opt, lr_at, epochs, *, loss_fn=F.cross_entropy, aug
             # forward
             if augment is not None:
                 x = augment(x)
-            if use_channels_last:
+            if use_channels_last and x.dim() == 4:  # feature batches (N, F) have no layout to change
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device, mixed_precision):
                 loss = loss_fn(model(x).float(), y)
