@@ -25,7 +25,7 @@ from minicnn.lr_find import lr_find
 from minicnn.optim import SGD
 from minicnn.plots import plot_augmented, plot_lr_find
 from minicnn.precompute import body_and_head, precompute_features
-from minicnn.schedule import cycle_end_steps, sgdr_lr, total_steps
+from minicnn.schedule import cycle_end_steps, sgdr_lr
 from minicnn.snapshot import Snapshots
 from minicnn.train import evaluate, fit
 
@@ -123,7 +123,7 @@ def main(argv=None):
     for cycle in range(n_cycles):
         started = time.perf_counter()
         stage = full if cycle == n_cycles - 1 else small
-        first = total_steps(cycle, **schedule) if cycle else 0
+        first = ends[cycle - 1] + 1 if cycle else 0  # the step after the previous cycle's last
         history = fit(model, stage["train"], stage["valid"], opt, lr_at, (ends[cycle] + 1) // per_epoch,
                       start_step=first, augment=augment, cycle_ends=ends, on_cycle_end=snapshots,
                       train_eval=stage["train_eval"])
