@@ -20,7 +20,7 @@ from common import add_common_args, check, setup, threads_note
 import lesson2_steps as steps
 from minicnn.augment import side_on, top_down
 from minicnn.diagnose import diagnose
-from minicnn.freeze import discriminative_lrs, freeze, param_groups, unfreeze
+from minicnn.freeze import bn_freeze, discriminative_lrs, freeze, param_groups, unfreeze
 from minicnn.lr_find import lr_find
 from minicnn.optim import SGD
 from minicnn.plots import plot_augmented, plot_lr_find
@@ -94,12 +94,15 @@ def main(argv=None):
 
     # --- Step 5: unfreeze all layer groups -------------------------------------------------------
     unfreeze(model)
+    if settings["bn_freeze"]:  # a pretrained body keeps its BatchNorm statistics (see settings_for)
+        bn_freeze(model)
     n_groups = len(model.layer_groups)
 
     # --- Step 6: differential learning rates: each group `ratio` times lower than the next --------
     lrs = discriminative_lrs(lr, n_groups, ratio=settings["lr_ratio"])
     opt = SGD(param_groups(model, lrs, **hyper), lr=lr, **hyper)
-    report.step(5, "unfrozen: every layer group trains", time.perf_counter(), None)
+    report.step(5, "unfrozen: every layer group trains" + (" (body BatchNorm on its running statistics)"
+                   if settings["bn_freeze"] else ""), time.perf_counter(), None)
     report.step(6, "differential LRs " + ", ".join(f"{x:.2g}" for x in lrs), time.perf_counter(), None)
 
     # --- Step 7: LR range test again, the groups keeping their ratios ------------------------------

@@ -32,3 +32,30 @@ def test_lesson_runs_quick(lesson, tmp_path):
     assert result.returncode == 0, f"{lesson} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     assert "self-check passed" in result.stdout
     assert list(tmp_path.glob("*.png")), f"{lesson} wrote no figure"
+
+
+def _lesson2_settings(*argv):
+    import argparse
+    sys.path.insert(0, str(ROOT / "lessons"))
+    try:
+        import lesson2_steps
+        from common import add_common_args
+    finally:
+        sys.path.remove(str(ROOT / "lessons"))
+    parser = add_common_args(argparse.ArgumentParser(), out="lesson2", auto_batch=True)
+    lesson2_steps.add_lesson2_args(parser)
+    return lesson2_steps.settings_for(parser.parse_args(list(argv)))
+
+
+def test_lesson2_settings_pretrained_body_keeps_bn_statistics_and_ratio_10():
+    cpu = _lesson2_settings()
+    assert (cpu["arch"], cpu["lr_ratio"], cpu["bn_freeze"]) == ("simple_resnet", 3, False)  # starts random
+    for argv in (["--full"], ["--arch", "efficientnet_lite0"], ["--quick", "--arch", "resnet18"]):
+        settings = _lesson2_settings(*argv)
+        assert (settings["lr_ratio"], settings["bn_freeze"]) == (10, True), argv
+    assert _lesson2_settings("--full", "--lr-ratio", "3")["lr_ratio"] == 3  # the command line wins
+
+
+def test_lesson2_settings_refuse_shrinking_images():
+    with pytest.raises(SystemExit, match="small to big"):
+        _lesson2_settings("--size", "20", "--small-size", "28")
