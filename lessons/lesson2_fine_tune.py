@@ -26,12 +26,15 @@ Common options (lessons/common.py): --device, --out (runs/lesson2_fine_tune), --
 --threads, --batch-size (CPU 64, --full 128), --limit. Own options (PRESETS below gives the
 CPU, --full and --quick values): --size, --head-epochs, --frozen-epochs, --cycles (1, 2, 4..
 epochs), --ratio (10), --n-test, --n-train, --lr-find-again, --train-body-bn.
-Writes lr_find_head.png (and lr_find_unfrozen.png), losses_{head,frozen,unfrozen}.png; caches
+Writes lr_find_head.png (and lr_find_unfrozen.png), losses_{head,frozen,unfrozen}.png and
+steps.png (accuracy after each step; seconds per epoch on features vs through the body); caches
 features under --out/features.
 """
 import time
 
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from common import check, fashion_data, parse_args, threads_note
 from minicnn.augment import resize, side_on
@@ -81,6 +84,28 @@ def sgdr(lrs, steps_per_cycle, cycle_mult=1):
     """lr_at(step) for fit: every group's LR follows SGDR from its own peak."""
     return lambda step: [sgdr_lr(step, steps_per_cycle=steps_per_cycle, cycle_mult=cycle_mult, lr_max=lr)
                          for lr in lrs]
+
+
+def plot_steps(results, epoch_seconds, path):
+    """Left: validation accuracy after each step. Right: one head epoch on features vs through the body."""
+    fig = Figure(figsize=(11, 3.6), layout="tight")
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2, width_ratios=(2, 1))
+    labels = [step for step, _, _ in results]
+    accs = [acc for _, acc, _ in results]
+    left.barh(range(len(accs)), accs, color="tab:blue")
+    for i, acc in enumerate(accs):
+        left.text(acc, i, f" {acc:.3f}", va="center")
+    left.set(yticks=range(len(labels)), yticklabels=labels, xlim=(min(accs) - 0.05, max(accs) + 0.03),
+             xlabel="validation accuracy after the step")
+    left.invert_yaxis()
+    names, seconds = list(epoch_seconds), list(epoch_seconds.values())
+    right.bar(range(len(names)), seconds, color=["tab:green", "tab:gray"])
+    for i, value in enumerate(seconds):
+        right.text(i, value, f"{value:.1f}s", ha="center", va="bottom")
+    right.set(xticks=range(len(names)), xticklabels=names, ylabel="seconds per epoch",
+              ylim=(0, 1.15 * max(seconds)), title=f"a head epoch: {seconds[1] / seconds[0]:.0f}x\nfaster on features")
+    fig.savefig(path)
 
 
 def main(argv=None):
@@ -143,7 +168,8 @@ def main(argv=None):
     augment = side_on(generator=torch.Generator().manual_seed(args.seed))
     history = fit(model, train, valid, opt, sgdr([lr] * 3, len(train)), args.frozen_epochs, augment=augment)
     plot_losses(history, args.out / "losses_frozen.png", title="frozen body, augmented images")
-    print(f"   an epoch through the frozen body took {sum(history.seconds) / len(history.seconds):.1f}s, "
+    epoch_through_body = sum(history.seconds) / len(history.seconds)
+    print(f"   an epoch through the frozen body took {epoch_through_body:.1f}s, "
           f"one on the precomputed features {epoch_on_features:.2f}s")
     report("4. + augmentation, body frozen")
 
@@ -180,6 +206,8 @@ def main(argv=None):
     for step, acc, seconds in results:
         print(f"{step:58} {acc:9.4f} {acc - previous:+7.4f} {seconds:5.0f}s")
         previous = acc
+    plot_steps(results, {"cached\nfeatures": epoch_on_features, "frozen body\n+ augmentation": epoch_through_body},
+               args.out / "steps.png")
     print(f"test accuracy ({len(x_test)} images): {test_acc:.4f}; total {time.perf_counter() - started:.0f}s; "
           f"figures in {args.out}")
     check(abs(on_features - on_images) <= 1 / len(y_valid), f"the head trained on features is as accurate "
