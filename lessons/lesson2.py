@@ -109,7 +109,7 @@ def main(argv=None):
     started = time.perf_counter()
     found_all = lr_find(model, small["train"], opt, num_iter=settings["lr_find_iter"], end_lr=10.0)
     plot_lr_find(found_all, args.out / "lr_find_unfrozen.png")
-    lr = steps.chosen_lr(found_all, fallback=lr / 2)
+    lr = steps.chosen_lr(found_all, fallback=lr / 2, floor=lr / 100)  # far below the head's LR: noise
     lrs = discriminative_lrs(lr, n_groups, ratio=settings["lr_ratio"])
     report.step(7, f"LR range test on the whole network: last group lr = {lr:.2g} ({found_all.reason})",
                 started, None)

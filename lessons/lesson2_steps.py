@@ -147,11 +147,15 @@ def feature_batches(features, data, settings, args):
             batches(features["valid"], data["valid"][1], 512, shuffle=False, device=args.device))
 
 
-def chosen_lr(found, *, fallback):
-    """The LR finder's suggestion, or `fallback` (said out loud) when the loss never clearly fell."""
-    if found.loss_fell and found.suggested_lr:
+def chosen_lr(found, *, fallback, floor=0.0):
+    """The LR finder's suggestion, or `fallback` (said out loud) when the loss never clearly fell
+    or the suggestion is below `floor`. Step 7 sets floor = the head's LR / 100: on a trained
+    network the sweep's low end is flat and noisy, and a short run of noise there can look like a
+    steep fall (a 20-step sweep on EfficientNet-Lite0 suggested 2.6e-07 after a head at 0.03)."""
+    if found.loss_fell and found.suggested_lr and found.suggested_lr >= floor:
         return found.suggested_lr
-    print(f"LR finder: no clear fall ({found.reason}); using {fallback:.2g}")
+    why = found.reason if not found.loss_fell else f"{found.suggested_lr:.2g} is below {floor:.2g}"
+    print(f"LR finder: no usable suggestion ({why}); using {fallback:.2g}")
     return fallback
 
 
