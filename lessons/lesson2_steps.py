@@ -60,7 +60,7 @@ def settings_for(args):
     # statistics cost 11-19 points after an unfrozen epoch, bn_freeze gained 1.4; ratio 3 lost 3.3.
     pretrained = settings["arch"] != "simple_resnet"
     settings["bn_freeze"] = pretrained
-    if pretrained and getattr(args, "lr_ratio", None) is None:
+    if pretrained and args.lr_ratio is None:
         settings["lr_ratio"] = 10
     if args.size is not None and args.small_size is None:
         settings["small_size"] = args.size

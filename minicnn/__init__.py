@@ -8,7 +8,7 @@ from minicnn.checkpoint import load_checkpoint, save_checkpoint
 from minicnn.data import (Batches, batches, load_fashion_mnist, load_image_folder, normalize,
                           train_valid_split)
 from minicnn.diagnose import Diagnosis, diagnose
-from minicnn.freeze import discriminative_lrs, freeze, freeze_to, param_groups, unfreeze
+from minicnn.freeze import bn_freeze, discriminative_lrs, freeze, freeze_to, param_groups, unfreeze
 from minicnn.lr_find import LRFindResult, lr_find, suggest_lr
 from minicnn.models import efficientnet_lite0, pretrained_classifier, simple_resnet
 from minicnn.optim import SGD

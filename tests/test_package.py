@@ -7,7 +7,7 @@ import minicnn
 
 PUBLIC = """load_fashion_mnist load_image_folder batches normalize simple_resnet pretrained_classifier
 SGD sgdr_lr cycle_position total_steps cosine_lr linear_lr step_decay_lr set_lrs lr_find suggest_lr
-LRFindResult freeze_to freeze unfreeze param_groups discriminative_lrs augment side_on top_down
+LRFindResult freeze_to freeze unfreeze bn_freeze param_groups discriminative_lrs augment side_on top_down
 random_affine lighting resize precompute_features fit evaluate predict History predict_tta Snapshots
 ensemble_predict diagnose Diagnosis find_batch_size save_checkpoint load_checkpoint""".split()
 
