@@ -1,30 +1,116 @@
-"""The package re-exports the public names of DESIGN.md's module table, and each concept module
-imports no other minicnn module unless its docstring names it (so it can be copied alone)."""
+"""The package root hides no module, every concept module has the public names of DESIGN.md's
+table, and each module copied alone into an empty folder imports with minicnn unavailable
+(a module that needs another names it in its docstring as minicnn/<name>.py, and only that
+one is copied along)."""
 import ast
+import importlib
+import subprocess
+import sys
+import textwrap
+import types
 from pathlib import Path
+
+import pytest
 
 import minicnn
 
-PUBLIC = """load_fashion_mnist load_image_folder batches normalize simple_resnet pretrained_classifier
-SGD sgdr_lr cycle_position total_steps cosine_lr linear_lr step_decay_lr set_lrs lr_find suggest_lr
-LRFindResult freeze_to freeze unfreeze bn_freeze param_groups discriminative_lrs augment side_on top_down
-random_affine lighting resize precompute_features fit evaluate predict History predict_tta Snapshots
-ensemble_predict diagnose Diagnosis find_batch_size save_checkpoint load_checkpoint""".split()
+PACKAGE = Path(minicnn.__file__).parent
+MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
+PUBLIC = {
+    "data": "load_fashion_mnist load_image_folder Batches normalize train_valid_split stratified_subset",
+    "models": "simple_resnet pretrained_classifier",
+    "optim": "SGD",
+    "schedule": "sgdr_lr cycle_position total_steps cycle_end_steps cosine_lr linear_lr step_decay_lr",
+    "lr_find": "lr_find suggest_lr LRFindResult",
+    "freeze": "freeze_to freeze unfreeze bn_freeze param_groups differential_lrs",
+    "augment": "augment side_on top_down random_affine lighting resize",
+    "precompute": "precompute_features body_and_head",
+    "train": "fit evaluate predict History",
+    "tta": "predict_tta",
+    "snapshot": "Snapshots ensemble_predict",
+    "diagnose": "diagnose Diagnosis",
+    "batch_size": "find_batch_size",
+    "checkpoint": "save_checkpoint load_checkpoint",
+    "plots": "plot_lr_find plot_schedule plot_losses plot_augmented plot_confusion plot_top_losses",
+}
 
 
-def test_public_names_are_exported():
-    missing = [name for name in PUBLIC if not hasattr(minicnn, name)]
-    assert not missing and minicnn.__version__
+def test_the_package_root_defines_nothing_but_its_version():
+    names = {n for n in vars(minicnn) if not n.startswith("__")} - set(MODULES)
+    assert names == set(), f"minicnn/__init__.py defines {sorted(names)}: keep the root empty"
+    assert minicnn.__version__
 
 
-def test_concept_modules_are_copyable_alone():
-    for path in sorted(Path(minicnn.__file__).parent.glob("*.py")):
-        if path.name == "__init__.py":
-            continue
-        tree = ast.parse(path.read_text())
-        docstring = ast.get_docstring(tree) or ""
-        assert docstring, f"{path.name} has no module docstring"
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("minicnn"):
-                needed = node.module.split(".")[-1]
-                assert needed in docstring, f"{path.name} imports {node.module} but its docstring does not say so"
+@pytest.mark.parametrize("name", MODULES)
+def test_import_minicnn_x_as_x_gives_the_module(name):
+    namespace = {}
+    exec(f"import minicnn.{name} as {name}", namespace)
+    module = namespace[name]
+    assert isinstance(module, types.ModuleType) and module.__name__ == f"minicnn.{name}"
+    assert module is importlib.import_module(f"minicnn.{name}")
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC))
+def test_public_names_of_the_design_table(name):
+    module = importlib.import_module(f"minicnn.{name}")
+    missing = [n for n in PUBLIC[name].split() if not hasattr(module, n)]
+    assert not missing, f"minicnn/{name}.py lacks {missing}"
+
+
+def _minicnn_imports(tree):
+    """The minicnn modules a file imports (relative imports count as minicnn ones)."""
+    needed = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                needed.add(node.module or "?relative")
+            elif (node.module or "").split(".")[0] == "minicnn":
+                parts = node.module.split(".")
+                needed |= {parts[1]} if len(parts) > 1 else {alias.name for alias in node.names}
+        elif isinstance(node, ast.Import):
+            needed |= {a.name.split(".")[1] for a in node.names if a.name.startswith("minicnn.")}
+    return needed
+
+
+BLOCKER = textwrap.dedent("""
+    import importlib.abc, sys
+    allowed, folder, name = set(sys.argv[1].split(",")) - {""}, sys.argv[2], sys.argv[3]
+    class NoMinicnn(importlib.abc.MetaPathFinder):  # the installed minicnn is not there
+        def find_spec(self, fullname, path, target=None):
+            if fullname.split(".")[0] == "minicnn" and fullname not in allowed:
+                raise ImportError(f"{fullname} is not available to a module copied alone")
+    sys.meta_path.insert(0, NoMinicnn())
+    sys.path.insert(0, folder)
+    __import__(name)
+""")
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_each_module_copied_alone_imports_without_minicnn(name, tmp_path):
+    source = (PACKAGE / f"{name}.py").read_text()
+    tree = ast.parse(source)
+    docstring = ast.get_docstring(tree) or ""
+    assert docstring, f"minicnn/{name}.py has no module docstring"
+    needed = _minicnn_imports(tree)
+    assert len(needed) <= 1, f"minicnn/{name}.py needs {sorted(needed)}: at most one other module"
+    (tmp_path / f"{name}.py").write_text(source)
+    allowed = ""
+    for other in needed:
+        assert f"minicnn/{other}.py" in docstring, \
+            f"minicnn/{name}.py imports minicnn.{other}; its docstring must say it needs minicnn/{other}.py"
+        (tmp_path / "minicnn").mkdir()
+        (tmp_path / "minicnn" / "__init__.py").write_text("")
+        (tmp_path / "minicnn" / f"{other}.py").write_text((PACKAGE / f"{other}.py").read_text())
+        allowed = f"minicnn,minicnn.{other}"
+    result = subprocess.run([sys.executable, "-c", BLOCKER, allowed, str(tmp_path), name],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, f"minicnn/{name}.py copied alone does not import:\n{result.stderr[-2000:]}"
+
+
+def test_the_copy_test_catches_a_module_that_needs_an_unnamed_one(tmp_path):
+    tree = ast.parse('"""Uses the loop."""\nfrom minicnn.train import fit\nimport minicnn.data\n')
+    assert _minicnn_imports(tree) == {"train", "data"}
+    (tmp_path / "copied.py").write_text("from minicnn.train import fit\n")
+    result = subprocess.run([sys.executable, "-c", BLOCKER, "", str(tmp_path), "copied"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode != 0 and "not available to a module copied alone" in result.stderr
