@@ -9,7 +9,7 @@ Two sources, both returning uint8 tensors (N, C, H, W) and int64 labels:
   optionally test/*. Each image is made RGB, resized so its short side is `size`,
   then centre-cropped to size x size.
 
-`batches` turns (x, y) into minibatches: x arrives as float32 in [0, 1] on the
+`Batches` turns (x, y) into minibatches: x arrives as float32 in [0, 1] on the
 device (uint8 travels, the division happens there), y as int64. The order of
 epoch e is a pure function of (seed, e), so a resumed run sees the same order.
 
@@ -104,13 +104,65 @@ def download_fashion_mnist(folder=USER_CACHE):
     torchvision.datasets.FashionMNIST(str(folder), train=False, download=True)
 
 
+def _per_class(counts, n, low, high):
+    """n split over classes in proportion to counts (largest remainder), class c in [low[c], high[c]]."""
+    total = sum(counts)
+    quota = [n * c / total for c in counts]
+    take = [min(max(int(q), lo), hi) for q, lo, hi in zip(quota, low, high)]
+    while sum(take) < n:  # the largest shortfall first
+        c = max((c for c in range(len(counts)) if take[c] < high[c]), key=lambda c: quota[c] - take[c])
+        take[c] += 1
+    while sum(take) > n:  # the largest excess first
+        c = max((c for c in range(len(counts)) if take[c] > low[c]), key=lambda c: take[c] - quota[c])
+        take[c] -= 1
+    return take
+
+
+def _stratified(y, n, *, seed, keep_rest, what):
+    """Indices of n samples, every class in proportion (largest remainder) and at least once,
+    and (keep_rest) at least one of each class left over -> (chosen, rest), both in a random order."""
+    if y.dim() != 1 or y.is_floating_point() or len(y) == 0:
+        raise ValueError(f"labels must be a non-empty 1-D integer tensor, got {y.dtype} {tuple(y.shape)}")
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    classes, counts = torch.unique(y, return_counts=True)
+    counts = counts.tolist()
+    low, high = [1] * len(counts), [c - 1 if keep_rest else c for c in counts]
+    if sum(low) > n or n > sum(high) or min(high) < 1:
+        few = [int(k) for k, c in zip(classes, counts) if c < 1 + keep_rest]
+        raise ValueError(f"{what}={n}: cannot take {n} of {len(y)} samples with all {len(counts)} classes in it"
+                         + (" and in the rest" if keep_rest else "")
+                         + (f" (class(es) {few} have too few samples)" if few else "")
+                         + f": choose n between {sum(low)} and {sum(high)}, or add samples")
+    take = dict(zip(classes.tolist(), _per_class(counts, n, low, high)))
+    seen = {k: 0 for k in take}
+    chosen = torch.zeros(len(y), dtype=torch.bool)
+    for i in order.tolist():  # the first take[c] of class c in the random order
+        c = int(y[i])
+        if seen[c] < take[c]:
+            chosen[i] = True
+        seen[c] += 1
+    chosen = chosen[order]  # in the random order
+    return order[chosen], order[~chosen]
+
+
 def train_valid_split(x, y, n_valid, *, seed=0):
-    """Hold out n_valid random samples: -> (x_train, y_train), (x_valid, y_valid)."""
-    if not 0 < n_valid < len(x):
-        raise ValueError(f"n_valid={n_valid} must be between 1 and {len(x) - 1}")
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    valid, train = order[:n_valid], order[n_valid:]
+    """Hold out n_valid samples, stratified: every class in both parts, in its share of the data
+    (largest remainder), each part in a random order -> (x_train, y_train), (x_valid, y_valid)."""
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} images but {len(y)} labels")
+    valid, train = _stratified(y, n_valid, seed=seed, keep_rest=True, what="n_valid")
     return (x[train], y[train]), (x[valid], y[valid])
+
+
+def stratified_subset(x, y, n, *, seed=0):
+    """n of the samples, every class present and in its share of the data, in a random order
+    -> (x, y). For --limit and --quick: a slice x[:n] of class-sorted data holds few classes."""
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} images but {len(y)} labels")
+    if n >= len(y):
+        return x, y
+    chosen, _ = _stratified(y, n, seed=seed, keep_rest=False, what="n")
+    return x[chosen], y[chosen]
 
 
 def _load_images(paths, size):
@@ -207,12 +259,6 @@ class Batches:
     def __iter__(self):
         self.epochs_seen += 1
         return self.epoch(self.epochs_seen - 1)
-
-
-def batches(x, y, batch_size, *, shuffle, generator=None, device="cpu", drop_last=False):
-    """Minibatches of (x, y) moved to `device`; the order comes from `generator` (reproducible)."""
-    return Batches(x, y, batch_size, shuffle=shuffle, generator=generator, device=device,
-                   drop_last=drop_last)
 
 
 if __name__ == "__main__":

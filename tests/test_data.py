@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from minicnn import data
-from minicnn.data import Batches, batches, load_fashion_mnist, load_image_folder, normalize, read_idx
+from minicnn.data import Batches, load_fashion_mnist, load_image_folder, normalize, read_idx
 
 
 def idx_bytes(array):
@@ -153,13 +153,13 @@ def test_image_folder_reads_the_test_split(tmp_path):
 def test_batches_cover_every_sample_once_per_epoch_and_repeat_with_the_seed():
     x = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1)
     y = torch.arange(10)
-    b = batches(x, y, 3, shuffle=True, generator=torch.Generator().manual_seed(1))
+    b = Batches(x, y, 3, shuffle=True, generator=torch.Generator().manual_seed(1))
     epochs = [[yb.tolist() for _, yb in b] for _ in range(2)]
     assert len(b) == 4 and [len(batch) for batch in epochs[0]] == [3, 3, 3, 1]
     for epoch in epochs:
         assert sorted(sum(epoch, [])) == list(range(10))
     assert epochs[0] != epochs[1]  # a new order each epoch
-    again = batches(x, y, 3, shuffle=True, generator=torch.Generator().manual_seed(1))
+    again = Batches(x, y, 3, shuffle=True, generator=torch.Generator().manual_seed(1))
     assert [[yb.tolist() for _, yb in again] for _ in range(2)] == epochs
     # images travel as uint8 and arrive as float in [0, 1], still paired with their labels
     for xb, yb in b.epoch(0):
@@ -175,21 +175,38 @@ def test_batches_epoch_order_is_pure_and_skip_resumes():
 
 
 def test_batches_without_shuffle_and_drop_last():
-    b = batches(torch.zeros(7, 1), torch.arange(7), 3, shuffle=False, drop_last=True)
+    b = Batches(torch.zeros(7, 1), torch.arange(7), 3, shuffle=False, drop_last=True)
     assert len(b) == 2 and [yb.tolist() for _, yb in b] == [[0, 1, 2], [3, 4, 5]]
     with pytest.raises(ValueError, match="batch_size"):
-        batches(torch.zeros(7, 1), torch.arange(7), 0, shuffle=False)
+        Batches(torch.zeros(7, 1), torch.arange(7), 0, shuffle=False)
     with pytest.raises(ValueError, match="7 images but 6 labels"):
-        batches(torch.zeros(7, 1), torch.arange(6), 2, shuffle=False)
+        Batches(torch.zeros(7, 1), torch.arange(6), 2, shuffle=False)
 
 
-def test_train_valid_split_partitions():
-    x, y = torch.arange(20).view(20, 1), torch.arange(20)
+def test_train_valid_split_partitions_and_keeps_every_class_in_both_parts():
+    y = torch.tensor([0] * 12 + [1] * 6 + [2] * 2)  # class-sorted, as an image folder loads
+    x = torch.arange(20).view(20, 1)
     (x_tr, y_tr), (x_va, y_va) = data.train_valid_split(x, y, 5, seed=1)
-    assert len(y_va) == 5 and sorted(y_tr.tolist() + y_va.tolist()) == list(range(20))
-    assert torch.equal(x_va.view(-1), y_va)
-    with pytest.raises(ValueError, match="n_valid"):
+    assert len(y_va) == 5 and sorted(x_tr.view(-1).tolist() + x_va.view(-1).tolist()) == list(range(20))
+    assert torch.equal(y[x_va.view(-1)], y_va) and torch.equal(y[x_tr.view(-1)], y_tr)
+    assert torch.bincount(y_va).tolist() == [3, 1, 1]  # 3, 1.5, 0.5 by share; every class at least once
+    assert set(y_tr.tolist()) == {0, 1, 2}
+    assert y_tr.tolist() != sorted(y_tr.tolist())  # a random order, not class-sorted
+    with pytest.raises(ValueError, match="n_valid=20"):
         data.train_valid_split(x, y, 20)
+    with pytest.raises(ValueError, match="n_valid=2"):  # 3 classes cannot fit in 2
+        data.train_valid_split(x, y, 2)
+
+
+def test_stratified_subset_keeps_every_class():
+    y = torch.tensor([0] * 300 + [1] * 94 + [2] * 3 + [3] * 3)  # the probe's folder, class-sorted
+    x = torch.arange(len(y))
+    xs, ys = data.stratified_subset(x, y, 40, seed=0)
+    assert torch.equal(y[xs], ys) and len(set(xs.tolist())) == 40
+    assert set(ys.tolist()) == {0, 1, 2, 3}
+    assert data.stratified_subset(x, y, 1000)[1] is y  # more than there is: all of it
+    with pytest.raises(ValueError, match="n=3"):
+        data.stratified_subset(x, y, 3)
 
 
 def test_normalize_matches_torchvision():
