@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from minicnn.data import batches, load_fashion_mnist  # noqa: E402
+from minicnn.data import Batches, load_fashion_mnist  # noqa: E402
 from minicnn.models import simple_resnet  # noqa: E402
 from minicnn.train import fit  # noqa: E402
 
@@ -71,7 +71,7 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     (x, y), _, _ = load_fashion_mnist()
-    train = batches(x[:args.n], y[:args.n], 128, shuffle=True, device=args.device,
+    train = Batches(x[:args.n], y[:args.n], 128, shuffle=True, device=args.device,
                     generator=torch.Generator().manual_seed(0))
     times = alternate(simple_resnet(10).to(args.device), train, args.device, args.repeats)
     ratios = [f / p for f, p in zip(times["fit"], times["plain"])]
@@ -82,7 +82,7 @@ def main():
     print("   per-round ratios: " + " ".join(f"{r:.3f}" for r in ratios))
 
     tiny_x = torch.randint(0, 256, (64 * 500, 1, 2, 2), dtype=torch.uint8)
-    tiny = batches(tiny_x, torch.randint(0, 10, (len(tiny_x),)), 64, shuffle=True, device=args.device,
+    tiny = Batches(tiny_x, torch.randint(0, 10, (len(tiny_x),)), 64, shuffle=True, device=args.device,
                    generator=torch.Generator().manual_seed(0))
     tiny_model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 10)).to(args.device)
     tiny_times = alternate(tiny_model, tiny, args.device, args.repeats)

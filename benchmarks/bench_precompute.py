@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout, no install
-from minicnn.data import batches, load_fashion_mnist  # noqa: E402
+from minicnn.data import Batches, load_fashion_mnist  # noqa: E402
 from minicnn.freeze import freeze  # noqa: E402
 from minicnn.models import pretrained_classifier  # noqa: E402
 from minicnn.precompute import body_and_head, precompute_features  # noqa: E402
@@ -72,11 +72,11 @@ def main():
     head_start = copy.deepcopy(model.layer_groups[2].state_dict())
     order = torch.Generator().manual_seed(0)
     # frozen body in the loop: every step runs the body's forward pass (no backward through it)
-    through_body = batches(x, y, args.batch_size, shuffle=True, generator=copy.deepcopy(order))
+    through_body = Batches(x, y, args.batch_size, shuffle=True, generator=copy.deepcopy(order))
     frozen_s, frozen_loss = one_epoch(model, through_body, head)
     # precomputed: the same head, from the same weights, on the same batches of features
     model.layer_groups[2].load_state_dict(head_start)
-    on_features = batches(features, y, args.batch_size, shuffle=True, generator=copy.deepcopy(order))
+    on_features = Batches(features, y, args.batch_size, shuffle=True, generator=copy.deepcopy(order))
     one_epoch(head, on_features, head)  # warm-up (the arm is short enough for one-off costs to show)
     model.layer_groups[2].load_state_dict(head_start)
     features_s, features_loss = one_epoch(head, on_features, head)

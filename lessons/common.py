@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from minicnn.data import batches, load_fashion_mnist, train_valid_split  # noqa: E402
+from minicnn.data import Batches, load_fashion_mnist, train_valid_split  # noqa: E402
 
 N_VALID = 10_000  # held out of the 60,000 training images; the test set is never used to choose
 
@@ -78,10 +78,10 @@ def fashion_data(args, *, batch_size=None):
     generator = torch.Generator().manual_seed(args.seed)
     sample = torch.randperm(len(x_train), generator=generator)[:2000]
     return dict(
-        train=batches(x_train, y_train, batch_size, shuffle=True, generator=generator, device=args.device),
-        valid=batches(x_valid, y_valid, 512, shuffle=False, device=args.device),
-        test=batches(x_test, y_test, 512, shuffle=False, device=args.device),
-        train_eval=batches(x_train[sample], y_train[sample], 512, shuffle=False, device=args.device),
+        train=Batches(x_train, y_train, batch_size, shuffle=True, generator=generator, device=args.device),
+        valid=Batches(x_valid, y_valid, 512, shuffle=False, device=args.device),
+        test=Batches(x_test, y_test, 512, shuffle=False, device=args.device),
+        train_eval=Batches(x_train[sample], y_train[sample], 512, shuffle=False, device=args.device),
         x_train=x_train, y_train=y_train, x_valid=x_valid, y_valid=y_valid,
         x_test=x_test, y_test=y_test, classes=classes)
 

@@ -20,7 +20,7 @@ from common import add_common_args, check, setup, threads_note
 import lesson2_steps as steps
 from minicnn.augment import side_on, top_down
 from minicnn.diagnose import diagnose
-from minicnn.freeze import bn_freeze, discriminative_lrs, freeze, param_groups, unfreeze
+from minicnn.freeze import bn_freeze, differential_lrs, freeze, param_groups, unfreeze
 from minicnn.lr_find import lr_find
 from minicnn.optim import SGD
 from minicnn.plots import plot_augmented, plot_lr_find
@@ -99,7 +99,7 @@ def main(argv=None):
     n_groups = len(model.layer_groups)
 
     # --- Step 6: differential learning rates: each group `ratio` times lower than the next --------
-    lrs = discriminative_lrs(lr, n_groups, ratio=settings["lr_ratio"])
+    lrs = differential_lrs(lr, n_groups, ratio=settings["lr_ratio"])
     opt = SGD(param_groups(model, lrs, **hyper), lr=lr, **hyper)
     report.step(5, "unfrozen: every layer group trains" + (" (body BatchNorm on its running statistics)"
                    if settings["bn_freeze"] else ""), time.perf_counter(), None)
@@ -110,7 +110,7 @@ def main(argv=None):
     found_all = lr_find(model, small["train"], opt, num_iter=settings["lr_find_iter"], end_lr=10.0)
     plot_lr_find(found_all, args.out / "lr_find_unfrozen.png")
     lr = steps.chosen_lr(found_all, fallback=lr / 2, floor=lr / 100)  # far below the head's LR: noise
-    lrs = discriminative_lrs(lr, n_groups, ratio=settings["lr_ratio"])
+    lrs = differential_lrs(lr, n_groups, ratio=settings["lr_ratio"])
     report.step(7, f"LR range test on the whole network: last group lr = {lr:.2g} ({found_all.reason})",
                 started, None)
 

@@ -30,7 +30,7 @@ import torch
 
 from common import check, fashion_data, parse_args, threads_note
 from minicnn.augment import lighting, random_affine, resize, side_on, top_down
-from minicnn.data import batches
+from minicnn.data import Batches
 from minicnn.models import simple_resnet
 from minicnn.plots import plot_augmented, plot_losses
 from minicnn.schedule import cosine_lr
@@ -122,10 +122,10 @@ def main(argv=None):
     # 2. The data at both sizes. resize() turns the whole uint8 set into 14x14 once.
     def sized(size):
         xt, xv = (x_train, x_valid) if size == 28 else (resize(x_train, size), resize(x_valid, size))
-        return (batches(xt, y_train, args.batch_size, shuffle=True, device=args.device,
+        return (Batches(xt, y_train, args.batch_size, shuffle=True, device=args.device,
                         generator=torch.Generator().manual_seed(args.seed)),   # same order in every run
-                batches(xv, y_valid, 512, shuffle=False, device=args.device),
-                batches(xt[:1000], y_train[:1000], 500, shuffle=False, device=args.device))
+                Batches(xv, y_valid, 512, shuffle=False, device=args.device),
+                Batches(xt[:1000], y_train[:1000], 500, shuffle=False, device=args.device))
     full, small = sized(28), sized(args.small)
 
     # 3. Three runs from the same initial weights.

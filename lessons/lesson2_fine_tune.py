@@ -23,7 +23,7 @@ image at 48x48 (1 ms for the frozen body's forward pass alone): EfficientNet-Lit
 network for 224x224 photos, and this lesson shows its steps rather than its best accuracy
 on a CPU (lesson2.py's small ResNet is the one that reaches 91% there).
 Common options (lessons/common.py): --device, --out (runs/lesson2_fine_tune), --seed,
---threads, --batch-size (CPU 64, --full 128), --limit. Own options (PRESETS below gives the
+--threads, --batch-size (CPU 64, --full 128), --limit. Own options (RUN_SETTINGS below gives the
 CPU, --full and --quick values): --size, --head-epochs, --frozen-epochs, --cycles (1, 2, 4..
 epochs), --ratio (10), --n-test, --n-train, --lr-find-again, --train-body-bn.
 Writes lr_find_head.png (and lr_find_unfrozen.png), losses_{head,frozen,unfrozen}.png and
@@ -38,8 +38,8 @@ from matplotlib.figure import Figure
 
 from common import check, fashion_data, parse_args, threads_note
 from minicnn.augment import resize, side_on
-from minicnn.data import batches, load_fashion_mnist
-from minicnn.freeze import bn_freeze, discriminative_lrs, freeze, param_groups, unfreeze
+from minicnn.data import Batches, load_fashion_mnist
+from minicnn.freeze import bn_freeze, differential_lrs, freeze, param_groups, unfreeze
 from minicnn.lr_find import lr_find
 from minicnn.models import pretrained_classifier
 from minicnn.optim import SGD
@@ -50,7 +50,7 @@ from minicnn.train import evaluate, fit
 
 MOMENTUM, WEIGHT_DECAY = 0.9, 1e-4
 # What each setting leaves to the command line; an option given there wins.
-PRESETS = {"cpu": dict(limit=12_000, size=48, head_epochs=3, frozen_epochs=1, cycles=1, n_test=2000, batch_size=64),
+RUN_SETTINGS = {"cpu": dict(limit=12_000, size=48, head_epochs=3, frozen_epochs=1, cycles=1, n_test=2000, batch_size=64),
            "full": dict(limit=None, size=64, head_epochs=3, frozen_epochs=2, cycles=3, n_test=10_000, batch_size=128),
            "quick": dict(n_train=256, size=32, head_epochs=1, frozen_epochs=1, cycles=1, n_test=200, batch_size=64)}
 
@@ -72,8 +72,8 @@ def options(parser):
 
 
 def apply_preset(args):
-    preset = PRESETS["quick" if args.quick else "full" if args.full else "cpu"]
-    for name, value in preset.items():
+    run = RUN_SETTINGS["quick" if args.quick else "full" if args.full else "cpu"]
+    for name, value in run.items():
         if name == "limit":
             args.limit = args.limit if args.limit is not None else value  # --quick: common's 1,024
         elif getattr(args, name) is None:
@@ -119,9 +119,9 @@ def main(argv=None):
     x_train, x_valid, x_test = (resize(x, args.size) for x in (x_train, data["x_valid"], x_test))
     y_valid = data["y_valid"]
     generator = torch.Generator().manual_seed(args.seed)
-    train = batches(x_train, y_train, args.batch_size, shuffle=True, generator=generator, device=args.device)
-    valid = batches(x_valid, y_valid, 256, shuffle=False, device=args.device)
-    test = batches(x_test, y_test, 256, shuffle=False, device=args.device)
+    train = Batches(x_train, y_train, args.batch_size, shuffle=True, generator=generator, device=args.device)
+    valid = Batches(x_valid, y_valid, 256, shuffle=False, device=args.device)
+    test = Batches(x_test, y_test, 256, shuffle=False, device=args.device)
     print(f"Fashion-MNIST: {len(x_train)} train, {len(x_valid)} valid, {len(x_test)} test images at "
           f"{args.size}x{args.size}; {args.device} ({threads_note()})")
     started, results = time.perf_counter(), []
@@ -142,8 +142,8 @@ def main(argv=None):
     cache = args.out / "features"
     f_train, f_valid = (precompute_features(body, x, batch_size=256, cache=cache, arch="efficientnet_lite0")
                         for x in (x_train, x_valid))
-    f_train_b = batches(f_train, y_train, train.batch_size, shuffle=True, generator=generator, device=args.device)
-    f_valid_b = batches(f_valid, y_valid, 256, shuffle=False, device=args.device)
+    f_train_b = Batches(f_train, y_train, train.batch_size, shuffle=True, generator=generator, device=args.device)
+    f_valid_b = Batches(f_valid, y_valid, 256, shuffle=False, device=args.device)
     print(f"1. precomputed {tuple(f_train.shape)} training features in {time.perf_counter() - started:.0f}s")
 
     # 2. LR range test on the head alone, on the features.
@@ -182,7 +182,7 @@ def main(argv=None):
     # the head was trained on (measured: -11 to -20 points after an epoch; with bn_freeze +1.4).
     if not args.train_body_bn:
         bn_freeze(model)
-    lrs = discriminative_lrs(lr, 3, ratio=args.ratio)
+    lrs = differential_lrs(lr, 3, ratio=args.ratio)
     # 7. The range test again, on the whole network, keeping the ratios (costly on a CPU).
     if args.full or args.lr_find_again:
         for group, group_lr in zip(opt.param_groups, lrs):
@@ -190,7 +190,7 @@ def main(argv=None):
         found = lr_find(model, train, opt, num_iter=100)
         plot_lr_find(found, args.out / "lr_find_unfrozen.png")
         if found.loss_fell:
-            lrs = discriminative_lrs(found.suggested_lr, 3, ratio=args.ratio)
+            lrs = differential_lrs(found.suggested_lr, 3, ratio=args.ratio)
         print(f"7. LR range test, unfrozen: {found.reason}")
     print("5-6. unfrozen, learning rates " + ", ".join(f"{v:.3g}" for v in lrs))
 

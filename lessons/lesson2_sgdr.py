@@ -28,7 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from common import check, fashion_data, parse_args, threads_note
-from minicnn.data import batches
+from minicnn.data import Batches
 from minicnn.models import simple_resnet
 from minicnn.optim import SGD
 from minicnn.schedule import cosine_lr, cycle_end_steps, linear_lr, sgdr_lr, step_decay_lr, total_steps
@@ -137,7 +137,7 @@ def main(argv=None):
     data = fashion_data(args, batch_size=64 if args.quick else None)
     n_train = args.train_size or (448 if args.quick else 7000)
     generator = torch.Generator().manual_seed(args.seed)
-    train = batches(data["x_train"][:n_train], data["y_train"][:n_train], 64 if args.quick else args.batch_size,
+    train = Batches(data["x_train"][:n_train], data["y_train"][:n_train], 64 if args.quick else args.batch_size,
                     shuffle=True, generator=generator, device=args.device)
     epochs = total_steps(3, steps_per_cycle=1, cycle_mult=2)  # 1 + 2 + 4 = 7
     n_steps = epochs * len(train)

@@ -39,7 +39,7 @@ from common import check, fashion_data, parse_args, threads_note
 from minicnn.augment import side_on
 from minicnn.batch_size import find_batch_size
 from minicnn.checkpoint import load_checkpoint, save_checkpoint
-from minicnn.data import batches
+from minicnn.data import Batches
 from minicnn.models import simple_resnet
 from minicnn.optim import SGD
 from minicnn.plots import plot_losses, plot_schedule
@@ -128,7 +128,7 @@ def main(argv=None):
         args.batch_size = 32  # 16 steps an epoch on the 512 images, enough to learn something
     data = fashion_data(args)
     x, y = (data[k][:args.train_size or (512 if args.quick else 15_000)] for k in ("x_train", "y_train"))
-    train = batches(x, y, args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed),
+    train = Batches(x, y, args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed),
                     device=args.device)
     valid, y_valid = data["valid"], data["y_valid"]
     print(f"Fashion-MNIST: {len(x)} train, {len(y_valid)} valid images; {args.device} ({threads_note()})")

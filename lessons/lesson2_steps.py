@@ -9,7 +9,7 @@ import torch
 from common import N_VALID
 from minicnn.augment import resize
 from minicnn.batch_size import find_batch_size
-from minicnn.data import batches, load_fashion_mnist, load_image_folder, train_valid_split
+from minicnn.data import Batches, load_fashion_mnist, load_image_folder, train_valid_split
 from minicnn.models import pretrained_classifier, simple_resnet
 from minicnn.plots import plot_confusion, plot_losses, plot_schedule, plot_top_losses
 from minicnn.snapshot import ensemble_predict
@@ -112,7 +112,7 @@ def image_batches(data, size, settings, args):
         settings["auto_batch"] = False
     x_train, y_train = data["train"]
     sample = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed))[:2000]
-    make = lambda x, y, b, shuffle: batches(at_size(x, size), y, b, shuffle=shuffle, device=args.device,  # noqa: E731
+    make = lambda x, y, b, shuffle: Batches(at_size(x, size), y, b, shuffle=shuffle, device=args.device,  # noqa: E731
                                             generator=torch.Generator().manual_seed(args.seed))
     return dict(train=make(x_train, y_train, settings["batch_size"], True),
                 valid=make(*data["valid"], 512, False), test=make(*data["test"], 512, False),
@@ -142,9 +142,9 @@ def largest_batch(data, size, settings, args):
 
 def feature_batches(features, data, settings, args):
     generator = torch.Generator().manual_seed(args.seed)
-    return (batches(features["train"], data["train"][1], settings["batch_size"], shuffle=True,
+    return (Batches(features["train"], data["train"][1], settings["batch_size"], shuffle=True,
                     generator=generator, device=args.device),
-            batches(features["valid"], data["valid"][1], 512, shuffle=False, device=args.device))
+            Batches(features["valid"], data["valid"][1], 512, shuffle=False, device=args.device))
 
 
 def chosen_lr(found, *, fallback, floor=0.0):

@@ -159,14 +159,14 @@ def top_down(*, generator=None, max_rotate=10.0, max_zoom=1.1, max_lighting=0.05
     return _preset(True, generator, max_rotate, max_zoom, max_lighting, p, padding)
 
 
-PRESETS = {"side_on": side_on, "top_down": top_down}
+AUGMENTATIONS = {"side_on": side_on, "top_down": top_down}
 
 
 def augment(x, generator, preset="side_on"):
-    """Apply a preset: a name in PRESETS, or a factory like side_on / partial(side_on, max_zoom=1.2)."""
-    factory = PRESETS.get(preset) if isinstance(preset, str) else preset
+    """Apply a preset: a name in AUGMENTATIONS, or a factory like side_on / partial(side_on, max_zoom=1.2)."""
+    factory = AUGMENTATIONS.get(preset) if isinstance(preset, str) else preset
     if not callable(factory):
-        raise ValueError(f"preset must be one of {sorted(PRESETS)} or a factory like side_on, got {preset!r}")
+        raise ValueError(f"preset must be one of {sorted(AUGMENTATIONS)} or a factory like side_on, got {preset!r}")
     return factory(generator=generator)(x)
 
 

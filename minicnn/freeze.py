@@ -8,7 +8,7 @@ lesson 2):
     unfreeze(model)                every group trains
     bn_freeze(model)               the body's BatchNorm layers keep their running statistics
     param_groups(model, lrs)       [{"params": group 0's, "lr": lrs[0]}, ...]
-    discriminative_lrs(lr, n, ratio=r) = [lr / r**(n-1), ..., lr / r, lr]
+    differential_lrs(lr, n, ratio=r) = [lr / r**(n-1), ..., lr / r, lr]
 Earlier layers hold general features (edges, textures) that need little change, so they
 get a 3x-10x lower LR than later ones (the course: [1e-4, 1e-3, 1e-2], ratio 10; fastai 2's
 slice(lr/9, lr): [lr/9, lr/3, lr], ratio 3).
@@ -133,7 +133,7 @@ def param_groups(model, lrs, **hyper):
 
     lrs: one number for all groups, or a list with one LR per layer group.
     hyper: other settings copied into every group (momentum=0.9, weight_decay=1e-4, ...).
-    Use: SGD(param_groups(model, discriminative_lrs(1e-2, 3, ratio=10), momentum=0.9), lr=1e-2).
+    Use: SGD(param_groups(model, differential_lrs(1e-2, 3, ratio=10), momentum=0.9), lr=1e-2).
     """
     groups = _layer_groups(model)
     if isinstance(lrs, numbers.Real):
@@ -141,17 +141,24 @@ def param_groups(model, lrs, **hyper):
     lrs = list(lrs)
     if len(lrs) != len(groups):
         raise ValueError(f"param_groups: {len(lrs)} learning rates for {len(groups)} layer groups; "
-                         f"give one per group, e.g. discriminative_lrs(lr, {len(groups)}, ratio=3)")
+                         f"give one per group, e.g. differential_lrs(lr, {len(groups)}, ratio=3)")
     for i, lr in enumerate(lrs):
         _check_lr(lr, f"param_groups: lrs[{i}]")
     return [{"params": list(group.parameters()), "lr": lr, **hyper} for group, lr in zip(groups, lrs)]
 
 
-def discriminative_lrs(lr, n_groups, *, ratio):
+def differential_lrs(lr, n_groups, *, ratio):
     """[lr / ratio**(n_groups-1), ..., lr / ratio, lr]: each group `ratio` times lower than the next."""
-    _check_lr(lr, "discriminative_lrs: lr")
+    _check_lr(lr, "differential_lrs: lr")
     if isinstance(n_groups, bool) or not isinstance(n_groups, numbers.Integral) or n_groups < 1:
-        raise ValueError(f"discriminative_lrs: n_groups={n_groups!r} must be an int >= 1")
+        raise ValueError(f"differential_lrs: n_groups={n_groups!r} must be an int >= 1")
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 1 <= ratio < float("inf"):
-        raise ValueError(f"discriminative_lrs: ratio={ratio!r} must be >= 1 (3 to 10 is usual; 1 = one LR)")
+        raise ValueError(f"differential_lrs: ratio={ratio!r} must be >= 1 (3 to 10 is usual; 1 = one LR)")
     return [lr / ratio ** (n_groups - 1 - i) for i in range(n_groups)]
+
+
+def discriminative_lrs(lr, n_groups, *, ratio):
+    """Deprecated name of differential_lrs (fastai 2 says "discriminative", the course "differential")."""
+    import warnings
+    warnings.warn("discriminative_lrs is now differential_lrs", DeprecationWarning, stacklevel=2)
+    return differential_lrs(lr, n_groups, ratio=ratio)

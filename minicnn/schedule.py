@@ -147,16 +147,3 @@ def step_decay_lr(step, *, lr_max, decay_every, factor=10.0):
     _lr_range(lr_max, 0.0)
     step, decay_every = _integer("step", step, 0), _integer("decay_every", decay_every, 1)
     return lr_max / _real("factor", factor, 1) ** (step // decay_every)
-
-
-def set_lrs(optimizer, lrs):
-    """Set group i's LR to lrs[i] (one number: every group) on any optimizer with param_groups."""
-    groups = optimizer.param_groups
-    lrs = [lrs] * len(groups) if isinstance(lrs, numbers.Real) else list(lrs)
-    if len(lrs) != len(groups):
-        raise ValueError(f"set_lrs: {len(lrs)} learning rates for {len(groups)} param groups; "
-                         "give one per group (earliest first), or one number for all")
-    for i, lr in enumerate(lrs):
-        _real(f"lrs[{i}]", lr, 0)
-    for group, lr in zip(groups, lrs):
-        group["lr"] = float(lr)

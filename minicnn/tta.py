@@ -25,10 +25,10 @@ import torch
 
 def _augmentation(augment, generator):
     if isinstance(augment, str):
-        from minicnn.augment import PRESETS               # only for a preset given by name
-        if augment not in PRESETS:
-            raise ValueError(f"augment must be one of {sorted(PRESETS)} or a function x -> x, got {augment!r}")
-        return PRESETS[augment](generator=generator)
+        from minicnn.augment import AUGMENTATIONS               # only for a preset given by name
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {sorted(AUGMENTATIONS)} or a function x -> x, got {augment!r}")
+        return AUGMENTATIONS[augment](generator=generator)
     if not callable(augment):
         raise TypeError(f"augment must be a function x -> x or a preset name, got {type(augment).__name__}")
     if generator is not None:

@@ -255,7 +255,7 @@ def test_bad_input_says_what_is_wrong(call, error, words):
 
 
 def test_progressive_resizing_trains_one_model_at_14_then_28_pixels():
-    from minicnn.data import batches
+    from minicnn.data import Batches
     from minicnn.models import simple_resnet
     from minicnn.train import fit
     x = (images(64, 1, 28, 28) * 255).to(torch.uint8)
@@ -264,10 +264,10 @@ def test_progressive_resizing_trains_one_model_at_14_then_28_pixels():
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
     before = [p.detach().clone() for p in params]
-    small = batches(resize(x, 14), y, 32, shuffle=True, generator=gen(0))
+    small = Batches(resize(x, 14), y, 32, shuffle=True, generator=gen(0))
     fit(model, small, None, opt, lambda step: 0.05, 1, augment=side_on(generator=gen(1)), verbose=False)
     after_small = [p.detach().clone() for p in params]
-    full = batches(x, y, 32, shuffle=True, generator=gen(0))
+    full = Batches(x, y, 32, shuffle=True, generator=gen(0))
     fit(model, full, None, opt, lambda step: 0.05, 1, augment=side_on(generator=gen(1)), verbose=False)
     assert all(a is b for a, b in zip(params, model.parameters()))        # same tensors: not rebuilt
     assert any(not torch.equal(a, b) for a, b in zip(before, after_small))

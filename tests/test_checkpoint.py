@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from minicnn.checkpoint import load_checkpoint, save_checkpoint
-from minicnn.data import batches
+from minicnn.data import Batches
 from minicnn.models import simple_resnet
 from minicnn.train import fit
 
@@ -67,7 +67,7 @@ def run(tmp_path, kind, stop_after=None, resume=False, seed=0, frozen=False):
         freeze_to(model, 1, train_bn=False)
     opt = optimizers(model, kind)
     aug_gen = torch.Generator().manual_seed(seed + 1)
-    train = batches(*data(), BATCH, shuffle=True, generator=torch.Generator().manual_seed(0))
+    train = Batches(*data(), BATCH, shuffle=True, generator=torch.Generator().manual_seed(0))
     start, hook, ends = 0, None, ()
     if resume:  # everything else was built from other seeds: the checkpoint must restore it all
         start = load_checkpoint(tmp_path / "ckpt.pt", model=model, optimizer=opt, generators={"augment": aug_gen}).step
@@ -125,7 +125,7 @@ def test_without_the_rng_states_the_resume_would_differ(tmp_path):
     model = tiny_model(7)
     opt = optimizers(model, "torch")
     step = load_checkpoint(tmp_path / "ckpt.pt", model=model, optimizer=opt).step  # no generators
-    train = batches(*data(), BATCH, shuffle=True, generator=torch.Generator().manual_seed(0))
+    train = Batches(*data(), BATCH, shuffle=True, generator=torch.Generator().manual_seed(0))
     fit(model, train, None, opt, lr_at, EPOCHS, augment=flip_augment(torch.Generator().manual_seed(8)),
         start_step=step, verbose=False)
     assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), whole.state_dict().values()))

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from minicnn.data import batches
+from minicnn.data import Batches
 from minicnn.diagnose import VERDICTS, Diagnosis, diagnose
 from minicnn.train import History, fit
 
@@ -103,9 +103,9 @@ def test_on_a_real_fit_with_train_eval():
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(64, 1, 6, 6, generator=g), torch.randint(0, 2, (64,), generator=g)
     model = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2))
-    train = batches(x[:48], y[:48], 16, shuffle=True, generator=g)
-    h = fit(model, train, batches(x[48:], y[48:], 16, shuffle=False), torch.optim.SGD(model.parameters(), lr=0.1),
-            lambda step: 0.1, 3, train_eval=batches(x[:16], y[:16], 16, shuffle=False), verbose=False)
+    train = Batches(x[:48], y[:48], 16, shuffle=True, generator=g)
+    h = fit(model, train, Batches(x[48:], y[48:], 16, shuffle=False), torch.optim.SGD(model.parameters(), lr=0.1),
+            lambda step: 0.1, 3, train_eval=Batches(x[:16], y[:16], 16, shuffle=False), verbose=False)
     d = diagnose(h)
     assert d.verdict in VERDICTS and d.train_source == "train_eval_loss"
     assert d.train_loss == h.train_eval_loss[-1] and d.valid_loss == h.valid_loss[-1]

@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, strategies as st
 from torch import nn
 
-from minicnn.data import batches
-from minicnn.freeze import bn_freeze, discriminative_lrs, freeze, freeze_to, param_groups, unfreeze
+from minicnn.data import Batches
+from minicnn.freeze import bn_freeze, differential_lrs, freeze, freeze_to, param_groups, unfreeze
 from minicnn.models import simple_resnet
 from minicnn.train import fit
 
@@ -178,7 +178,7 @@ def test_param_groups_one_per_layer_group_frozen_or_not():
 def test_unfreezing_mid_run_puts_the_early_groups_in_the_schedule():
     model = tiny_model()
     x, y = tiny_data(32)
-    train = batches(x, y, 8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    train = Batches(x, y, 8, shuffle=True, generator=torch.Generator().manual_seed(0))
     freeze(model, train_bn=False)
     opt = torch.optim.SGD(param_groups(model, [1.0, 1.0, 1.0], momentum=0.9), lr=1.0)
 
@@ -200,15 +200,15 @@ def test_unfreezing_mid_run_puts_the_early_groups_in_the_schedule():
     assert all(not torch.equal(a, p) for a, p in zip(before, early) if p.dim() > 1)
 
 
-def test_discriminative_lrs_examples():
-    assert discriminative_lrs(1e-2, 3, ratio=10) == pytest.approx([1e-4, 1e-3, 1e-2])
-    assert discriminative_lrs(0.9, 3, ratio=3) == pytest.approx([0.1, 0.3, 0.9])  # fastai's lr/9, lr/3, lr
-    assert discriminative_lrs(0.1, 1, ratio=3) == [0.1]
+def test_differential_lrs_examples():
+    assert differential_lrs(1e-2, 3, ratio=10) == pytest.approx([1e-4, 1e-3, 1e-2])
+    assert differential_lrs(0.9, 3, ratio=3) == pytest.approx([0.1, 0.3, 0.9])  # fastai's lr/9, lr/3, lr
+    assert differential_lrs(0.1, 1, ratio=3) == [0.1]
 
 
 @given(lr=st.floats(1e-6, 10), n=st.integers(1, 8), ratio=st.floats(1, 20))
-def test_discriminative_lrs_properties(lr, n, ratio):
-    lrs = discriminative_lrs(lr, n, ratio=ratio)
+def test_differential_lrs_properties(lr, n, ratio):
+    lrs = differential_lrs(lr, n, ratio=ratio)
     assert len(lrs) == n and lrs[-1] == lr
     for lower, higher in zip(lrs, lrs[1:]):
         assert math.isclose(higher / lower, ratio, rel_tol=1e-9)
@@ -240,6 +240,12 @@ def test_param_groups_rejects_bad_lrs(lrs, match):
 @pytest.mark.parametrize("args,kwargs,match", [((0.0, 3), {"ratio": 3}, "lr"), ((float("inf"), 3), {"ratio": 3}, "lr"),
                                                ((0.1, 0), {"ratio": 3}, "n_groups"), ((0.1, 2.5), {"ratio": 3}, "n_groups"),
                                                ((0.1, 3), {"ratio": 0.5}, "ratio"), ((0.1, 3), {"ratio": float("nan")}, "ratio")])
-def test_discriminative_lrs_rejects_bad_input(args, kwargs, match):
+def test_differential_lrs_rejects_bad_input(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        discriminative_lrs(*args, **kwargs)
+        differential_lrs(*args, **kwargs)
+
+
+def test_the_old_name_still_works_and_warns():
+    from minicnn.freeze import discriminative_lrs
+    with pytest.warns(DeprecationWarning, match="differential_lrs"):
+        assert discriminative_lrs(0.9, 3, ratio=3) == differential_lrs(0.9, 3, ratio=3)

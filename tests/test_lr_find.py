@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from minicnn.data import batches
+from minicnn.data import Batches
 from minicnn.lr_find import LRFindResult, lr_find, suggest_lr
 
 
@@ -41,7 +41,7 @@ def tiny_data(n=40, batch_size=8):
     g = torch.Generator().manual_seed(1)
     x = torch.rand(n, 1, 6, 6, generator=g)
     y = torch.randint(0, 3, (n,), generator=g)
-    return batches(x, y, batch_size, shuffle=True, generator=g)
+    return Batches(x, y, batch_size, shuffle=True, generator=g)
 
 
 def test_sweep_is_exponential_and_smoothing_bias_corrected():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from minicnn.data import batches
+from minicnn.data import Batches
 from minicnn.freeze import freeze, param_groups
 from minicnn.models import GroupedModel, fastai_head, simple_resnet
 from minicnn.precompute import body_and_head, precompute_features
@@ -84,15 +84,15 @@ def test_head_trained_on_features_predicts_the_same_inside_the_full_model():
     brightness = x.float().mean(dim=(1, 2, 3))
     y = (brightness > brightness.quantile(1 / 3)).long() + (brightness > brightness.quantile(2 / 3)).long()
     features = precompute_features(body, x, batch_size=16)
-    train = batches(features, y, 8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    train = Batches(features, y, 8, shuffle=True, generator=torch.Generator().manual_seed(0))
     opt = torch.optim.SGD(head.parameters(), lr=0.05, momentum=0.9)
     before = [p.detach().clone() for p in model.layer_groups[2].parameters()]
     history = fit(head, train, None, opt, lambda step: 0.05, 5, verbose=False)
     assert history.train_loss[-1] < 0.9 * history.train_loss[0]  # it learns (labels: brightness terciles)
     assert all(not torch.equal(a, p) for a, p in zip(before, model.layer_groups[2].parameters()))
 
-    on_features = predict(head, batches(features, y, 10, shuffle=False))
-    on_images = predict(model, batches(x, y, 10, shuffle=False))
+    on_features = predict(head, Batches(features, y, 10, shuffle=False))
+    on_images = predict(model, Batches(x, y, 10, shuffle=False))
     torch.testing.assert_close(on_images, on_features, atol=1e-6, rtol=1e-5)
 
 

@@ -16,7 +16,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from minicnn.optim import SGD
-from minicnn.schedule import (cosine_lr, cycle_end_steps, cycle_position, linear_lr, set_lrs,
+from minicnn.schedule import (cosine_lr, cycle_end_steps, cycle_position, linear_lr,
                               sgdr_lr, step_decay_lr, total_steps)
 
 steps_per_cycle = st.integers(1, 30)
@@ -180,22 +180,6 @@ def test_linear_lr_is_a_straight_line_from_start_to_end(n, lr_start, lr_end):
     expected = [lr_start + (lr_end - lr_start) * s / n for s in range(n)]
     assert lrs == pytest.approx(expected, abs=1e-15)  # reaches lr_end at step n, one past the last
     assert min(lr_start, lr_end) <= min(lrs) and max(lrs) <= max(lr_start, lr_end)
-
-
-@pytest.mark.parametrize("make", [lambda ps: torch.optim.SGD(ps, lr=1.0), lambda ps: SGD(ps, 1.0)])
-def test_set_lrs_one_per_group_on_any_optimizer(make):
-    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
-    opt = make([{"params": [p], "momentum": 0.9} for p in params])
-    set_lrs(opt, [1e-4, 1e-3, 1e-2])
-    assert [g["lr"] for g in opt.param_groups] == [1e-4, 1e-3, 1e-2]
-    assert all(g["momentum"] == 0.9 for g in opt.param_groups)
-    set_lrs(opt, 0.5)  # one number: every group
-    assert [g["lr"] for g in opt.param_groups] == [0.5] * 3
-    with pytest.raises(ValueError, match="2 learning rates for 3 param groups"):
-        set_lrs(opt, [1e-3, 1e-2])
-    with pytest.raises(ValueError, match=r"lrs\[1\] must be >= 0"):
-        set_lrs(opt, [1e-3, -1e-2, 1e-1])
-    assert [g["lr"] for g in opt.param_groups] == [0.5] * 3  # a bad call changes nothing
 
 
 @pytest.mark.parametrize("call, error, match", [

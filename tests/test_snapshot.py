@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from minicnn.data import batches
+from minicnn.data import Batches
 from minicnn.models import simple_resnet
 from minicnn.schedule import cycle_end_steps, cycle_position, sgdr_lr
 from minicnn.snapshot import Snapshots, ensemble_predict
@@ -34,7 +34,7 @@ def lr_at(step):
 def trained():
     """A 3-cycle SGDR run (28 steps) with a Snapshots hook; the weights at each call recorded too."""
     torch.manual_seed(0)
-    train = batches(*data(), 8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    train = Batches(*data(), 8, shuffle=True, generator=torch.Generator().manual_seed(0))
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
     snaps, seen = Snapshots(), []
@@ -72,7 +72,7 @@ def test_a_snapshot_at_the_last_step_of_each_cycle_where_the_lr_is_the_cycles_mi
 
 def test_an_ensemble_of_one_snapshot_is_that_snapshots_prediction(trained):
     model, snaps, _, _, _ = trained
-    valid = batches(*data(24, seed=1), 10, shuffle=False)
+    valid = Batches(*data(24, seed=1), 10, shuffle=False)
     for i in range(len(snaps)):
         copy = tiny_model(seed=5)
         copy.load_state_dict(snaps[i])
@@ -82,7 +82,7 @@ def test_an_ensemble_of_one_snapshot_is_that_snapshots_prediction(trained):
 
 def test_the_ensemble_averages_probabilities_of_the_last_m(trained):
     model, snaps, _, _, _ = trained
-    valid = batches(*data(24, seed=1), 10, shuffle=False)
+    valid = Batches(*data(24, seed=1), 10, shuffle=False)
     one = [ensemble_predict(model, [s], valid) for s in snaps.states]
     torch.testing.assert_close(ensemble_predict(model, snaps, valid, last=2), (one[1] + one[2]) / 2)
     probs = ensemble_predict(model, snaps, valid)
@@ -92,7 +92,7 @@ def test_the_ensemble_averages_probabilities_of_the_last_m(trained):
 
 def test_ensemble_predict_leaves_weights_modes_and_parameters_as_they_were(trained):
     model, snaps, _, _, _ = trained
-    valid = batches(*data(24, seed=1), 10, shuffle=False)
+    valid = Batches(*data(24, seed=1), 10, shuffle=False)
     model.train()
     model.layer_groups[0].eval()  # a frozen group's BatchNorm kept in eval mode
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -112,7 +112,7 @@ def test_ensemble_predict_leaves_weights_modes_and_parameters_as_they_were(train
 
 def test_predict_fn_is_called_once_per_snapshot_with_its_weights(trained):
     model, snaps, _, _, _ = trained
-    valid = batches(*data(24, seed=1), 10, shuffle=False)
+    valid = Batches(*data(24, seed=1), 10, shuffle=False)
     calls = []
 
     def tta_like(model, batches):
@@ -127,7 +127,7 @@ def test_predict_fn_is_called_once_per_snapshot_with_its_weights(trained):
 def test_with_tta_of_the_identity_the_ensemble_equals_the_plain_ensemble(trained):
     predict_tta = pytest.importorskip("minicnn.tta").predict_tta
     model, snaps, _, _, _ = trained
-    valid = batches(*data(24, seed=1), 10, shuffle=False)
+    valid = Batches(*data(24, seed=1), 10, shuffle=False)
 
     def tta(model, batches):
         return predict_tta(model, batches, augment=lambda x: x, n_aug=2)
@@ -164,7 +164,7 @@ def test_save_and_load_a_folder_of_cycle_files_in_cycle_order(tmp_path):
 
 def test_bad_arguments_say_what_to_do(trained):
     model, snaps, _, _, _ = trained
-    valid = batches(*data(8, seed=1), 8, shuffle=False)
+    valid = Batches(*data(8, seed=1), 8, shuffle=False)
     with pytest.raises(ValueError, match="keep must be a positive int"):
         Snapshots(keep=0)
     with pytest.raises(ValueError, match="no snapshots to ensemble"):

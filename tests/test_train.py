@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from minicnn.data import batches
+from minicnn.data import Batches
 from minicnn.models import simple_resnet
 from minicnn.train import History, evaluate, fit, predict
 
@@ -27,8 +27,8 @@ def tiny_model(seed=0):
 
 def test_fit_lowers_the_loss_and_records_the_lr_of_every_step():
     x, y = blobs()
-    train = batches(x, y, 16, shuffle=True, generator=torch.Generator().manual_seed(0))
-    valid = batches(*blobs(32, seed=1), 32, shuffle=False)
+    train = Batches(x, y, 16, shuffle=True, generator=torch.Generator().manual_seed(0))
+    valid = Batches(*blobs(32, seed=1), 32, shuffle=False)
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
     before = evaluate(model, valid)[0]
@@ -41,7 +41,7 @@ def test_fit_lowers_the_loss_and_records_the_lr_of_every_step():
 
 def test_one_lr_per_param_group_and_the_count_is_checked():
     x, y = blobs(32)
-    train = batches(x, y, 16, shuffle=False)
+    train = Batches(x, y, 16, shuffle=False)
     model = tiny_model()
     groups = [{"params": g.parameters()} for g in model.layer_groups]
     opt = torch.optim.SGD(groups, lr=0.1)
@@ -57,7 +57,7 @@ def test_one_lr_per_param_group_and_the_count_is_checked():
 
 def test_nan_loss_stops_with_step_and_lr():
     x, y = blobs(32)
-    train = batches(x, y, 8, shuffle=False)
+    train = Batches(x, y, 8, shuffle=False)
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
@@ -72,8 +72,8 @@ def test_nan_loss_stops_with_step_and_lr():
 
 def test_augment_runs_on_training_batches_only_and_cycle_hook_sees_the_steps():
     x, y = blobs(32)
-    train = batches(x, y, 8, shuffle=False)
-    valid = batches(x, y, 8, shuffle=False)
+    train = Batches(x, y, 8, shuffle=False)
+    valid = Batches(x, y, 8, shuffle=False)
     seen, ends = [], []
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -90,7 +90,7 @@ class Stop(Exception):
 
 def test_start_step_resumes_where_the_run_stopped():
     x, y = blobs(40)
-    make = lambda: batches(x, y, 8, shuffle=True, generator=torch.Generator().manual_seed(5))  # noqa: E731
+    make = lambda: Batches(x, y, 8, shuffle=True, generator=torch.Generator().manual_seed(5))  # noqa: E731
     schedule = lambda s: 0.1 / (1 + s)  # noqa: E731
     model_a = tiny_model()
     opt_a = torch.optim.SGD(model_a.parameters(), lr=0.1, momentum=0.9)
@@ -115,14 +115,14 @@ def test_start_step_resumes_where_the_run_stopped():
 def test_evaluate_and_predict_keep_order_and_mode():
     x, y = blobs(20)
     model = tiny_model().train()
-    probs = predict(model, batches(x, y, 6, shuffle=False))
+    probs = predict(model, Batches(x, y, 6, shuffle=False))
     assert model.training  # mode restored
     model.eval()
     with torch.no_grad():
         expected = torch.softmax(model(x), 1)
     assert torch.allclose(probs, expected, atol=1e-6)
     assert torch.allclose(probs.sum(1), torch.ones(20))
-    loss, accuracy = evaluate(model, batches(x, y, 7, shuffle=False))
+    loss, accuracy = evaluate(model, Batches(x, y, 7, shuffle=False))
     with torch.no_grad():
         assert math.isclose(loss, float(nn.functional.cross_entropy(model(x), y)), rel_tol=1e-5)
     assert accuracy == int((expected.argmax(1) == y).sum()) / 20
@@ -133,8 +133,8 @@ def test_evaluate_gives_each_module_its_own_mode_back():
     model = tiny_model().train()
     frozen_bn = model.layer_groups[0][1][1]  # a BatchNorm kept in eval mode, as freeze(train_bn=False) does
     frozen_bn.eval()
-    evaluate(model, batches(x, y, 4, shuffle=False))
-    predict(model, batches(x, y, 4, shuffle=False))
+    evaluate(model, Batches(x, y, 4, shuffle=False))
+    predict(model, Batches(x, y, 4, shuffle=False))
     assert model.training and not frozen_bn.training
 
 
@@ -148,6 +148,6 @@ def test_errors():
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="empty"):
-        fit(model, batches(x, y, 16, shuffle=False, drop_last=True), None, opt, lambda s: 0.1, 1)
+        fit(model, Batches(x, y, 16, shuffle=False, drop_last=True), None, opt, lambda s: 0.1, 1)
     with pytest.raises(ValueError, match="start_step"):
-        fit(model, batches(x, y, 4, shuffle=False), None, opt, lambda s: 0.1, 1, start_step=-1)
+        fit(model, Batches(x, y, 4, shuffle=False), None, opt, lambda s: 0.1, 1, start_step=-1)
