@@ -35,12 +35,35 @@ import torch.nn.functional as F
 PADDINGS = ("reflection", "zeros", "border")
 
 
+SLACK = 1e-3  # resampling rounds a pixel of 1.0 to 1.0000001: that is not a wrong scale
+
+
 def _check_images(x):
+    """A float batch (N, C, H, W) with every pixel finite and in [0, 1]: ONE fused reduction."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"expected a batch of images (N, C, H, W), got {shape}; use x[None] for one image")
     if not x.is_floating_point():
         raise TypeError(f"expected float images in [0, 1], got {x.dtype}; convert with x.float() / 255")
+    if x.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(x.detach())).tolist()  # NaN propagates: one sync
+    if math.isnan(low) or math.isnan(high):
+        raise ValueError(f"the images hold {int(torch.isnan(x).sum())} NaN pixels; find where they come from "
+                         "(a decode, a division by 0) before augmenting")
+    if not (-SLACK <= low and high <= 1 + SLACK):
+        hint = "0..255 pixels? divide by 255" if high > 1 + SLACK else "normalise after augmenting, not before"
+        raise ValueError(f"expected float images in [0, 1], found values in [{low:.4g}, {high:.4g}]: {hint} "
+                         "(the models here normalise their input themselves)")
+
+
+def _check_size(size, name="size"):
+    """int -> (size, size); (h, w) -> (h, w); both positive ints."""
+    pair = (size, size) if isinstance(size, int) else size
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair)):
+        raise ValueError(f"{name} must be a positive int or a pair (h, w) of positive ints, got {size!r}")
+    return tuple(pair)
 
 
 def _check_range(name, value, low, high=math.inf):
@@ -60,6 +83,9 @@ def affine(x, theta, *, padding="reflection"):
     """Resample x (N, C, H, W) through one 2x3 matrix per image, theta (N, 2, 3): one grid_sample."""
     if padding not in PADDINGS:
         raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    if not isinstance(theta, torch.Tensor) or theta.shape != (x.shape[0], 2, 3):
+        shape = tuple(theta.shape) if isinstance(theta, torch.Tensor) else type(theta).__name__
+        raise ValueError(f"theta must be one 2x3 matrix per image, ({x.shape[0]}, 2, 3), got {shape}")
     grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)  # (N, H, W, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
@@ -88,6 +114,10 @@ def random_affine(x, *, generator, flip=0.5, dihedral=False, max_rotate=10.0, ma
     """Flip, rotate, zoom, shift: one matrix an image (module doc). dihedral=True (square images)
     draws one of the 8 symmetries instead of the flip (they include it)."""
     _check_images(x)
+    return _random_affine(x, generator, flip, dihedral, max_rotate, max_zoom, max_translate, p_affine, padding)
+
+
+def _random_affine(x, generator, flip, dihedral, max_rotate, max_zoom, max_translate, p_affine, padding):
     for name, value, low, high in [("flip", flip, 0, 1), ("p_affine", p_affine, 0, 1),
                                    ("max_rotate", max_rotate, 0, 180), ("max_zoom", max_zoom, 1, 10),
                                    ("max_translate", max_translate, 0, 1)]:
@@ -122,6 +152,10 @@ def random_affine(x, *, generator, flip=0.5, dihedral=False, max_rotate=10.0, ma
 def lighting(x, *, generator, max_brightness=0.2, max_contrast=0.2, p=0.75):
     """Random brightness b and contrast c per image: clamp(c*x + (1-c)*mean(x) + b, 0, 1)."""
     _check_images(x)
+    return _lighting(x, generator, max_brightness, max_contrast, p)
+
+
+def _lighting(x, generator, max_brightness, max_contrast, p):
     for name, value in [("max_brightness", max_brightness), ("max_contrast", max_contrast), ("p", p)]:
         _check_range(name, value, 0, 1)
     u = _uniform(generator, x.shape[0], 3, x.device).to(x.dtype)    # per image: on, b, c
@@ -135,14 +169,15 @@ def lighting(x, *, generator, max_brightness=0.2, max_contrast=0.2, p=0.75):
 
 def _preset(dihedral, generator, max_rotate, max_zoom, max_lighting, p, padding):
     geometry = dict(flip=0.0 if dihedral else 0.5, dihedral=dihedral, max_rotate=max_rotate,
-                    max_zoom=max_zoom, p_affine=p, padding=padding)
+                    max_zoom=max_zoom, max_translate=0.0, p_affine=p, padding=padding)
     light = dict(max_brightness=max_lighting, max_contrast=max_lighting, p=p)
     no_images = torch.zeros(0, 1, 1, 1)         # checks the arguments now; draws no numbers
     lighting(random_affine(no_images, generator=generator, **geometry), generator=generator, **light)
 
     def apply(x):
-        x = random_affine(x, generator=generator, **geometry)
-        return lighting(x, generator=generator, **light)
+        _check_images(x)                        # once: the hot path pays one reduction
+        x = _random_affine(x, generator, **geometry)
+        return _lighting(x, generator, **light)
     return apply
 
 
@@ -175,9 +210,9 @@ def resize(x, size):
     resizing. uint8 stays uint8 (rounded), so a whole dataset can be resized once."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError("resize expects a batch (N, C, H, W); use x[None] for one image")
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    if h < 1 or w < 1:
-        raise ValueError(f"size must be positive, got {size}")
+    if not (x.is_floating_point() or x.dtype == torch.uint8):
+        raise TypeError(f"resize takes float or uint8 images, got {x.dtype}; convert with x.float()")
+    h, w = _check_size(size)
     chunks = []
     for chunk in x.split(4096):                 # bounded memory when x is a whole dataset
         y = F.interpolate(chunk if chunk.is_floating_point() else chunk.float(), size=(h, w),
@@ -188,7 +223,10 @@ def resize(x, size):
 
 def center_crop(x, size):
     """The centred size (int or (h, w)) window of (..., H, W); offsets (H - h) // 2, (W - w) // 2."""
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"center_crop expects a tensor (..., H, W), got {shape}")
+    h, w = _check_size(size)
     H, W = x.shape[-2:]
     if not (1 <= h <= H and 1 <= w <= W):
         raise ValueError(f"crop size {(h, w)} must be positive and fit in the image {(H, W)}")

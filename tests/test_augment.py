@@ -248,6 +248,15 @@ def test_cuda_batch_stays_on_cuda_and_matches_the_cpu_result():
     (lambda: resize(torch.rand(1, 4, 4), 2), ValueError, "(N, C, H, W)"),
     (lambda: resize(torch.rand(1, 1, 4, 4), 0), ValueError, "positive"),
     (lambda: center_crop(torch.rand(1, 1, 4, 4), 5), ValueError, "fit"),
+    (lambda: resize(torch.rand(1, 1, 4, 4), 2.5), ValueError, "size must be a positive int or a pair"),
+    (lambda: resize(torch.rand(1, 1, 4, 4), (3,)), ValueError, "size must be a positive int or a pair"),
+    (lambda: resize(torch.rand(1, 1, 4, 4), True), ValueError, "size must be a positive int or a pair"),
+    (lambda: resize(torch.zeros(1, 1, 4, 4, dtype=torch.int64), 2), TypeError, "float or uint8"),
+    (lambda: center_crop(torch.rand(1, 1, 4, 4), (2, 0)), ValueError, "size must be a positive int or a pair"),
+    (lambda: center_crop(torch.rand(1, 1, 4, 4), 2.5), ValueError, "size must be a positive int or a pair"),
+    (lambda: center_crop([[0.0]], 1), ValueError, "(..., H, W)"),
+    (lambda: center_crop(torch.rand(5), 2), ValueError, "(..., H, W)"),
+    (lambda: affine(torch.rand(2, 1, 4, 4), torch.eye(2, 3)[None]), ValueError, "(2, 2, 3)"),
 ])
 def test_bad_input_says_what_is_wrong(call, error, words):
     with pytest.raises(error, match=re.escape(words)):
@@ -272,3 +281,47 @@ def test_progressive_resizing_trains_one_model_at_14_then_28_pixels():
     assert all(a is b for a, b in zip(params, model.parameters()))        # same tensors: not rebuilt
     assert any(not torch.equal(a, b) for a, b in zip(before, after_small))
     assert any(not torch.equal(a, b.detach()) for a, b in zip(after_small, params))
+
+
+# ---- pixels outside [0, 1]: 0..255 floats, NaN ------------------------------------------------
+
+def nan_images():
+    x = images(3, 1, 8, 8)
+    x[1, 0, 2, 5] = float("nan")
+    return x
+
+
+CALLS = {
+    "side_on": lambda x: side_on(generator=gen(0))(x),
+    "top_down": lambda x: top_down(generator=gen(0))(x),
+    "augment": lambda x: augment(x, gen(0), "side_on"),
+    "random_affine": lambda x: random_affine(x, generator=gen(0)),
+    "lighting": lambda x: lighting(x, generator=gen(0)),
+}
+
+
+@pytest.mark.parametrize("call", CALLS.values(), ids=list(CALLS))
+@pytest.mark.parametrize("x, words", [
+    (images(3, 1, 8, 8) * 255, "found values in [0.3152, 254.3]"),   # 0..255 floats: 99% would clamp to 1
+    (images(3, 1, 8, 8) * 255, "divide by 255"),
+    (images(3, 1, 8, 8) - 0.5, "normalise after augmenting"),      # already normalised
+    (torch.full((2, 1, 4, 4), float("inf")), "[0, 1]"),
+    (nan_images(), "1 NaN pixels"),
+], ids=["0-255", "0-255 hint", "normalised", "inf", "nan"])
+def test_pixels_outside_0_1_are_refused_before_any_work(call, x, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        call(x)
+
+
+def test_resampling_rounding_just_above_1_is_accepted():
+    x = torch.ones(2, 1, 6, 6) + 1e-6
+    assert side_on(generator=gen(0))(x).max() <= 1 + 1e-5
+    assert random_affine(torch.zeros(0, 1, 6, 6), generator=gen(0)).shape == (0, 1, 6, 6)   # empty: no reduction
+
+
+def test_a_preset_checks_the_pixels_with_one_reduction_per_batch(monkeypatch):
+    calls = []
+    real = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda x: calls.append(x.shape) or real(x))
+    side_on(generator=gen(0))(images(8, 1, 6, 6))
+    assert calls == [(8, 1, 6, 6)]
