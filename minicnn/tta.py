@@ -20,6 +20,8 @@ equal mean, not a (augmented, plain) tuple; no use_max option.
 Runs in eval mode (BatchNorm running statistics, no dropout) under no_grad; each module's
 train/eval mode is put back as it was, even after an error.
 """
+import numbers
+
 import torch
 
 
@@ -45,31 +47,56 @@ def predict_tta(model, batches, *, augment, n_aug=4, generator=None, beta=None):
     n_aug: augmented views per image (0: the plain prediction).
     beta: weight of the plain view (fastai 2 uses 0.25); None: all n_aug + 1 views equal.
     """
+    if not callable(model):
+        raise TypeError(f"model must be a module (x -> logits), got {type(model).__name__}")
+    if isinstance(batches, torch.Tensor) or not hasattr(batches, "__iter__"):
+        raise TypeError(f"batches must be an iterable of (x, y) pairs (a Batches, a DataLoader, a list), "
+                        f"got {type(batches).__name__}; for one tensor x pass [(x, None)]")
     augment = _augmentation(augment, generator)
-    if not isinstance(n_aug, int) or n_aug < 0:
+    if isinstance(n_aug, bool) or not isinstance(n_aug, int) or n_aug < 0:
         raise ValueError(f"n_aug must be an int >= 0, got {n_aug!r}")
-    if beta is not None and not 0 <= beta <= 1:
-        raise ValueError(f"beta must be in [0, 1] or None, got {beta}")
+    if beta is not None and (isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta <= 1):
+        raise ValueError(f"beta must be in [0, 1] or None, got {beta!r}")
     if beta is not None and n_aug == 0 and beta != 1:
         raise ValueError("beta mixes the plain view with augmented ones; give n_aug >= 1")
     modes = {module: module.training for module in model.modules()}  # e.g. frozen BN kept in eval
     model.eval()
     try:
         with torch.no_grad():
-            probs = [_predict_batch(model, x, augment, n_aug, beta).float().cpu() for x, _ in batches]
+            probs = [_predict_batch(model, _images(batch, i), augment, n_aug, beta).float().cpu()
+                     for i, batch in enumerate(batches)]
     finally:
         for module, training in modes.items():
             module.training = training
     if not probs:
-        raise ValueError("predict_tta got no batches")
+        raise ValueError("predict_tta got no batches (an empty dataset, or an iterator already used up?)")
     return torch.cat(probs)
 
 
+def _images(batch, i):
+    """x of batch i, a pair (x, y): float images (B, C, H, W)."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        what = f"a tensor of shape {tuple(batch.shape)}" if isinstance(batch, torch.Tensor) else type(batch).__name__
+        raise TypeError(f"batch {i} must be a pair (x, y), got {what}; pass [(x, None)] for images alone")
+    x = batch[0]
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"batch {i}: x must be float images in [0, 1], got {what}; convert uint8 with x.float() / 255")
+    return x
+
+
+def _softmax(logits, x):
+    if logits.dim() != 2 or len(logits) != len(x):
+        raise ValueError(f"the model gave {tuple(logits.shape)} for {len(x)} images; predict_tta needs "
+                         f"logits ({len(x)}, n_classes)")
+    return torch.softmax(logits, dim=1)                                  # (B, n_classes)
+
+
 def _predict_batch(model, x, augment, n_aug, beta):
-    plain = torch.softmax(model(x), dim=1)                               # (B, n_classes)
+    plain = _softmax(model(x), x)                                        # (B, n_classes)
     if n_aug == 0:
         return plain
-    augmented = sum(torch.softmax(model(augment(x)), dim=1) for _ in range(n_aug)) / n_aug
+    augmented = sum(_softmax(model(augment(x)), x) for _ in range(n_aug)) / n_aug
     if beta is None:
         return (plain + n_aug * augmented) / (n_aug + 1)
     return beta * plain + (1 - beta) * augmented

@@ -122,6 +122,9 @@ def test_preset_name_with_a_generator_is_seeded_and_equals_the_preset_function()
     (dict(augment=hflip, generator=torch.Generator()), ValueError, "generator is used only with a preset name"),
     (dict(augment="sideways"), ValueError, "side_on"),
     (dict(augment=3), TypeError, "function x -> x"),
+    (dict(augment=hflip, n_aug=True), ValueError, "n_aug must be an int >= 0"),
+    (dict(augment=hflip, beta="0.25"), ValueError, "beta must be in [0, 1]"),
+    (dict(augment=hflip, beta=float("nan")), ValueError, "beta must be in [0, 1]"),
 ])
 def test_bad_arguments_say_what_is_wrong(kwargs, error, words):
     model, (x, y) = tiny_model(), data()
@@ -132,3 +135,26 @@ def test_bad_arguments_say_what_is_wrong(kwargs, error, words):
 def test_no_batches_is_an_error():
     with pytest.raises(ValueError, match="no batches"):
         predict_tta(tiny_model(), [], augment=hflip)
+    used_up = iter(as_batches(*data()))
+    list(used_up)
+    with pytest.raises(ValueError, match="used up"):
+        predict_tta(tiny_model(), used_up, augment=hflip)
+
+
+@pytest.mark.parametrize("model, batches, error, words", [
+    ("model", [(torch.rand(2, 1, 6, 6), None)], TypeError, "model must be a module"),
+    (None, torch.rand(2, 1, 6, 6), TypeError, "pass [(x, None)]"),                 # a tensor, not batches
+    (None, 3, TypeError, "iterable of (x, y) pairs"),
+    (None, [torch.rand(2, 1, 6, 6)], TypeError, "batch 0 must be a pair (x, y), got a tensor"),
+    (None, [(torch.rand(2, 1, 6, 6), None), (torch.rand(2, 1, 6, 6),)], TypeError, "batch 1 must be a pair"),
+    (None, [(torch.zeros(2, 1, 6, 6, dtype=torch.uint8), None)], TypeError, "x.float() / 255"),
+    (nn.Flatten(0), [(torch.rand(2, 1, 6, 6), None)], ValueError, "needs logits (2, n_classes)"),
+])
+def test_bad_model_or_batches_say_what_is_wrong(model, batches, error, words):
+    with pytest.raises(error, match=re.escape(words)):
+        predict_tta(tiny_model() if model is None else model, batches, augment=hflip)
+
+
+def test_an_augmentation_that_changes_the_batch_size_is_caught():
+    with pytest.raises(ValueError, match=re.escape("the model gave (5, 4) for 10 images")):
+        predict_tta(tiny_model(), [data()], augment=lambda v: v[:5])
