@@ -43,6 +43,7 @@ they are not in `_hooks`: copy state_dicts, not hooked modules.
 import numbers
 import weakref
 
+import torch
 from torch import nn
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -54,7 +55,16 @@ def _layer_groups(model):
     if groups is None:
         raise TypeError(f"{type(model).__name__} has no layer_groups; use a model from minicnn.models "
                         "or give yours a `layer_groups` list of modules (early body, ..., head)")
+    if not isinstance(groups, (list, tuple, nn.ModuleList)) or not groups \
+            or not all(isinstance(g, nn.Module) for g in groups):
+        raise TypeError(f"{type(model).__name__}.layer_groups must be a non-empty list of modules (early body, "
+                        f"..., head), got {type(groups).__name__} {groups!r:.80}")
     return list(groups)
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def _run_in_eval(bn, inputs):
@@ -81,6 +91,7 @@ def freeze_to(model, n, *, train_bn=True):
     False: they are frozen and stay in eval mode (see the module docstring).
     """
     groups = _layer_groups(model)
+    _check_bool("train_bn", train_bn)
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n < len(groups):
         raise ValueError(f"freeze_to: n={n!r} must be an int in 0..{len(groups) - 1} (this model has "
                          f"{len(groups)} layer groups; n={len(groups)} would leave nothing to train)")
@@ -115,7 +126,9 @@ def bn_freeze(model, frozen=True):
     does. False: back to freeze_to's state (only frozen groups' BN with train_bn=False stay).
     freeze_to and unfreeze undo it: call it after them. The head's BN layers were made for
     this data and keep training (fastai 0.7 froze those too)."""
-    for group in _layer_groups(model)[:-1]:
+    groups = _layer_groups(model)
+    _check_bool("frozen", frozen)
+    for group in groups[:-1]:
         for bn in (m for m in group.modules() if isinstance(m, BATCH_NORMS)):
             if frozen:
                 _keep_in_eval(bn)
@@ -136,8 +149,25 @@ def param_groups(model, lrs, **hyper):
     Use: SGD(param_groups(model, differential_lrs(1e-2, 3, ratio=10), momentum=0.9), lr=1e-2).
     """
     groups = _layer_groups(model)
+    for key in ("params", "lr"):
+        if key in hyper:
+            raise ValueError(f"param_groups: {key}= is set here, one per layer group; give lrs instead "
+                             "and only other settings (momentum=, weight_decay=) as keywords")
+    grouped = [id(p) for group in groups for p in group.parameters()]
+    if len(grouped) != len(set(grouped)):
+        raise ValueError("param_groups: a parameter is in more than one layer group; each must hold its own")
+    everything = model.parameters() if isinstance(model, nn.Module) else ()
+    outside = len({id(p) for p in everything} - set(grouped))
+    if outside:
+        raise ValueError(f"param_groups: {outside} parameter tensors of the model are in no layer group, so no "
+                         "optimizer group would train them; put every module in one of model.layer_groups")
+    if isinstance(lrs, torch.Tensor) and lrs.dim() == 0:
+        lrs = lrs.item()
     if isinstance(lrs, numbers.Real):
         lrs = [lrs] * len(groups)
+    if isinstance(lrs, (str, bytes)) or not hasattr(lrs, "__iter__"):
+        raise ValueError(f"param_groups: lrs must be a number or a list of {len(groups)} numbers (one per layer "
+                         f"group), got {lrs!r}")
     lrs = list(lrs)
     if len(lrs) != len(groups):
         raise ValueError(f"param_groups: {len(lrs)} learning rates for {len(groups)} layer groups; "

@@ -229,6 +229,48 @@ def test_models_without_layer_groups_are_rejected():
         bn_freeze(nn.Linear(2, 2))
 
 
+class Grouped(nn.Module):
+    def __init__(self, groups):
+        super().__init__()
+        self.layer_groups = groups
+
+
+@pytest.mark.parametrize("groups", [[], nn.Linear(2, 2), [nn.Linear(2, 2), "head"]])
+def test_layer_groups_that_are_not_a_list_of_modules_are_rejected(groups):
+    model = Grouped(groups)
+    for call in [freeze, unfreeze, bn_freeze, lambda m: param_groups(m, 0.1)]:
+        with pytest.raises(TypeError, match="layer_groups must be a non-empty list of modules"):
+            call(model)
+
+
+def test_parameters_outside_or_shared_between_layer_groups_are_rejected():
+    model = tiny_model()
+    model.extra = nn.Linear(2, 2)  # trained by nobody: its optimizer group would not exist
+    with pytest.raises(ValueError, match="2 parameter tensors of the model are in no layer group"):
+        param_groups(model, 0.1)
+    shared = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="more than one layer group"):
+        param_groups(Grouped([shared, nn.Sequential(shared)]), 0.1)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda m: freeze(m, train_bn="False"), TypeError, "train_bn must be True or False"),
+    (lambda m: freeze_to(m, 1, train_bn=0), TypeError, "train_bn must be True or False"),
+    (lambda m: bn_freeze(m, "off"), TypeError, "frozen must be True or False"),
+    (lambda m: param_groups(m, None), ValueError, "lrs must be a number or a list of 3"),
+    (lambda m: param_groups(m, "0.1"), ValueError, "lrs must be a number or a list of 3"),
+    (lambda m: param_groups(m, 0.1, lr=0.5), ValueError, "lr= is set here"),
+    (lambda m: param_groups(m, 0.1, params=[]), ValueError, "params= is set here"),
+])
+def test_bad_arguments_are_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call(tiny_model())
+
+
+def test_a_zero_dim_tensor_lr_is_a_number():
+    assert [g["lr"] for g in param_groups(tiny_model(), torch.tensor(0.5))] == [0.5] * 3
+
+
 @pytest.mark.parametrize("lrs,match", [([0.1, 0.1], "2 learning rates for 3"), ([0.1] * 4, "4 learning rates"),
                                        ([0.1, 0.0, 0.1], r"lrs\[1\]"), ([0.1, float("nan"), 0.1], r"lrs\[1\]"),
                                        (-1.0, r"lrs\[0\]")])
