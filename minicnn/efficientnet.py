@@ -134,6 +134,12 @@ def efficientnet_lite0(pretrained=True, *, n_classes=1000, bn_momentum=BN_MOMENT
     bn_momentum: how fast BatchNorm's running statistics follow new batches in train mode;
     a training choice, not part of the learned function (eps is: it must stay 1e-3).
     """
+    if not isinstance(pretrained, bool):
+        raise TypeError(f"pretrained must be True or False, got {pretrained!r}")
+    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1:
+        raise ValueError(f"n_classes={n_classes!r} must be an int >= 1")
+    if isinstance(bn_momentum, bool) or not isinstance(bn_momentum, (int, float)) or not 0 <= bn_momentum <= 1:
+        raise ValueError(f"bn_momentum={bn_momentum!r} must be in [0, 1] (torch's convention: 0.1 is its default)")
     if pretrained and n_classes != 1000:
         raise ValueError(f"n_classes={n_classes}: the ImageNet weights have 1000 classes; load them "
                          "and replace the head (models.pretrained_classifier does)")
@@ -153,6 +159,9 @@ def grey_stem(stem):
     (p - 127) / 128 on all three), so the grey channel gets that same normalisation; the
     zero padding is then the same in both cases too.
     """
+    if not isinstance(stem, nn.Conv2d) or stem.in_channels != 3:
+        what = f"a conv with {stem.in_channels} input channels" if isinstance(stem, nn.Conv2d) else type(stem).__name__
+        raise ValueError(f"grey_stem takes a network's first conv on 3 channels (RGB), got {what}")
     grey = type(stem)(1, stem.out_channels, stem.kernel_size, stride=stem.stride,
                       padding=stem.padding, groups=stem.groups, bias=stem.bias is not None)
     with torch.no_grad():

