@@ -116,15 +116,25 @@ def find_batch_size(try_step, *, start=2, limit, margin=0.9, device=None, model=
     model, optimizer: restored afterwards (weights, buffers, modes, gradients, state).
     Raises MemoryError when even `start` does not fit; any other error of try_step is re-raised.
     """
-    if not isinstance(limit, int) or limit < 1:
+    if not callable(try_step):
+        raise TypeError(f"try_step must be a function batch_size -> None, got {type(try_step).__name__}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError(f"limit must be a positive int (the dataset's size), got {limit!r}")
-    if not isinstance(start, int) or not 1 <= start <= limit:
+    if isinstance(start, bool) or not isinstance(start, int) or not 1 <= start <= limit:
         raise ValueError(f"start must be an int between 1 and limit={limit}, got {start!r}")
-    if not 0 < margin <= 1:
-        raise ValueError(f"margin must be in (0, 1], got {margin}; 0.9 keeps 10% headroom")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin <= 1:
+        raise ValueError(f"margin must be in (0, 1], got {margin!r}; 0.9 keeps 10% headroom")
+    if model is not None and (not isinstance(model, torch.nn.Module) or not any(True for _ in model.parameters())):
+        raise TypeError(f"model must be a torch.nn.Module with parameters (it is put back afterwards), got "
+                        f"{type(model).__name__}")
+    if optimizer is not None and not all(hasattr(optimizer, a) for a in ("state_dict", "load_state_dict")):
+        raise TypeError(f"optimizer must have state_dict() and load_state_dict(), got {type(optimizer).__name__}")
     if device is None:
         device = next(model.parameters()).device if model is not None else torch.device("cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device; give 'cpu', 'cuda', 'cuda:1' or a torch.device") from e
     # what to put back afterwards
     model_state = _cpu_copy(model.state_dict()) if model is not None else None
     modes = [(m, m.training) for m in model.modules()] if model is not None else []

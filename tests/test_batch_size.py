@@ -184,15 +184,29 @@ def test_verbose_prints_each_try(capsys):
             "you tried to allocate 137438953472 bytes.") in capsys.readouterr().out
 
 
-def test_bad_arguments():
-    step = fake_step(10, MemoryError)
-    for kwargs, message in [(dict(limit=0), "limit must be a positive int"),
-                            (dict(limit=10, start=11), "start must be an int between 1 and limit=10"),
-                            (dict(limit=10, start=0), "start must be"),
-                            (dict(limit=10, margin=0), "margin must be in"),
-                            (dict(limit=10, margin=1.5), "margin must be in")]:
-        with pytest.raises(ValueError, match=message):
-            find_batch_size(step, **kwargs)
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(limit=0), ValueError, "limit must be a positive int"),
+    (dict(limit=10, start=11), ValueError, "start must be an int between 1 and limit=10"),
+    (dict(limit=10, start=0), ValueError, "start must be"),
+    (dict(limit=10, margin=0), ValueError, "margin must be in"),
+    (dict(limit=10, margin=1.5), ValueError, "margin must be in"),
+    (dict(limit=True), ValueError, "limit must be a positive int"),
+    (dict(limit=10.0), ValueError, "limit must be a positive int"),
+    (dict(limit=10, start=True), ValueError, "start must be an int"),
+    (dict(limit=10, margin="0.9"), ValueError, "margin must be in"),
+    (dict(limit=10, margin=float("nan")), ValueError, "margin must be in"),
+    (dict(limit=10, device="gpu"), ValueError, "device='gpu' is not a device"),
+    (dict(limit=10, model=3), TypeError, "model must be a torch.nn.Module"),
+    (dict(limit=10, model=torch.nn.ReLU()), TypeError, "with parameters"),
+    (dict(limit=10, optimizer="sgd"), TypeError, "optimizer must have state_dict"),
+    (dict(limit=10, try_step=64), TypeError, "try_step must be a function"),
+])
+def test_bad_arguments(kwargs, error, message):
+    tried = []
+    kwargs.setdefault("try_step", fake_step(10, MemoryError, tried))
+    with pytest.raises(error, match=message):
+        find_batch_size(**kwargs)
+    assert tried == []  # refused before any try
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
