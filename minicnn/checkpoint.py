@@ -1,42 +1,174 @@
-"""Checkpoints that resume a run exactly: everything the next step depends on, written atomically.
+"""Checkpoints that resume a run exactly, written atomically and checked when read back.
 
-What the next training step depends on, and where it is kept here:
-    weights and BatchNorm statistics     model.state_dict()
-    momentum buffers, group LRs          optimizer.state_dict()
-    the schedule's position              step (the LR is a pure function of it)
-    which layers are frozen              requires_grad of every named parameter
-    dropout, torch.rand* in user code    torch's global RNG (and every CUDA device's)
-    augmentation, sampling               the torch.Generators passed as `generators`
-    random / numpy in user code          Python's and numpy's global RNG
-The data order needs nothing: minicnn's Batches draws epoch e's order from (seed, e), so
-fit(start_step=k) sees the same batches as the run that was never stopped. Code is not
-state: freeze.py's eval-mode hooks for BatchNorm (train_bn=False) are not saved, so call
-the same freeze_to(...) before loading, as the saved run did before it trained.
-
-Atomic write: torch.save into a temporary file in the same folder, flush + fsync, then
-os.replace onto the target (a rename: all or nothing on POSIX and Windows), then fsync the
-folder so the rename itself survives a power cut. A crash at any point leaves either the
-old checkpoint or the new one at `path`, never half a file.
-
-Sources: PyTorch's "Saving and loading a general checkpoint" recipe (model + optimizer +
-epoch); the write-fsync-rename idiom of databases and editors.
-How it differs: the PyTorch recipe saves no RNG state and no freeze state (a resumed run
-draws different dropout masks and augmentations, and may train layers that were frozen);
-fastai's Learner.save writes model + optimizer, not atomically. Loading uses
-weights_only=True (no arbitrary code from a file), so `extra` must be plain data: numbers,
-strings, lists, dicts, tensors (dataclasses.asdict(history) for a History).
+A checkpoint holds everything the next step depends on: weights and BatchNorm statistics,
+the optimizer's state and class, the step (the LR is a function of it), requires_grad of
+every parameter, and the RNG states (torch, CUDA, Python, numpy, the Generators given).
+Write:  torch.save -> temporary file in the same folder -> flush -> fsync -> os.replace onto
+        the path -> fsync the folder (a crash leaves the old file or the new one, never half).
+Check:  sha256 over every value saved, stored in the file, recomputed on load.
+Source: PyTorch's recipe "Saving and loading a general checkpoint"; the write-fsync-rename
+idiom of databases and editors. docs/checkpoints.md: what a crash can cost, and what not.
 """
+import hashlib
 import os
 import random
+import re
 import secrets
-from collections import namedtuple
+import socket
+from collections import OrderedDict, namedtuple
 from pathlib import Path
 
 import numpy as np
 import torch
 
-FORMAT = "minicnn-checkpoint-1"
+FORMAT = "minicnn-checkpoint-2"  # 1: no checksum, no optimizer class
 Resumed = namedtuple("Resumed", "step extra")
+HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"  # no dots: the name parses
+PLAIN = "None, bool, int, float, str, bytes, list, tuple, dict, torch.Tensor"
+HINTS = {"PosixPath": "str(path)", "WindowsPath": "str(path)", "set": "sorted(values)",
+         "History": "dataclasses.asdict(history)", "ndarray": "torch.from_numpy(array)"}
+
+
+def _feed(h, value, where):
+    """Hash `value` into h, tagged by type and length; refuse what weights_only cannot load back."""
+    kind = type(value)
+    if value is None or kind in (bool, int, float, str, bytes):
+        text = value.hex() if kind is float else str(value)  # float.hex: every bit, -0.0 too
+        raw = value if kind is bytes else text.encode("utf-8", "surrogatepass")
+        h.update(f"{kind.__name__}:{len(raw)}:".encode() + raw)
+    elif kind in (list, tuple, torch.Size):
+        h.update(f"{kind.__name__}:{len(value)}:".encode())
+        for i, item in enumerate(value):
+            _feed(h, item, f"{where}[{i}]")
+    elif kind in (dict, OrderedDict):
+        h.update(f"dict:{len(value)}:".encode())
+        for key, item in value.items():
+            _feed(h, key, f"a key of {where}")
+            _feed(h, item, f"{where}[{key!r}]")
+        if hasattr(value, "_metadata"):  # a state_dict's module versions steer load_state_dict
+            _feed(h, value._metadata, f"{where}._metadata")
+    elif kind is torch.dtype:
+        h.update(f"dtype:{value}".encode())
+    elif kind in (torch.Tensor, torch.nn.Parameter) and value.layout == torch.strided and not value.is_meta:
+        t = value.detach().cpu().resolve_conj().resolve_neg().contiguous()
+        h.update(f"tensor:{t.dtype}:{tuple(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes of the values
+    else:
+        hint = HINTS.get(kind.__name__, "value.item() or float(value)" if kind.__module__ == "numpy" else
+                         "dataclasses.asdict(value)" if hasattr(value, "__dataclass_fields__") else
+                         "value._asdict()" if hasattr(value, "_asdict") else "a plain equivalent")
+        raise TypeError(f"{where} is a {kind.__module__}.{kind.__qualname__}, which torch.load(weights_only=True) "
+                        f"cannot read back; store plain data ({PLAIN}): use {hint}")
+
+
+def checksum(contents):
+    """sha256 (hex) of a dict of plain data, {name: value}; TypeError naming the first value that is not plain."""
+    h = hashlib.sha256()
+    for name, value in contents.items():
+        _feed(h, name, "a name")
+        _feed(h, value, name)
+    return h.hexdigest()
+
+
+def _file_path(path):
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give the path of a file in it, e.g. {path / 'ckpt.pt'}")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise NotADirectoryError(f"{path.parent} is a file, so {path.name} cannot be written inside it; "
+                                 "choose another folder")
+    return path
+
+
+def _dead(pid):
+    """True if no process has this id (on this host); on Windows nobody can tell: False."""
+    if os.name == "nt" or pid == os.getpid():  # Windows: os.kill(pid, 0) would terminate the process
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, under another user
+        return False
+    return False
+
+
+def stale_temporaries(path):
+    """Temporary files of `path` that atomic_save left when its process was killed (that process is gone)."""
+    path = Path(path)
+    pattern = re.compile(r"\." + re.escape(path.name) + r"\.(?:(?P<host>[A-Za-z0-9-]+)\.)?(?P<pid>\d+)"
+                         r"\.[0-9a-f]{8}\.tmp")  # .{name}.{host}.{pid}.{token}.tmp (no host: older versions)
+    found = []
+    for entry in os.scandir(path.parent) if path.parent.is_dir() else ():
+        m = pattern.fullmatch(entry.name)
+        if m and m.group("host") in (None, HOST) and _dead(int(m.group("pid"))):
+            found.append(path.parent / entry.name)
+    return found
+
+
+def _fsync_folder(folder):
+    if os.name == "nt":  # Windows cannot open a folder for fsync; its rename is durable enough
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj, path):
+    """torch.save(obj) to `path` so that a crash leaves the old file or the new one, never half of one."""
+    path = _file_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in stale_temporaries(path):  # a killed save cannot clean up after itself: the next one does
+        leftover.unlink(missing_ok=True)
+    # the temporary file must be in the same folder: os.replace is atomic only within one file system
+    # (not tempfile.mkstemp: its 0600 mode would survive the rename; here the umask applies, as for open())
+    tmp = path.parent / f".{path.name}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)  # a rename: all or nothing
+    except BaseException:  # a full disk, a Ctrl-C: the old file stays, the temporary goes
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)  # the rename itself survives a power cut
+    return path
+
+
+def save_checked(path, fmt, contents):
+    """atomic_save {format, sha256, contents}; contents is checked to be plain data before anything is written."""
+    return atomic_save({"format": fmt, "sha256": checksum(contents), "contents": contents}, path)
+
+
+def load_checked(path, fmt, what):
+    """The contents save_checked wrote, or a clear error: missing, a folder, unreadable, foreign, or damaged."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a {what} file; give the file's path")
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} file at {path}; check the path (was it saved there?)")
+    advice = f"Use an earlier {what}, or make this one again."
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, zero bytes, flipped bits, not torch.save's
+        raise ValueError(f"{path} cannot be read as a {what}: it is damaged (truncated, empty, bits flipped) or not "
+                         f"written by torch.save ({type(error).__name__}: {str(error)[:200]}). {advice}") from error
+    if not isinstance(saved, dict) or saved.get("format") != fmt or set(saved) != {"format", "sha256", "contents"}:
+        raise ValueError(f"{path} is not a minicnn {what} of format {fmt}, or it is damaged; files of older "
+                         "versions have no checksum and cannot be checked (for bare weights use "
+                         f"model.load_state_dict(torch.load(path))). {advice}")
+    try:
+        same = isinstance(saved["contents"], dict) and checksum(saved["contents"]) == saved["sha256"]
+    except TypeError:
+        same = False
+    if not same:
+        raise ValueError(f"{path} is damaged: its values do not match the sha256 stored with them (bits flipped on "
+                         f"disk or in a copy). {advice}")
+    return saved["contents"]
 
 
 def _rng_states():
@@ -44,7 +176,8 @@ def _rng_states():
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,  # used at all?
             "python": random.getstate(),
-            "numpy": (state[0], torch.from_numpy(state[1].astype(np.int64)), *state[2:])}
+            "numpy": (state[0], torch.from_numpy(state[1].astype(np.int64)), int(state[2]), int(state[3]),
+                      float(state[4]))}
 
 
 def _set_rng_states(states):
@@ -64,51 +197,31 @@ def _check_generators(generators):
     return generators
 
 
-def _fsync_folder(folder):
-    if os.name == "nt":  # Windows cannot open a folder for fsync; its rename is durable enough
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _class_name(optimizer):
+    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
 
 
 def save_checkpoint(path, *, model, optimizer, step, extra=None, generators=None):
     """Write a checkpoint to `path` atomically; `step` = steps done = fit's start_step on resume.
 
     generators: {name: torch.Generator} whose states to save (augmentation, sampling).
-    extra: plain data to keep alongside (history, args); given back by load_checkpoint.
+    extra: plain data to keep alongside (numbers, strings, lists, dicts, tensors), given back
+    by load_checkpoint; anything else is refused, naming it, before a file is touched.
     """
-    if not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be the number of steps done (an int >= 0), got {step!r}")
-    checkpoint = {
-        "format": FORMAT,
+    if type(step) is not int or step < 0:  # bool is an int to Python, not a step
+        raise ValueError(f"step must be the number of steps done (an int >= 0; int(step) for a numpy "
+                         f"integer), got {step!r}")
+    contents = {
+        "extra": extra,  # first: the likeliest to be refused, and named in the error as extra[...]
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
+        "optimizer_class": _class_name(optimizer),
         "step": step,
         "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
         "rng": _rng_states(),
         "generators": {name: g.get_state() for name, g in _check_generators(generators).items()},
-        "extra": extra,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the temporary file must be in the same folder: os.replace is atomic only within one file system
-    # (not tempfile.mkstemp: its 0600 mode would survive the rename; here the umask applies, as for open())
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
-    return path
+    return save_checked(path, FORMAT, contents)
 
 
 def _check_architecture(path, saved, own):
@@ -127,15 +240,15 @@ def _check_architecture(path, saved, own):
 def load_checkpoint(path, *, model, optimizer, generators=None):
     """Restore what save_checkpoint wrote -> Resumed(step, extra); then fit(..., start_step=step).
 
-    Build model and optimizer as the saved run did (same architecture, same param groups);
-    nothing is changed if the architecture differs. generators: {name: torch.Generator},
-    the same names as at saving time.
+    Build model and optimizer as the saved run did (same architecture, same optimizer class,
+    same param groups); nothing is changed if they differ or the file is damaged.
+    generators: {name: torch.Generator}, the same names as at saving time.
     """
     generators = _check_generators(generators)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a minicnn checkpoint (written by save_checkpoint); for bare "
-                         "weights use model.load_state_dict(torch.load(path))")
+    checkpoint = load_checked(path, FORMAT, "checkpoint")
+    if checkpoint["optimizer_class"] != _class_name(optimizer):
+        raise ValueError(f"{path} holds the state of a {checkpoint['optimizer_class']}, but the optimizer given is a "
+                         f"{_class_name(optimizer)}; build the optimizer the saved run used")
     _check_architecture(path, checkpoint["model"], model.state_dict())
     missing = sorted(set(generators) - set(checkpoint["generators"]))
     if missing:

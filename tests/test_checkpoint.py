@@ -2,6 +2,7 @@
 never-stopped run ends; saving is atomic; a wrong architecture is named key by key."""
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,3 +210,212 @@ def test_bad_input(tmp_path):
     torch.save(model.state_dict(), tmp_path / "weights.pt")
     with pytest.raises(ValueError, match="not a minicnn checkpoint"):
         load_checkpoint(tmp_path / "weights.pt", model=model, optimizer=opt)
+
+
+# --- what saves must load; stale temporaries; checksum; the optimizer's class -----------------------
+
+def small_checkpoint(path, step=3):
+    """A small model and a momentum SGD after one step, saved with some extra -> (model, opt, extra)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    extra = {"loss": [1.5, 0.25], "args": {"lr": 0.1, "out": "runs/x"}, "best": torch.tensor(0.75)}
+    save_checkpoint(path, model=model, optimizer=opt, step=step, extra=extra)
+    return model, opt, extra
+
+
+def fresh():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    return model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+
+
+def states(model, opt):
+    return {**{f"model.{k}": v.clone() for k, v in model.state_dict().items()},
+            **{f"opt.{i}": s["momentum_buffer"].clone() for i, s in opt.state_dict()["state"].items()},
+            "lr": opt.param_groups[0]["lr"]}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
+                                        for k in a)
+
+
+def _history():
+    from minicnn.train import History
+    return History()
+
+
+@pytest.mark.parametrize("bad, where, hint", [
+    (lambda: {"history": _history()}, r"extra\['history'\] is a minicnn\.train\.History", "dataclasses.asdict(history)"),
+    (lambda: {"loss": np.float64(0.5)}, r"extra\['loss'\] is a numpy\.float64", "value.item()"),
+    (lambda: {"epoch": np.int64(2)}, r"extra\['epoch'\] is a numpy\.int64", "value.item()"),
+    (lambda: {"args": {"lr": 0.1, "out": Path("runs/x")}}, r"extra\['args'\]\['out'\] is a pathlib\.\w*Path",
+     "str(path)"),
+    (lambda: {"seen": [1, {2, 3}]}, r"extra\['seen'\]\[1\] is a builtins\.set", "sorted(values)"),
+    (lambda: {"rng": random.Random(0)}, r"extra\['rng'\] is a random\.Random", "a plain equivalent"),
+], ids=["History", "numpy float", "numpy int", "Path in vars(args)", "set", "object"])
+def test_an_extra_that_would_not_load_is_refused_by_name_before_the_old_file_is_touched(tmp_path, bad, where, hint):
+    model, opt, _ = small_checkpoint(tmp_path / "c.pt")
+    before = (tmp_path / "c.pt").read_bytes()
+    with pytest.raises(TypeError, match=where) as error:
+        save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=4, extra=bad())
+    assert "weights_only=True" in str(error.value) and f"use {hint}" in str(error.value)
+    assert (tmp_path / "c.pt").read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+    assert load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt).step == 3
+
+
+def test_every_kind_of_plain_extra_saves_and_loads_back_equal(tmp_path):
+    model, opt = fresh()
+    extra = {"none": None, "flags": (True, False), "int": -7, "big": 2 ** 100, "float": -0.0, "nan": float("nan"),
+             "str": "é\n", "bytes": b"\x00\xff", "nested": [{"a": [1, (2, 3)]}, []], 5: "int key", (1, 2): "tuple key",
+             "dtype": torch.bfloat16, "size": torch.Size([2, 3]), "t": torch.arange(6).view(2, 3).t(),
+             "half": torch.ones(2, dtype=torch.float16), "bool_t": torch.tensor([True, False]), "scalar": torch.tensor(3.5)}
+    save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=0, extra=extra)
+    back = load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt).extra
+    assert back.keys() == extra.keys()
+    for key, value in extra.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(back[key], value) and back[key].dtype == value.dtype, key
+        elif key == "nan":
+            assert back[key] != back[key]
+        else:
+            assert back[key] == value and type(back[key]) is type(value), key
+    assert str(back["float"]) == "-0.0"
+
+
+@pytest.mark.parametrize("step", [True, False, np.int64(3), 2.0, "3"])
+def test_a_step_that_is_not_an_int_is_refused(tmp_path, step):
+    model, opt = fresh()
+    with pytest.raises(ValueError, match="step must be the number of steps done"):
+        save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=step)
+    assert not tmp_path.exists() or list(tmp_path.iterdir()) == []
+
+
+def test_stale_temporaries_of_the_same_target_are_removed_by_the_next_save(tmp_path):
+    import subprocess
+    import sys
+    from minicnn.checkpoint import HOST
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid now belongs to no process
+    dead, alive = gone.pid, os.getppid()
+    names = {f".c.pt.{HOST}.{dead}.0123abcd.tmp": "stale", f".c.pt.{dead}.89abcdef.tmp": "stale",  # older name
+             f".c.pt.{HOST}.{alive}.0123abcd.tmp": "kept",  # its process may still be writing it
+             f".c.pt.otherhost.{dead}.0123abcd.tmp": "kept",  # a pid of another machine says nothing here
+             f".d.pt.{HOST}.{dead}.0123abcd.tmp": "kept", "c.pt.bak": "kept"}  # not c.pt's temporaries
+    for name in names:
+        (tmp_path / name).write_bytes(b"x" * 100)
+    model, opt = fresh()
+    save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=0)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["c.pt"] + [n for n, what in names.items() if what == "kept"])
+
+
+def test_a_full_disk_during_the_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    import errno
+    model, opt, _ = small_checkpoint(tmp_path / "c.pt")
+    real_save = torch.save
+
+    def disk_full(obj, f):
+        real_save(obj, f)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=9)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt).step == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_single_bit_flips_are_refused_by_name_and_never_load_altered_values(tmp_path):
+    """200 single-bit flips spread over a small checkpoint: each is refused with the file's name, or (in bytes
+    that cannot matter, e.g. zip metadata) loads values identical to the saved ones; none loads altered ones."""
+    model, opt, extra = small_checkpoint(tmp_path / "c.pt")
+    saved, good = states(model, opt), (tmp_path / "c.pt").read_bytes()
+    refused = identical = 0
+    for k in range(200):
+        position = k * len(good) // 200 + k % 7  # spread over the file, not only at multiples of 8
+        flipped = bytearray(good)
+        flipped[position] ^= 1 << (k % 8)
+        path = tmp_path / "flipped.pt"
+        path.write_bytes(bytes(flipped))
+        target, target_opt = fresh()
+        before = states(target, target_opt)
+        try:
+            resumed = load_checkpoint(path, model=target, optimizer=target_opt)
+        except ValueError as error:
+            assert str(path) in str(error) and ("damaged" in str(error) or "not a minicnn checkpoint" in str(error))
+            assert "earlier checkpoint" in str(error)  # what to do
+            assert same(states(target, target_opt), before), f"byte {position}: refused, yet something changed"
+            refused += 1
+        else:
+            assert same(states(target, target_opt), saved), f"byte {position}: loaded altered values"
+            assert resumed.step == 3 and resumed.extra["loss"] == extra["loss"]
+            assert torch.equal(resumed.extra["best"], extra["best"])
+            identical += 1
+    assert refused + identical == 200 and refused >= 150  # most bytes are payload: the checksum sees them
+
+
+@pytest.mark.parametrize("damage", ["truncated", "half", "zero bytes", "random bytes", "text"])
+def test_a_damaged_file_is_refused_with_its_name_and_what_to_do(tmp_path, damage):
+    small_checkpoint(tmp_path / "c.pt")
+    good = (tmp_path / "c.pt").read_bytes()
+    damaged = {"truncated": good[:-10], "half": good[:len(good) // 2], "zero bytes": b"",
+               "random bytes": bytes(torch.randint(0, 256, (len(good),), dtype=torch.uint8).tolist()),
+               "text": b"step: 3\n"}[damage]
+    (tmp_path / "c.pt").write_bytes(damaged)
+    model, opt = fresh()
+    before = states(model, opt)
+    with pytest.raises(ValueError, match="cannot be read as a checkpoint: it is damaged") as error:
+        load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt)
+    assert str(tmp_path / "c.pt") in str(error.value) and "Use an earlier checkpoint" in str(error.value)
+    assert same(states(model, opt), before)
+
+
+def test_an_older_or_foreign_file_and_wrong_paths_are_refused_clearly(tmp_path):
+    model, opt = fresh()
+    torch.save({"format": "minicnn-checkpoint-1", "model": model.state_dict()}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="old.pt is not a minicnn checkpoint.*older versions have no checksum"):
+        load_checkpoint(tmp_path / "old.pt", model=model, optimizer=opt)
+    with pytest.raises(FileNotFoundError, match="no checkpoint file at .*missing.pt"):
+        load_checkpoint(tmp_path / "missing.pt", model=model, optimizer=opt)
+    with pytest.raises(IsADirectoryError, match="is a folder, not a checkpoint file"):
+        load_checkpoint(tmp_path, model=model, optimizer=opt)
+    with pytest.raises(IsADirectoryError, match="is a folder; give the path of a file in it"):
+        save_checkpoint(tmp_path, model=model, optimizer=opt, step=0)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="file is a file, so c.pt cannot be written inside it"):
+        save_checkpoint(tmp_path / "file" / "c.pt", model=model, optimizer=opt, step=0)
+
+
+def test_a_checksum_that_does_not_match_is_refused(tmp_path):
+    """A file rewritten with one weight changed and the old checksum kept: refused as damaged."""
+    model, opt, _ = small_checkpoint(tmp_path / "c.pt")
+    saved = torch.load(tmp_path / "c.pt", weights_only=True)
+    saved["contents"]["model"]["0.weight"][0, 0] += 1e-3
+    torch.save(saved, tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="is damaged: its values do not match the sha256"):
+        load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt)
+
+
+@pytest.mark.parametrize("saved_with", ["torch SGD", "torch Adam"])
+def test_a_checkpoint_of_another_optimizer_class_is_refused_before_anything_changes(tmp_path, saved_with):
+    from minicnn.optim import SGD
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if saved_with == "torch SGD"
+           else torch.optim.Adam(model.parameters(), lr=0.1))
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=1)
+    target = nn.Linear(4, 3)
+    mine = SGD(target.parameters(), lr=0.5, momentum=0.9)
+    before_model = {k: v.clone() for k, v in target.state_dict().items()}
+    before_opt = mine.state_dict()
+    with pytest.raises(ValueError, match=r"holds the state of a torch\.optim\.\w+\.(SGD|Adam), but the optimizer "
+                                         r"given is a minicnn\.optim\.SGD; build the optimizer the saved run used"):
+        load_checkpoint(tmp_path / "c.pt", model=target, optimizer=mine)
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in before_model.items())
+    assert mine.state_dict() == before_opt and mine.param_groups[0]["lr"] == 0.5
