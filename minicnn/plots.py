@@ -39,25 +39,44 @@ def _save(fig, path):
 
 
 def plot_lr_find(result, path=None):
-    """Smoothed loss against LR (log axis), usable points only, the suggestion marked by a dot."""
+    """Smoothed loss against LR (log axis), usable points only, the suggestion marked by a dot.
+    When the loss never clearly fell (result.loss_fell False) the point is marked as the lowest
+    loss, not a recommendation; without any suggested_lr nothing is marked."""
     lrs = np.asarray(result.lrs, dtype=float)
     smoothed = np.asarray(result.smoothed_losses, dtype=float)
+    if lrs.ndim != 1 or lrs.shape != smoothed.shape:
+        raise ValueError(f"plot_lr_find: result.lrs has shape {lrs.shape} and result.smoothed_losses "
+                         f"{smoothed.shape}; give one smoothed loss per LR")
+    if len(lrs) == 0:
+        raise ValueError("plot_lr_find: the result holds no points; run the sweep for at least 2 steps")
+    if not (np.isfinite(lrs) & (lrs > 0)).all():
+        raise ValueError("plot_lr_find: result.lrs must be positive finite rates (the axis is logarithmic)")
     first = getattr(result, "skip_start", 0) or 0
     stop = getattr(result, "stop", None)
     stop = len(lrs) if stop is None else stop
+    if not 0 <= first < stop <= len(lrs):
+        raise ValueError(f"plot_lr_find: usable points skip_start={first} .. stop={stop} must lie in "
+                         f"0..{len(lrs)} and hold at least one point")
     fig = _new_figure(6, 4)
     ax = fig.add_subplot()
-    ax.plot(lrs[first:stop], smoothed[first:stop], label="smoothed loss")
+    lr = result.suggested_lr
+    ax.plot(lrs[first:stop], smoothed[first:stop],
+            label="smoothed loss" if lr is not None else "smoothed loss (no suggested LR)")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel("loss (bias-corrected EMA)")
-    lr = result.suggested_lr
     if lr is not None:
         index = getattr(result, "suggested_index", None)
         if index is None:  # nearest point on the log axis
             index = int(np.argmin(np.abs(np.log(lrs) - math.log(lr))))
-        ax.plot([lr], [smoothed[index]], "o", color="red", label=f"suggested {lr:.2g}")
-        ax.legend()
+        if not 0 <= index < len(lrs):
+            raise ValueError(f"plot_lr_find: suggested_index={index} is not a point of the sweep (0..{len(lrs) - 1})")
+        if getattr(result, "loss_fell", True):
+            ax.plot([lr], [smoothed[index]], "o", color="red", label=f"suggested {lr:.2g}")
+        else:  # the rate of the lowest loss: a fact about the curve, not advice
+            ax.plot([lr], [smoothed[index]], "x", color="0.3",
+                    label=f"lowest loss at {lr:.2g} (no clear fall: not a recommendation)")
+    ax.legend()
     ax.set_title(getattr(result, "reason", "") or "LR range test", fontsize=8, wrap=True)
     return _save(fig, path)
 
@@ -68,10 +87,18 @@ def plot_schedule(schedules, path=None, *, title=""):
         schedules = {"lr": schedules}
     if not schedules:
         raise ValueError("plot_schedule needs at least one schedule")
+    arrays = {}
+    for name, lrs in schedules.items():
+        try:
+            arrays[name] = np.asarray(lrs, dtype=float)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"plot_schedule: schedule {name!r} must be a list of learning rates ({e})") from e
+        if arrays[name].ndim == 0 or len(arrays[name]) == 0:
+            raise ValueError(f"plot_schedule: schedule {name!r} holds no steps; give one LR per step")
     fig = _new_figure(6, 3.5)
     ax = fig.add_subplot()
-    for name, lrs in schedules.items():
-        ax.plot(np.arange(len(lrs)), np.asarray(lrs, dtype=float), label=str(name))
+    for name, lrs in arrays.items():
+        ax.plot(np.arange(len(lrs)), lrs, label=str(name))
     ax.set_xlabel("step (minibatch)")
     ax.set_ylabel("learning rate")
     ax.legend()
@@ -81,8 +108,12 @@ def plot_schedule(schedules, path=None, *, title=""):
 
 def plot_losses(history, path=None, *, title=""):
     """Per-minibatch training loss (faint) and per-epoch losses, x in epochs; title = diagnosis."""
+    missing = [name for name in ("train_loss", "valid_loss") if not hasattr(history, name)]
+    if missing:
+        raise TypeError(f"plot_losses: history must have train_loss and valid_loss (a train.History); "
+                        f"{type(history).__name__} lacks {missing} (for a dict d pass types.SimpleNamespace(**d))")
     batch_loss = list(getattr(history, "batch_loss", []) or [])
-    per_epoch = {"train (running)": history.train_loss, "valid": history.valid_loss,
+    per_epoch = {"train (running)": history.train_loss or [], "valid": history.valid_loss or [],
                  "train (eval mode)": getattr(history, "train_eval_loss", []) or []}
     epochs = max(len(v) for v in per_epoch.values())
     if epochs == 0 and not batch_loss:
@@ -125,10 +156,14 @@ def _show(ax, image):
 
 def plot_augmented(rows, path=None, *, title=""):
     """A grid: one row per named batch of images (e.g. "original", "side_on"), K columns."""
+    if not isinstance(rows, dict):
+        raise TypeError(f"plot_augmented: rows must be a dict {{name: images (K, C, H, W)}}, got {type(rows).__name__}")
     if not rows:
         raise ValueError("plot_augmented needs at least one row of images")
     for name, images in rows.items():
         _check_images(images, f"plot_augmented row {name!r}")
+        if len(images) == 0:
+            raise ValueError(f"plot_augmented row {name!r} holds no images")
     n_cols = max(len(images) for images in rows.values())
     fig = _new_figure(1.5 * n_cols + 1, 1.5 * len(rows) + 0.5)
     axes = fig.subplots(len(rows), n_cols, squeeze=False)
@@ -143,11 +178,23 @@ def plot_augmented(rows, path=None, *, title=""):
     return _save(fig, path)
 
 
+def _labels(values, name):
+    """Class indices (N,) as a long tensor; floats only when whole numbers (never truncated)."""
+    labels = torch.as_tensor(values)
+    if labels.dim() > 1:
+        raise ValueError(f"{name} must be class indices (N,), got shape {tuple(labels.shape)}; "
+                         "for probabilities (N, n_classes) pass probs.argmax(1)")
+    if labels.is_floating_point() and not torch.equal(labels, labels.round()):
+        raise ValueError(f"{name} must be whole class indices, got fractions (probabilities? pass probs.argmax(1))")
+    return labels.long().flatten()
+
+
 def plot_confusion(y_true, y_pred, classes, path=None):
     """Confusion matrix: row = true class, column = predicted class, counts written in."""
-    y_true = torch.as_tensor(y_true).long().flatten()
-    y_pred = torch.as_tensor(y_pred).long().flatten()
+    y_true, y_pred = _labels(y_true, "y_true"), _labels(y_pred, "y_pred")
     n = len(classes)
+    if n == 0:
+        raise ValueError("plot_confusion: classes is empty; give one name per class")
     if y_true.shape != y_pred.shape:
         raise ValueError(f"y_true has {len(y_true)} labels but y_pred has {len(y_pred)}")
     if len(y_true) and (min(y_true.min(), y_pred.min()) < 0 or max(y_true.max(), y_pred.max()) >= n):
@@ -171,13 +218,19 @@ def plot_confusion(y_true, y_pred, classes, path=None):
 def plot_top_losses(x, y_true, probs, classes, path=None, *, k=9):
     """The k images with the highest loss -log p(true class), worst first, titled pred/true/loss/p."""
     _check_images(x, "plot_top_losses x")
-    y_true = torch.as_tensor(y_true).long().flatten()
+    y_true = _labels(y_true, "y_true")
     probs = torch.as_tensor(probs).float()
-    if not (len(x) == len(y_true) == len(probs)) or probs.dim() != 2:
+    if probs.dim() != 2 or not (len(x) == len(y_true) == len(probs)):
         raise ValueError(f"x, y_true and probs (N, n_classes) must agree: {len(x)}, {len(y_true)}, "
                          f"{tuple(probs.shape)}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    if len(x) == 0:
+        raise ValueError("plot_top_losses: no images given")
+    if probs.shape[1] != len(classes):
+        raise ValueError(f"probs has {probs.shape[1]} columns but classes names {len(classes)}; one name per class")
+    if y_true.min() < 0 or y_true.max() >= len(classes):
+        raise ValueError(f"y_true must lie in 0..{len(classes) - 1} for {len(classes)} classes")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be >= 1, got {k!r}")
     p_true = probs[torch.arange(len(y_true)), y_true]  # (N,)
     losses = -torch.log(p_true.clamp_min(1e-12))
     top = torch.argsort(losses, descending=True, stable=True)[:k]

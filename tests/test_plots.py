@@ -53,6 +53,48 @@ def test_plot_lr_find_marks_index_zero():
     assert list(marker.get_xdata()) == [1e-4]
 
 
+def legend_texts(fig):
+    return [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+
+
+def test_plot_lr_find_legend_says_suggested_only_for_a_recommendation():
+    assert legend_texts(plot_lr_find(_lr_result(loss_fell=True))) == ["smoothed loss", f"suggested {1e-4 * 10 ** (7 / 4):.2g}"]
+    flat = _lr_result(suggested_lr=10.0, suggested_index=17, loss_fell=False,
+                      reason="no usable suggestion: the loss never clearly fell; lowest at lr 10, not a recommendation")
+    fig = plot_lr_find(flat)
+    texts = legend_texts(fig)
+    assert texts == ["smoothed loss", "lowest loss at 10 (no clear fall: not a recommendation)"]
+    assert not any("suggested" in t for t in texts)
+    marker = fig.axes[0].lines[1]
+    assert marker.get_marker() == "x" and list(marker.get_xdata()) == [10.0]
+    bare = SimpleNamespace(lrs=[1e-3, 1e-2], smoothed_losses=[1.0, 2.0], suggested_lr=None)
+    assert legend_texts(plot_lr_find(bare)) == ["smoothed loss (no suggested LR)"]
+
+
+def test_plot_lr_find_with_a_real_flat_sweep_never_says_suggested():
+    from minicnn.lr_find import LRFindResult, suggest_lr
+    lrs = [1e-5 * 10 ** (i / 5) for i in range(30)]
+    smoothed = [1.0] * 30                              # the loss never falls
+    s = suggest_lr(lrs, smoothed)
+    assert not s.loss_fell
+    result = LRFindResult(lrs, smoothed, smoothed, s.lr, s.index, "rule", s.reason, s.loss_fell,
+                          s.skip_start, s.stop, "ran 30 steps")
+    assert not any("suggested" in t for t in legend_texts(plot_lr_find(result)))
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(lrs=[1e-3, 1e-2, 1e-1], smoothed_losses=[1.0]), "give one smoothed loss per LR"),
+    (dict(lrs=[], smoothed_losses=[]), "holds no points"),
+    (dict(lrs=[0.0, 1e-2], smoothed_losses=[1.0, 2.0]), "positive finite rates"),
+    (dict(lrs=[1e-3, 1e-2], smoothed_losses=[1.0, 2.0], suggested_lr=1e-3, suggested_index=5), "suggested_index=5"),
+    (dict(lrs=[1e-3, 1e-2], smoothed_losses=[1.0, 2.0], skip_start=2), "skip_start=2"),
+])
+def test_plot_lr_find_rejects_results_it_cannot_draw(fields, match):
+    fields.setdefault("suggested_lr", None)
+    with pytest.raises(ValueError, match=match):
+        plot_lr_find(SimpleNamespace(**fields))
+
+
 def test_plot_schedule_dict_and_list(tmp_path):
     a, b = [0.1, 0.05, 0.0], [0.2, 0.2, 0.1, 0.0]
     ax = plot_schedule({"a": a, "b": b}, tmp_path / "s.png", title="two").axes[0]
@@ -63,6 +105,10 @@ def test_plot_schedule_dict_and_list(tmp_path):
     np.testing.assert_allclose(plot_schedule(a).axes[0].lines[0].get_ydata(), a)
     with pytest.raises(ValueError, match="at least one"):
         plot_schedule({})
+    with pytest.raises(ValueError, match="schedule 'lr' holds no steps"):
+        plot_schedule([])
+    with pytest.raises(ValueError, match="schedule 'b' must be a list of learning rates"):
+        plot_schedule({"a": [0.1], "b": ["fast"]})
 
 
 def test_plot_losses_epoch_axis_lines_up_with_batches(tmp_path):
@@ -83,6 +129,8 @@ def test_plot_losses_hand_made_history_without_batches():
     assert labels == ["train (running)", "valid"]
     with pytest.raises(ValueError, match="no losses"):
         plot_losses(SimpleNamespace(batch_loss=[], train_loss=[], valid_loss=[]))
+    with pytest.raises(TypeError, match=r"dict lacks \['train_loss', 'valid_loss'\]"):
+        plot_losses({"train_loss": [1.0], "valid_loss": [0.5]})
 
 
 def test_plot_augmented_shows_pixels_grey_and_rgb(tmp_path):
@@ -105,6 +153,10 @@ def test_plot_augmented_rejects_bad_images():
         plot_augmented({"x": torch.zeros(1, 1, 8, 8, dtype=torch.uint8)})
     with pytest.raises(ValueError, match="at least one"):
         plot_augmented({})
+    with pytest.raises(ValueError, match="row 'a' holds no images"):
+        plot_augmented({"a": torch.rand(0, 1, 4, 4)})
+    with pytest.raises(TypeError, match="rows must be a dict"):
+        plot_augmented([torch.rand(2, 1, 4, 4)])
 
 
 def test_plot_confusion_counts(tmp_path):
@@ -118,6 +170,12 @@ def test_plot_confusion_counts(tmp_path):
         plot_confusion([0, 3], [0, 1], ["a", "b", "c"])
     with pytest.raises(ValueError, match="2 labels"):
         plot_confusion([0, 1], [0], ["a", "b", "c"])
+    with pytest.raises(ValueError, match="classes is empty"):
+        plot_confusion([0], [0], [])
+    with pytest.raises(ValueError, match=r"pass probs.argmax\(1\)"):                 # probabilities, not classes
+        plot_confusion([0, 1], torch.tensor([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"])
+    with pytest.raises(ValueError, match="whole class indices"):              # would truncate to class 0
+        plot_confusion([0, 1], [0.9, 0.7], ["a", "b"])
 
 
 def test_plot_top_losses_worst_first(tmp_path):
@@ -136,6 +194,14 @@ def test_plot_top_losses_worst_first(tmp_path):
         plot_top_losses(x, y[:3], probs, ["cat", "dog"])
     with pytest.raises(ValueError, match="k must be"):
         plot_top_losses(x, y, probs, ["cat", "dog"], k=0)
+    with pytest.raises(ValueError, match="k must be"):
+        plot_top_losses(x, y, probs, ["cat", "dog"], k=2.5)
+    with pytest.raises(ValueError, match=r"y_true must lie in 0..1"):
+        plot_top_losses(x, torch.tensor([0, 1, 5, 1]), probs, ["cat", "dog"])
+    with pytest.raises(ValueError, match="probs has 2 columns but classes names 3"):
+        plot_top_losses(x, y, probs, ["cat", "dog", "cow"])
+    with pytest.raises(ValueError, match="no images given"):
+        plot_top_losses(x[:0], y[:0], probs[:0], ["cat", "dog"])
 
 
 def test_path_must_be_png(tmp_path):
