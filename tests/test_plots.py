@@ -72,13 +72,13 @@ def test_plot_lr_find_legend_says_suggested_only_for_a_recommendation():
 
 
 def test_plot_lr_find_with_a_real_flat_sweep_never_says_suggested():
-    from minicnn.lr_find import LRFindResult, suggest_lr
+    from minicnn.lr_find import suggest_lr
     lrs = [1e-5 * 10 ** (i / 5) for i in range(30)]
     smoothed = [1.0] * 30                              # the loss never falls
     s = suggest_lr(lrs, smoothed)
-    assert not s.loss_fell
-    result = LRFindResult(lrs, smoothed, smoothed, s.lr, s.index, "rule", s.reason, s.loss_fell,
-                          s.skip_start, s.stop, "ran 30 steps")
+    assert not s.loss_fell and s.lr is not None
+    result = SimpleNamespace(lrs=lrs, smoothed_losses=smoothed, suggested_lr=s.lr, suggested_index=s.index,
+                             loss_fell=s.loss_fell, reason=s.reason, skip_start=s.skip_start, stop=s.stop)
     assert not any("suggested" in t for t in legend_texts(plot_lr_find(result)))
 
 
