@@ -1,30 +1,22 @@
-"""Snapshot ensembles: keep a copy of the weights at the end of each SGDR cycle, then average
-the softmax probabilities of the last few copies.
+"""Snapshot ensembles: the weights at the end of each SGDR cycle, and the mean of their predictions.
 
-Formula. With snapshots w_1 .. w_M (the weights after the last step of cycles 1 .. M, where
-the cosine has brought the LR down to lr_min) and an input x:
-    p(x) = (1/M) * sum_m softmax(f(x; w_m))          average probabilities, not logits
-Each cycle restarts at lr_max, which kicks the weights out of one minimum; the next cycle
-settles into another. M nearby-but-different models cost one training run.
-
-Source: Huang et al. 2017, "Snapshot Ensembles: Train 1, get M for free" (DenseNet: 3.4%
-CIFAR-10 error); fast.ai 2018 lesson 2 (SGDR, `cycle_save_name`).
-How it differs
-- fastai 0.7 saved `{name}_cyc_{i}` files at each cycle end and left the averaging to you;
-  here the copies stay in memory (on the CPU, so they never use GPU memory), can be saved
-  to / loaded from the same `{name}_cyc_{i}.pt` files, and ensemble_predict does the averaging.
-- Huang et al. average over the last M snapshots too; `last=M` picks them.
-- No prediction code is imported: pass `predict_fn` (e.g. minicnn.tta.predict_tta, or
-  minicnn.train.predict for bf16 on CUDA) to change how one snapshot predicts, so the file
-  can be copied alone. The default is a plain fp32 softmax in eval mode.
-
-Use:  snaps = Snapshots();  fit(..., on_cycle_end=snaps, cycle_ends=<last step of each cycle>)
-      probs = ensemble_predict(model, snaps, valid, last=3)
+    p(x) = (1/M) * sum_m softmax(f(x; w_m))     w_m: the weights after the last step of cycle m
+Probabilities are averaged, not logits and not weights. Snapshot files are written atomically
+and checked by a sha256 with minicnn/checkpoint.py, the one other module this file needs.
+Source: Huang et al. 2017, "Snapshot Ensembles: Train 1, get M for free"; fast.ai 2018
+lesson 2 (SGDR, cycle_save_name). docs/snapshots.md: how it differs, results, crashes.
+Use:  snaps = Snapshots();  fit(..., on_cycle_end=snaps, cycle_ends=cycle_end_steps(...))
+      probs = ensemble_predict(model, snaps, valid, last=3)     # or predict_each, then average
 """
 import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
+
+from minicnn.checkpoint import load_checked, save_checked
+
+FORMAT = "minicnn-snapshot-2"  # 1: no checksum
 
 
 def _cpu_copy(state_dict):
@@ -40,7 +32,7 @@ class Snapshots:
     """
 
     def __init__(self, keep=None):
-        if keep is not None and (not isinstance(keep, int) or keep < 1):
+        if keep is not None and (type(keep) is not int or keep < 1):
             raise ValueError(f"keep must be a positive int or None (keep all), got {keep!r}")
         self.keep = keep
         self.states, self.steps, self.cycles = [], [], []
@@ -65,27 +57,36 @@ class Snapshots:
         return f"Snapshots({len(self)} held, cycles {self.cycles}, steps {self.steps}, keep={self.keep})"
 
     def save(self, folder, name="model"):
-        """Write folder/{name}_cyc_{i}.pt for each snapshot (i = its cycle) -> list of paths."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for state, step, cycle in zip(self.states, self.steps, self.cycles):
-            paths.append(folder / f"{name}_cyc_{cycle}.pt")
-            torch.save({"state_dict": state, "step": step, "cycle": cycle}, paths[-1])
-        return paths
+        """Write folder/{name}_cyc_{i}.pt for each snapshot (i = its cycle), each atomically -> list of paths."""
+        folder = _folder(folder, name)
+        later = sorted(cycle for cycle, _ in _files(folder, name) if cycle >= self.calls)
+        if later:  # cycles this run has not reached: another run's files, which a load would mix in
+            raise FileExistsError(f"{folder} holds {', '.join(f'{name}_cyc_{c}.pt' for c in later)} of another "
+                                  f"run (this one has taken {self.calls} cycles); remove them, or save this run "
+                                  "to another folder or under another name")
+        return [save_checked(folder / f"{name}_cyc_{cycle}.pt", FORMAT,
+                             {"state_dict": state, "step": step, "cycle": cycle})
+                for state, step, cycle in zip(self.states, self.steps, self.cycles)]
 
     @classmethod
     def load(cls, folder, name="model", *, keep=None):
-        """The snapshots save() wrote, in cycle order (cyc_10 after cyc_9)."""
-        pattern = re.compile(re.escape(name) + r"_cyc_(\d+)\.pt")
-        found = [(int(m.group(1)), p) for p in Path(folder).glob(f"{name}_cyc_*.pt")
-                 if (m := pattern.fullmatch(p.name))]
+        """The snapshots save() wrote, in cycle order (cyc_10 after cyc_9); a damaged file is refused by name."""
+        snaps, folder = cls(keep=keep), _folder(folder, name)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no folder {folder}; give the folder that Snapshots.save wrote to")
+        found = _files(folder, name)
         if not found:
             raise FileNotFoundError(f"no snapshots {name}_cyc_<i>.pt in {folder}; was save() given "
                                     "this folder and name?")
-        snaps = cls(keep=keep)
-        for cycle, path in sorted(found):
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+        for cycle, path in found:
+            saved = load_checked(path, FORMAT, "snapshot")
+            if saved["cycle"] != cycle:
+                raise ValueError(f"{path} holds cycle {saved['cycle']}, not {cycle}: was it renamed? Give it back "
+                                 f"its name {name}_cyc_{saved['cycle']}.pt")
+            if snaps.steps and saved["step"] <= snaps.steps[-1]:
+                raise ValueError(f"{path} was taken at step {saved['step']}, not after the cycle before it (step "
+                                 f"{snaps.steps[-1]}): the folder mixes snapshots of different runs; save each run "
+                                 "to its own folder or under its own name")
             snaps.states.append(saved["state_dict"])
             snaps.steps.append(saved["step"])
             snaps.cycles.append(cycle)
@@ -95,42 +96,112 @@ class Snapshots:
         return snaps
 
 
+def _folder(folder, name):
+    if not isinstance(name, str) or not name or Path(name).name != name or name.startswith("."):
+        raise ValueError(f"name must be a plain file-name prefix such as 'model' (no folders, not hidden), "
+                         f"got {name!r}; put folders in `folder`")
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file, not a folder of snapshots; give a folder")
+    return folder
+
+
+def _files(folder, name):
+    """[(cycle, path)] of the folder's {name}_cyc_<cycle>.pt files, in cycle order (cyc_10 after cyc_9)."""
+    pattern = re.compile(re.escape(name) + r"_cyc_(\d+)\.pt")
+    return sorted((int(m.group(1)), folder / m.group(0))
+                  for p in (folder.iterdir() if folder.is_dir() else ()) if (m := pattern.fullmatch(p.name)))
+
+
 @torch.no_grad()
 def _predict(model, batches):
     """Plain prediction: softmax probabilities (N, n_classes), float32 on the CPU, input order."""
     model.eval()
-    return torch.cat([torch.softmax(model(x).float(), dim=1).cpu() for x, *_ in batches])
+    probs = [torch.softmax(model(x).float(), dim=1).cpu() for x, *_ in batches]
+    if not probs:
+        raise ValueError("batches gave no batch to predict; pass the batches of a non-empty data set")
+    return torch.cat(probs)
 
 
-def ensemble_predict(model, snapshots, batches, *, last=None, predict_fn=None):
-    """Mean softmax probabilities (N, n_classes) of the chosen snapshots, on the CPU, input order.
+def _states(snapshots):
+    if isinstance(snapshots, Snapshots):
+        states = list(snapshots.states)
+    elif isinstance(snapshots, (list, tuple)) and all(isinstance(s, Mapping) for s in snapshots):
+        states = list(snapshots)
+    else:
+        raise TypeError(f"snapshots must be a Snapshots or a list of state dicts (for one state dict: [state]), "
+                        f"got {type(snapshots).__name__}")
+    if not states:
+        raise ValueError("no snapshots to ensemble; was the Snapshots passed to fit as on_cycle_end "
+                         "with cycle_ends set?")
+    return states
 
-    model: the architecture the snapshots came from; its own weights, buffers and train/eval
-        mode are put back afterwards (even if a prediction raises).
-    snapshots: a Snapshots, or a list of state dicts. last: use only the last M (None: all).
+
+def _check_fits(model, states):
+    """Every snapshot has the model's keys and shapes: refused before any weights are touched."""
+    own = model.state_dict()
+    for i, state in enumerate(states):
+        wrong = sorted(set(own) ^ set(state)) + [k for k in own if k in state and state[k].shape != own[k].shape]
+        if wrong:
+            raise ValueError(f"snapshot {i} does not fit the model (keys missing, extra or of another shape: "
+                             f"{', '.join(wrong[:6])}); build the model the snapshots were taken from")
+
+
+def _check_probs(probs, i, first):
+    """-> probs as float32 on the CPU, if they are (N, n_classes) probabilities like the first snapshot's."""
+    if not isinstance(probs, torch.Tensor) or probs.dim() != 2:
+        raise ValueError(f"predict_fn must return probabilities (N, n_classes); for snapshot {i} it returned "
+                         f"{type(probs).__name__} {tuple(getattr(probs, 'shape', ()))}")
+    probs = probs.detach().float().cpu()
+    if first is not None and probs.shape != first.shape:
+        raise ValueError(f"snapshot {i} predicted {tuple(probs.shape)}, snapshot 0 {tuple(first.shape)}: batches must "
+                         "give the same images each time it is read (a list, Batches, a DataLoader; not a generator)")
+    if not torch.isfinite(probs).all() or (probs < 0).any() or ((probs.sum(1) - 1).abs() > 1e-2).any():
+        raise ValueError(f"snapshot {i}'s predictions are not probabilities (each row >= 0, summing to 1, no NaN): "
+                         "a predict_fn must return softmax probabilities, not logits")
+    return probs
+
+
+def predict_each(model, snapshots, batches, *, predict_fn=None):
+    """Probabilities of each snapshot -> list of (N, n_classes) float32 CPU tensors, in snapshot order.
+
+    model: the architecture the snapshots came from; its own weights, buffers and every module's
+        train/eval mode are put back afterwards (even if a prediction raises).
+    snapshots: a Snapshots, or a list of state dicts. batches: read once per snapshot, so a list,
+        Batches or DataLoader (not a one-shot generator).
     predict_fn(model, batches) -> probabilities (N, n_classes): how one snapshot predicts,
         e.g. TTA: lambda m, b: predict_tta(m, b, augment="side_on", generator=torch.Generator().manual_seed(0))
         (a new seeded generator each call, so every snapshot sees the same augmented views).
     """
-    states = list(snapshots.states if isinstance(snapshots, Snapshots) else snapshots)
-    if not states:
-        raise ValueError("no snapshots to ensemble; was the Snapshots passed to fit as on_cycle_end "
-                         "with cycle_ends set?")
-    if last is not None:
-        if not isinstance(last, int) or not 1 <= last <= len(states):
-            raise ValueError(f"last={last!r}: choose between 1 and the {len(states)} snapshots held")
-        states = states[-last:]
+    states = _states(snapshots)
+    if isinstance(batches, Iterator):  # not iter(batches): that starts an epoch of a Batches
+        raise TypeError("batches is an iterator, which can be read only once; every snapshot reads it again: "
+                        "pass a list, a Batches or a DataLoader")
+    _check_fits(model, states)
     predict_fn = predict_fn or _predict
     own_state = _cpu_copy(model.state_dict())
     modes = [(m, m.training) for m in model.modules()]  # per module: a frozen group's BN may be in eval
     try:
-        total = None
-        for state in states:
+        each = []
+        for i, state in enumerate(states):
             model.load_state_dict(state)  # copies into the existing tensors: same device, same Parameters
-            probs = predict_fn(model, batches).float().cpu()  # (N, n_classes)
-            total = probs if total is None else total + probs
-        return total / len(states)
+            each.append(_check_probs(predict_fn(model, batches), i, each[0] if each else None))  # (N, n_classes)
+        return each
     finally:
         model.load_state_dict(own_state)
         for module, training in modes:
             module.training = training
+
+
+def ensemble_predict(model, snapshots, batches, *, last=None, predict_fn=None):
+    """Mean softmax probabilities (N, n_classes) of the last `last` snapshots (None: all), on the CPU.
+
+    The mean of predict_each(model, those snapshots, batches, predict_fn=predict_fn); see there.
+    """
+    states = _states(snapshots)
+    if last is not None:
+        if type(last) is not int or not 1 <= last <= len(states):
+            raise ValueError(f"last={last!r}: choose between 1 and the {len(states)} snapshots held")
+        states = states[-last:]
+    each = predict_each(model, states, batches, predict_fn=predict_fn)
+    return sum(each) / len(each)  # p = (1/M) * sum_m p_m

@@ -5,7 +5,7 @@ import torch
 from minicnn.data import Batches
 from minicnn.models import simple_resnet
 from minicnn.schedule import cycle_end_steps, cycle_position, sgdr_lr
-from minicnn.snapshot import Snapshots, ensemble_predict
+from minicnn.snapshot import Snapshots, ensemble_predict, predict_each
 from minicnn.train import fit, predict
 
 STEPS_PER_CYCLE, CYCLE_MULT, N_CYCLES = 4, 2, 3  # cycles of 4, 8, 16 steps
@@ -44,7 +44,7 @@ def trained():
         seen.append({k: v.clone() for k, v in model.state_dict().items()})
 
     ends = cycle_end_steps(N_CYCLES, steps_per_cycle=STEPS_PER_CYCLE, cycle_mult=CYCLE_MULT)
-    history = fit(model, train, None, opt, lr_at, epochs=7, on_cycle_end=hook, cycle_ends=ends, verbose=False)
+    history = fit(model, train, None, opt, lr_at, 7, on_cycle_end=hook, cycle_ends=ends, verbose=False)
     return model, snaps, seen, history, ends
 
 
@@ -172,3 +172,177 @@ def test_bad_arguments_say_what_to_do(trained):
     for last in (0, 4, 1.5):
         with pytest.raises(ValueError, match="choose between 1 and the 3 snapshots"):
             ensemble_predict(model, snaps, valid, last=last)
+
+
+# --- predict_each; files written atomically and checked; every error path ---------------------------
+
+def test_predict_each_is_each_snapshots_prediction_and_the_ensemble_is_their_mean(trained):
+    model, snaps, _, _, _ = trained
+    valid = Batches(*data(24, seed=1), 10, shuffle=False)
+    each = predict_each(model, snaps, valid)
+    assert len(each) == 3 and all(p.dtype == torch.float32 and p.device.type == "cpu" and p.shape == (24, 3)
+                                  for p in each)
+    for state, probs in zip(snaps.states, each):
+        copy = tiny_model(seed=5)
+        copy.load_state_dict(state)
+        assert torch.equal(probs, predict(copy, valid))
+    assert torch.equal(ensemble_predict(model, snaps, valid, last=2), sum(each[-2:]) / 2)  # what lessons compute
+    assert torch.equal(ensemble_predict(model, snaps, valid), sum(each) / 3)
+    assert not torch.equal(each[0], each[2])
+
+
+def test_predict_each_puts_weights_and_modes_back_even_after_an_error(trained):
+    model, snaps, _, _, _ = trained
+    valid = Batches(*data(24, seed=1), 10, shuffle=False)
+    model.train()
+    model.layer_groups[1].eval()
+    before, modes = {k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()]
+    calls = []
+
+    def fails_on_the_second(model, batches):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return predict(model, batches)
+    with pytest.raises(RuntimeError, match="boom"):
+        predict_each(model, snaps, valid, predict_fn=fails_on_the_second)
+    assert same_state(model.state_dict(), before) and [m.training for m in model.modules()] == modes
+    predict_each(model, snaps, valid)
+    assert same_state(model.state_dict(), before) and [m.training for m in model.modules()] == modes
+
+
+def test_predictions_that_are_not_probabilities_or_not_alike_are_refused(trained):
+    model, snaps, _, _, _ = trained
+    valid = Batches(*data(24, seed=1), 10, shuffle=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def logits(model, batches):
+        model.eval()
+        with torch.no_grad():
+            return torch.cat([model(x) for x, _ in batches])
+    with pytest.raises(ValueError, match="snapshot 0's predictions are not probabilities.*not logits"):
+        ensemble_predict(model, snaps, valid, predict_fn=logits)
+    sizes = iter([24, 20, 24])
+    with pytest.raises(ValueError, match=r"snapshot 1 predicted \(20, 3\), snapshot 0 \(24, 3\)"):
+        predict_each(model, snaps, valid, predict_fn=lambda m, b: predict(m, b)[:next(sizes)])
+    with pytest.raises(ValueError, match="must return probabilities"):
+        predict_each(model, snaps, valid, predict_fn=lambda m, b: predict(m, b).tolist())
+    nan = torch.full((24, 3), float("nan"))
+    with pytest.raises(ValueError, match="not probabilities"):
+        predict_each(model, snaps, valid, predict_fn=lambda m, b: nan)
+    assert same_state(model.state_dict(), before)
+
+
+def test_bad_snapshots_and_batches_are_refused_before_any_weights_are_touched(trained):
+    model, snaps, _, _, _ = trained
+    valid = Batches(*data(24, seed=1), 10, shuffle=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"for one state dict: \[state\]"):
+        predict_each(model, snaps[0], valid)
+    with pytest.raises(TypeError, match="an iterator, which can be read only once"):
+        predict_each(model, snaps, (b for b in valid))
+    other = simple_resnet(5, widths=(4, 8)).state_dict()
+    with pytest.raises(ValueError, match="snapshot 1 does not fit the model.*layer_groups.2.2.weight"):
+        predict_each(model, [snaps[0], other], valid)
+    with pytest.raises(ValueError, match="batches gave no batch"):
+        predict_each(model, snaps, [])
+    assert same_state(model.state_dict(), before)
+
+
+def test_a_save_that_dies_half_way_leaves_the_old_snapshot_file_loadable(tmp_path, monkeypatch):
+    model, snaps = tiny_model(), Snapshots()
+    snaps(model, 3)
+    snaps.save(tmp_path)
+    old = {k: v.clone() for k, v in snaps[0].items()}
+    with torch.no_grad():
+        model.layer_groups[2][2].bias.fill_(7)
+    again = Snapshots()
+    again(model, 3)
+    real_save = torch.save
+
+    def save_half_then_die(obj, f):
+        real_save(obj, f)
+        f.seek(f.tell() // 2)
+        f.truncate()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", save_half_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        again.save(tmp_path)
+    monkeypatch.undo()
+    assert same_state(Snapshots.load(tmp_path)[0], old) and [p.name for p in tmp_path.iterdir()] == ["model_cyc_0.pt"]
+
+
+def snapshot_file(tmp_path):
+    model, snaps = tiny_model(), Snapshots()
+    snaps(model, 3)
+    return snaps.save(tmp_path)[0], snaps
+
+
+@pytest.mark.parametrize("damage", ["bit flips", "truncated", "zero bytes", "random bytes"])
+def test_a_damaged_snapshot_file_is_refused_by_name(tmp_path, damage):
+    path, snaps = snapshot_file(tmp_path)
+    good = path.read_bytes()
+    cases = {"bit flips": [bytes(b ^ (1 << (k % 8)) if i == k * len(good) // 40 else b for i, b in enumerate(good))
+                           for k in range(40)],
+             "truncated": [good[:n] for n in (len(good) - 1, len(good) // 2, 10)], "zero bytes": [b""],
+             "random bytes": [bytes(torch.randint(0, 256, (len(good),), dtype=torch.uint8).tolist())]}[damage]
+    refused = 0
+    for damaged in cases:
+        path.write_bytes(damaged)
+        try:
+            loaded = Snapshots.load(tmp_path)
+        except ValueError as error:
+            assert str(path) in str(error) and "snapshot" in str(error) and "Use an earlier snapshot" in str(error)
+            refused += 1
+        else:  # a flip in bytes that cannot matter: the values are those saved
+            assert damage == "bit flips" and same_state(loaded[0], snaps[0]) and loaded.steps == [3]
+    assert refused >= len(cases) // 2  # the rest: zip metadata and padding
+
+
+def test_foreign_older_renamed_and_mixed_files_are_refused(tmp_path):
+    path, snaps = snapshot_file(tmp_path)
+    torch.save({"state_dict": snaps[0], "step": 3, "cycle": 0}, path)  # an older minicnn's file: no checksum
+    with pytest.raises(ValueError, match="model_cyc_0.pt is not a minicnn snapshot.*older versions"):
+        Snapshots.load(tmp_path)
+    torch.save(snaps[0], path)  # bare weights
+    with pytest.raises(ValueError, match="is not a minicnn snapshot"):
+        Snapshots.load(tmp_path)
+    snaps.save(tmp_path)
+    path.rename(tmp_path / "model_cyc_4.pt")
+    with pytest.raises(ValueError, match="model_cyc_4.pt holds cycle 0, not 4: was it renamed"):
+        Snapshots.load(tmp_path)
+    (tmp_path / "model_cyc_4.pt").unlink()
+    first = Snapshots()
+    for step in (5, 10, 15):  # a run's cycles 0, 1, 2 ...
+        first(tiny_model(), step)
+    first.save(tmp_path)
+    again = Snapshots()
+    again(tiny_model(), 3)  # ... then a rerun with 1 cycle would leave cycles 1 and 2 to be mixed in
+    with pytest.raises(FileExistsError, match="holds model_cyc_1.pt, model_cyc_2.pt of another run .*1 cycles"):
+        again.save(tmp_path)
+    assert Snapshots.load(tmp_path).steps == [5, 10, 15]  # nothing was written
+    other = Snapshots(keep=1)
+    for step in (2, 4, 6):  # a run with shorter cycles, of which only the last is saved
+        other(tiny_model(), step)
+    other.save(tmp_path)
+    with pytest.raises(ValueError, match="model_cyc_2.pt was taken at step 6, not after .*step 10.*different runs"):
+        Snapshots.load(tmp_path)
+
+
+def test_wrong_folders_and_names_are_refused(tmp_path):
+    snaps = Snapshots()
+    snaps(tiny_model(), 3)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="file is a file, not a folder of snapshots"):
+        snaps.save(tmp_path / "file")
+    with pytest.raises(NotADirectoryError, match="file is a file, not a folder of snapshots"):
+        Snapshots.load(tmp_path / "file")
+    with pytest.raises(FileNotFoundError, match="no folder .*missing; give the folder that Snapshots.save wrote to"):
+        Snapshots.load(tmp_path / "missing")
+    for name in ("sub/model", "", ".hidden", 3):
+        with pytest.raises(ValueError, match="name must be a plain file-name prefix"):
+            snaps.save(tmp_path, name=name)
+    with pytest.raises(ValueError, match="keep must be a positive int"):
+        Snapshots.load(tmp_path, keep=True)
+    snaps.save(tmp_path, name="a[1]*")  # glob characters in a name are taken literally
+    assert Snapshots.load(tmp_path, name="a[1]*").steps == [3]
