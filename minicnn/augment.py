@@ -1,31 +1,14 @@
 """Batched data augmentation: each image of a float batch (N, C, H, W) in [0, 1] gets its own
-random flip, rotation, zoom and shift (ONE 2x3 matrix, ONE grid_sample) and lighting change.
+random flip, rotation, zoom and shift (ONE 2x3 matrix, ONE grid_sample a batch) and lighting.
 
-Formula. Coordinates are normalised (x right, y down, both in [-1, 1]); the matrix maps an
-output pixel to the input point it samples, as F.affine_grid expects:
-    theta = (T @ D @ R @ Z)[:2]                                    (2, 3) per image
-    Z = [[1/s, 0, 0], [0, 1/s, 0], [0, 0, 1]]                      zoom s ~ U(1, max_zoom)
-    R = [[cos a, -sin a * H/W, 0], [sin a * W/H, cos a, 0], [0, 0, 1]]   a ~ U(+-max_rotate deg)
-    D = [[-1, 0, 0], [0, 1, 0], [0, 0, 1]] with probability flip, else I; with dihedral=True
-        one of the 8 signed permutations diag(sx, sy) @ (I or [[0, 1], [1, 0]]), uniformly
-    T = [[1, 0, tx], [0, 1, ty], [0, 0, 1]]                        t ~ U(+-2 * max_translate)
-    (with probability 1 - p_affine an image gets a = 0, s = 1, t = 0: only D)
-    lighting: x <- clamp(c * x + (1 - c) * mean(x) + b, 0, 1),
-              b ~ U(+-max_brightness), log c ~ U(+-log(1 + max_contrast)), with probability p.
-Images whose matrix is a pure symmetry D (no rotation, zoom or shift) skip the resampling:
-D moves pixel centres onto pixel centres, so they are permuted exactly (one gather). The
-others are resampled bilinearly (align_corners=False); there the identity matrix gives the input
-back to about 1e-7 * max(H, W) (float32 rounding of the grid: 4e-6 at 28x28). Random numbers
-come from the generator's device (a CPU one is fine for a CUDA batch), the same number whatever
-the outcome, so a seed fixes the batch.
-
-Source: fast.ai 2018 lesson 2 (transforms_side_on/top_down, max_zoom=1.1: flip or dihedral,
-rotate 10 degrees, lighting 0.05); fastai 2's aug_transforms (one matrix per image, one
-grid_sample per batch, reflection padding, p_affine=0.75). Differs from fastai 0.7: batched on
-the device, not OpenCV image by image; the zoom stays centred (max_translate moves it). From
-fastai 2: rotation in pixel units (H/W above: non-square images are rotated, not sheared),
-exact flips, fastai 0.7's lighting. torchvision.transforms.v2 draws one set of parameters per
-call, so per-image randomness there means one call per image.
+    theta = (T @ D @ R @ Z)[:2]   maps an output pixel to the input point it samples (affine_grid)
+    Z = zoom 1/s, s ~ U(1, max_zoom);  R = rotation by a ~ U(+-max_rotate) degrees, in pixels
+    D = flip (or one of the 8 dihedral symmetries);  T = shift t ~ U(+-2 * max_translate)
+    lighting: x <- clamp(c * x + (1 - c) * mean(x) + b, 0, 1),  b ~ U(+-max_brightness),
+              log c ~ U(+-log(1 + max_contrast))
+An image whose matrix is only D is permuted exactly (no resampling). A seeded torch.Generator
+fixes the batch. Source: fast.ai 2018 lesson 2 (transforms_side_on / transforms_top_down,
+max_zoom=1.1); fastai 2's aug_transforms (one matrix an image, one grid_sample a batch).
 """
 import math
 
@@ -127,17 +110,19 @@ def _random_affine(x, generator, flip, dihedral, max_rotate, max_zoom, max_trans
     N, C, H, W = x.shape
     if dihedral and H != W:
         raise ValueError(f"dihedral=True needs square images, got {H}x{W}; center_crop them first")
+    # Six numbers an image, drawn whatever the outcome, so a seed fixes the batch (u on the CPU).
     u = _uniform(generator, N, 6, "cpu").double()        # per image: symmetry, on, a, s, tx, ty
     k = (u[:, 0] * 8).long() if dihedral else (u[:, 0] < flip).long()    # symmetry 0..7
-    on = (u[:, 1] < p_affine).double()
-    angle = torch.deg2rad((2 * u[:, 2] - 1) * max_rotate) * on
-    scale = 1 + (max_zoom - 1) * u[:, 3] * on
-    shift = (2 * u[:, 4:6] - 1) * 2 * max_translate * on[:, None]       # (N, 2)
+    on = (u[:, 1] < p_affine).double()                  # off (prob 1 - p_affine): a = 0, s = 1, t = 0
+    angle = torch.deg2rad((2 * u[:, 2] - 1) * max_rotate) * on         # a ~ U(+-max_rotate)
+    scale = 1 + (max_zoom - 1) * u[:, 3] * on                          # s ~ U(1, max_zoom)
+    shift = (2 * u[:, 4:6] - 1) * 2 * max_translate * on[:, None]       # t ~ U(+-2 max_translate), (N, 2)
     D = _symmetries(k)                                                    # (N, 2, 2)
     cos, sin = torch.cos(angle), torch.sin(angle)
+    # R = [[cos a, -sin a * H/W], [sin a * W/H, cos a]]: H/W makes it a rotation in pixels, not a shear
     R = torch.stack([cos, -sin * H / W, sin * W / H, cos], 1).view(N, 2, 2)
-    A = D.double() @ R / scale[:, None, None]                           # (N, 2, 2)
-    theta = torch.cat([A, shift[:, :, None]], 2)                          # (N, 2, 3)
+    A = D.double() @ R / scale[:, None, None]                           # D @ R @ Z, (N, 2, 2)
+    theta = torch.cat([A, shift[:, :, None]], 2)                          # (T @ D @ R @ Z)[:2], (N, 2, 3)
     exact = (angle == 0) & (scale == 1) & (shift == 0).all(1)            # only D: permute pixels
     out = torch.empty_like(x)
     if exact.any():
@@ -160,10 +145,10 @@ def _lighting(x, generator, max_brightness, max_contrast, p):
         _check_range(name, value, 0, 1)
     u = _uniform(generator, x.shape[0], 3, x.device).to(x.dtype)    # per image: on, b, c
     on = (u[:, 0] < p).to(x.dtype)
-    b = ((2 * u[:, 1] - 1) * max_brightness * on).view(-1, 1, 1, 1)
-    c = torch.exp((2 * u[:, 2] - 1) * math.log1p(max_contrast) * on).view(-1, 1, 1, 1)
+    b = ((2 * u[:, 1] - 1) * max_brightness * on).view(-1, 1, 1, 1)                 # b ~ U(+-max_brightness)
+    c = torch.exp((2 * u[:, 2] - 1) * math.log1p(max_contrast) * on).view(-1, 1, 1, 1)  # log c ~ U(+-log(1+max_c))
     mean = x.mean(dim=(1, 2, 3), keepdim=True)                         # (N, 1, 1, 1)
-    # Written so that b = 0, c = 1 gives x back bit for bit (no x - mean + mean rounding).
+    # clamp(c*x + (1-c)*mean + b, 0, 1), written so that b = 0, c = 1 gives x back bit for bit
     return (c * x + (1 - c) * mean + b).clamp(0, 1)
 
 
