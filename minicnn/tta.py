@@ -1,24 +1,13 @@
 """Test-time augmentation (TTA): predict each image as the mean of the model's probabilities
-over its plain view and n_aug randomly augmented views.
+over its plain view and n_aug randomly augmented views, in eval mode under no_grad.
 
-Formula, per image, with p_v = softmax(model(view v)):
-    beta=None:  p = (p_plain + p_aug_1 + ... + p_aug_n) / (n + 1)          (fastai 0.7)
-    beta given: p = beta * p_plain + (1 - beta) * (p_aug_1 + ... + p_aug_n) / n   (fastai 2)
-Why probabilities and not logits: softmax(mean of logits) is the normalised GEOMETRIC mean of
-the views' probabilities, so one confident view (a probability near 0) vetoes a class the
-other views agree on; the arithmetic mean counts each view as one vote, bounded in [0, 1].
-The course's mean(exp(log p)) is exactly this mean of probabilities.
+    beta=None:  p = (p_plain + p_aug_1 + ... + p_aug_n) / (n + 1)                  (fastai 0.7)
+    beta given: p = beta * p_plain + (1 - beta) * (p_aug_1 + ... + p_aug_n) / n    (fastai 2)
+with p_v = softmax(model(view v)): probabilities, not logits (softmax of the mean logit is
+a geometric mean, where one confident view vetoes a class the others agree on).
 
-Convention: `augment` is a function x -> x on float [0, 1] batches (N, C, H, W), the same
-kind train.fit takes, e.g. minicnn.augment.side_on(generator=g); it draws its own random
-numbers. Or pass a preset name ("side_on", "top_down") with `generator` and it is built from
-minicnn/augment.py (the only time this module imports another minicnn module).
-
-Source: fast.ai 2018 lesson 2 (learn.TTA(): the validation view plus 4 augmented views);
-fastai 2's Learner.tta (n=4, beta=0.25). Differs from fastai 2: beta=None means the plain
-equal mean, not a (augmented, plain) tuple; no use_max option.
-Runs in eval mode (BatchNorm running statistics, no dropout) under no_grad; each module's
-train/eval mode is put back as it was, even after an error.
+Source: fast.ai 2018 lesson 2 (learn.TTA(): the plain view plus 4 augmented views); fastai 2's
+Learner.tta (n=4, beta=0.25). A preset given by name ("side_on") comes from minicnn/augment.py.
 """
 import numbers
 
@@ -47,7 +36,7 @@ def predict_tta(model, batches, *, augment, n_aug=4, generator=None, beta=None):
     n_aug: augmented views per image (0: the plain prediction).
     beta: weight of the plain view (fastai 2 uses 0.25); None: all n_aug + 1 views equal.
     """
-    if not callable(model):
+    if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a module (x -> logits), got {type(model).__name__}")
     if isinstance(batches, torch.Tensor) or not hasattr(batches, "__iter__"):
         raise TypeError(f"batches must be an iterable of (x, y) pairs (a Batches, a DataLoader, a list), "
@@ -59,7 +48,9 @@ def predict_tta(model, batches, *, augment, n_aug=4, generator=None, beta=None):
         raise ValueError(f"beta must be in [0, 1] or None, got {beta!r}")
     if beta is not None and n_aug == 0 and beta != 1:
         raise ValueError("beta mixes the plain view with augmented ones; give n_aug >= 1")
-    modes = {module: module.training for module in model.modules()}  # e.g. frozen BN kept in eval
+    # eval mode (running BN statistics, no dropout); each module's own mode is put back, even
+    # after an error, so a frozen BN inside a training model stays in eval mode
+    modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
         with torch.no_grad():
@@ -93,10 +84,10 @@ def _softmax(logits, x):
 
 
 def _predict_batch(model, x, augment, n_aug, beta):
-    plain = _softmax(model(x), x)                                        # (B, n_classes)
+    plain = _softmax(model(x), x)                                        # p_plain, (B, n_classes)
     if n_aug == 0:
         return plain
-    augmented = sum(_softmax(model(augment(x)), x) for _ in range(n_aug)) / n_aug
+    augmented = sum(_softmax(model(augment(x)), x) for _ in range(n_aug)) / n_aug  # (p_aug_1 + ...) / n
     if beta is None:
-        return (plain + n_aug * augmented) / (n_aug + 1)
-    return beta * plain + (1 - beta) * augmented
+        return (plain + n_aug * augmented) / (n_aug + 1)                 # (p_plain + sum p_aug) / (n + 1)
+    return beta * plain + (1 - beta) * augmented                         # beta * p_plain + (1 - beta) * mean
