@@ -1,44 +1,16 @@
 """Freezing by layer group, and one optimizer group (with its own LR) per layer group.
 
-A model here has `model.layer_groups`: a list of modules (early body, late body, head)
-that together hold every parameter once. Fine-tuning a pretrained body (fastai 0.7,
-lesson 2):
-    freeze(model)                  only the last group (the new head) trains
-    freeze_to(model, n)            groups 0..n-1 frozen, groups n.. train
-    unfreeze(model)                every group trains
+model.layer_groups: modules (early body, late body, head) that hold every parameter once.
+    freeze_to(model, n)            groups 0..n-1 frozen (requires_grad False), groups n.. train
+    freeze(model), unfreeze(model) only the last group (the head) trains; every group trains
     bn_freeze(model)               the body's BatchNorm layers keep their running statistics
-    param_groups(model, lrs)       [{"params": group 0's, "lr": lrs[0]}, ...]
+    param_groups(model, lrs)       [{"params": group 0's, "lr": lrs[0]}, ...], frozen groups too
     differential_lrs(lr, n, ratio=r) = [lr / r**(n-1), ..., lr / r, lr]
-Earlier layers hold general features (edges, textures) that need little change, so they
-get a 3x-10x lower LR than later ones (the course: [1e-4, 1e-3, 1e-2], ratio 10; fastai 2's
-slice(lr/9, lr): [lr/9, lr/3, lr], ratio 3).
+A frozen parameter gets no gradient, so SGD gives it no decay and no momentum: it stays the
+same bit for bit. Earlier groups get 3x-10x lower LRs: differential learning rates.
 
-Frozen means `requires_grad = False`, so backward never gives those parameters a gradient
-(their `.grad` stays None; freeze_to also clears an old one). Optimizers skip a parameter
-whose grad is None: torch.optim.SGD and minicnn.optim.SGD then apply no weight decay, no
-momentum and make no state, so frozen weights stay bit for bit the same.
-param_groups makes a group for every layer group, frozen or not: the LR list always has
-as many entries as there are groups, and a group unfrozen mid-run is already in the
-optimizer, with its own LR from the schedule. (fastai 0.7 rebuilt the optimizer instead.)
-
-BatchNorm in frozen groups, `train_bn`:
-- True (fastai 2's default): the BN layers' affine weights keep training and, in train
-  mode, their running statistics follow the new data. Cheap (few parameters) and it lets
-  a body trained on ImageNet adapt its normalisation to very different images.
-- False (fastai 0.7's behaviour for frozen layers): frozen groups' BN layers are frozen too
-  and run in eval mode, normalising with ImageNet's running statistics, even after
-  model.train(); the frozen body is then exactly the function it was, as precomputing assumes.
-bn_freeze(model) (fastai 0.7's `learn.bn_freeze(True)`) does the same for the body's
-trainable groups: their BN weights train, their statistics stay. Use it when unfreezing on
-images whose statistics differ from ImageNet's, where switching the body's BN layers from
-running to batch statistics changes the function the head was trained on: on grey 48x48
-Fashion-MNIST that switch cost 11-20 points of accuracy after an unfrozen epoch, while
-bn_freeze gained 1.4 (lessons/lesson2_fine_tune.py, docs/fine_tuning.md).
-How: a forward pre-hook (torch's own extension point; nothing is patched) on each such BN
-layer sets its `training` flag to False before every forward. freeze_to and unfreeze remove
-the hooks and give every BN layer the model's mode back; `_hooks` maps each BN layer to its
-hook's handle (weakly). A deep copy of a model keeps its hooks (it behaves the same) but
-they are not in `_hooks`: copy state_dicts, not hooked modules.
+Source: fast.ai 2018 lesson 2 (freeze, unfreeze, bn_freeze, lr=[1e-4, 1e-3, 1e-2]); fastai 2's
+train_bn. How BatchNorm is kept in eval mode, and the measurements behind it: docs/fine_tuning.md.
 """
 import numbers
 import weakref
@@ -47,7 +19,9 @@ import torch
 from torch import nn
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_hooks = weakref.WeakKeyDictionary()  # BN layer -> handle of its eval-mode hook
+# BN layer -> handle of its eval-mode forward pre-hook (torch's own extension point; nothing is
+# patched). A deep copy of a model keeps the hooks but not these entries: copy state_dicts.
+_hooks = weakref.WeakKeyDictionary()
 
 
 def _layer_groups(model):
@@ -87,8 +61,9 @@ def _release(bn, training):
 def freeze_to(model, n, *, train_bn=True):
     """Freeze layer groups 0..n-1, make groups n.. trainable; 0 <= n < number of groups.
 
-    train_bn=True: BatchNorm layers in frozen groups still train (weights and statistics);
-    False: they are frozen and stay in eval mode (see the module docstring).
+    train_bn=True (fastai 2's default): BatchNorm layers in frozen groups still train (weights
+    and statistics); False (fastai 0.7): they are frozen and stay in eval mode, on their running
+    statistics, even after model.train(), so the frozen body is exactly the function it was.
     """
     groups = _layer_groups(model)
     _check_bool("train_bn", train_bn)
@@ -103,7 +78,7 @@ def freeze_to(model, n, *, train_bn=True):
                 _release(module, model.training)
             trainable = not frozen or (is_bn and train_bn)
             for p in module.parameters(recurse=False):
-                p.requires_grad_(trainable)
+                p.requires_grad_(trainable)  # requires_grad = (group index >= n), or a BN with train_bn
                 if not trainable:
                     p.grad = None  # an optimizer skips a parameter without gradient: no decay, no momentum
             if is_bn and frozen and not train_bn:
@@ -184,7 +159,7 @@ def differential_lrs(lr, n_groups, *, ratio):
         raise ValueError(f"differential_lrs: n_groups={n_groups!r} must be an int >= 1")
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 1 <= ratio < float("inf"):
         raise ValueError(f"differential_lrs: ratio={ratio!r} must be >= 1 (3 to 10 is usual; 1 = one LR)")
-    return [lr / ratio ** (n_groups - 1 - i) for i in range(n_groups)]
+    return [lr / ratio ** (n_groups - 1 - i) for i in range(n_groups)]  # lr_g = lr / ratio**(G-1-g)
 
 
 def discriminative_lrs(lr, n_groups, *, ratio):
