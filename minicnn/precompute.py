@@ -2,34 +2,24 @@
 
 While the body is frozen it is a fixed function, so its output for an image never changes:
     features = body(x)                 once, in eval mode under no_grad, (N, F), cached on disk
-    for each epoch: logits = head(features[batch])      instead of head(body(x[batch]))
-Training the head then costs a few small matrix products a batch instead of a forward pass
-through millions of convolution weights (benchmarks/bench_precompute.py measures how much).
-The head is trained with the ordinary loop, train.fit, on Batches of features
-(data.batches takes float tensors as they are). Its modules are the model's own, so
-afterwards the full model gives the same predictions on un-augmented images.
-
-Why augmentation has no effect here: the features were computed from the plain images, once;
-an augmented image would need a new pass through the body, which is the cost precomputing
-removes. Every epoch the head sees exactly the same inputs, so it overfits sooner. Step 4 of
-the recipe therefore turns precomputing off: each batch goes through the frozen body again,
-now augmented, so the head sees new versions of each image every epoch (fastai 0.7:
-`learn.precompute = False`). The body must run in eval mode for the features to match what
-it computes later (BatchNorm with its running statistics: freeze.freeze(train_bn=False)).
-
-The cache key: an architecture name, the image size, a hash of the images and a hash of the
-body's weights (so a body with other weights, e.g. unfrozen and trained, never reuses stale
-features). Same key: the features are loaded instead of computed.
-Source: fastai 0.7 (`ConvLearner.pretrained(..., precompute=True)`), which cached the
-concatenated average- and max-pooled body output as bcolz arrays under tmp/<arch>_<size>.
-Differs: one .pt file per key, written atomically; pooling is part of `body_and_head`'s body.
+    each step: logits = head(features[batch])      instead of head(body(x[batch]))
+The cache file, <cache>/<arch>-<H>x<W>-data<hash of x>-weights<hash of the body>.pt, is written
+and checked with minicnn/checkpoint.py (atomic, sha256), the one other module this file needs;
+a cache file that is damaged or does not match x and the body is recomputed, with a warning.
+Source: fastai 0.7, ConvLearner.pretrained(..., precompute=True). docs/precompute.md: why
+augmentation does nothing here, how it differs from fastai, the speed measured.
 """
 import hashlib
-import os
+import inspect
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from minicnn.checkpoint import load_checked, save_checked
+
+FORMAT = "minicnn-features-1"
 
 
 def body_and_head(model, *, n_pool=2):
@@ -59,48 +49,96 @@ def data_hash(x):
 
 
 def cache_key(arch, x, body):
-    """'<arch>-<H>x<W>-data<hash of x>-weights<hash of the body's parameters and buffers>'."""
+    """'<arch>-<H>x<W>-data<hash of x>-weights<hash of the body's modules, their code, parameters and buffers>'."""
     h = hashlib.blake2b(digest_size=4)
+    h.update(repr(body).encode())  # its modules: another pooling with the same weights is another body
+    for kind in dict.fromkeys(type(m) for m in body.modules()):  # their code: an edited forward() too
+        try:
+            h.update(inspect.getsource(kind).encode())
+        except (OSError, TypeError):  # defined where no source file is kept (an interactive session)
+            h.update(f"{kind.__module__}.{kind.__qualname__}".encode())
     for name, value in body.state_dict().items():
         h.update(name.encode() + data_hash(value).encode())
     return f"{arch}-{x.shape[-2]}x{x.shape[-1]}-data{data_hash(x)}-weights{h.hexdigest()}"
 
 
+def _check_images(x, batch_size):
+    if type(batch_size) is not int or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or len(x) == 0:
+        raise ValueError(f"x must be a non-empty (N, C, H, W) tensor of images, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dtype != torch.uint8 and not x.dtype.is_floating_point:
+        raise ValueError(f"x must be uint8 (0..255) or float (0..1) images, got {x.dtype}; "
+                         "for 0..255 values use x.to(torch.uint8)")
+    if x.dtype.is_floating_point and not (torch.isfinite(x).all() and 0 <= x.min() and x.max() <= 1):
+        raise ValueError(f"float images must lie in [0, 1], got values in [{float(x.min())}, {float(x.max())}] "
+                         "(NaN or inf?); divide 0..255 values by 255, or pass uint8")
+
+
+def _run(body, x, batch_size, device):
+    """body(x) batch by batch, eval mode, no_grad -> float32 (N, ...) on the CPU; every module's mode restored."""
+    modes = [(m, m.training) for m in body.modules()]
+    body.eval()
+    out = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(x), batch_size):
+                xb = x[start:start + batch_size].to(device)
+                xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb.float()  # (B, C, H, W) in [0, 1]
+                try:
+                    out.append(body(xb).float().cpu())
+                except RuntimeError as error:  # the first batch: x does not fit the body (not out of memory)
+                    if start > 0 or isinstance(error, torch.cuda.OutOfMemoryError):
+                        raise
+                    raise ValueError(f"the body cannot take x of shape {tuple(x.shape)}: {error}; give images "
+                                     "with the channels and size the body was built for") from error
+    finally:
+        for module, training in modes:
+            module.training = training
+    return torch.cat(out)
+
+
+def _cached(path, key, x):
+    """The features in `path` if the file is intact and holds this key's features for x, else None (said out loud)."""
+    try:
+        saved = load_checked(path, FORMAT, "feature cache")
+    except ValueError as error:
+        warnings.warn(f"{error} Recomputing the features.", stacklevel=3)
+        return None
+    features = saved["features"]
+    if saved["key"] == key and features.dtype == torch.float32 and len(features) == len(x) == saved["rows"]:
+        return features
+    warnings.warn(f"the feature cache {path} does not match x {tuple(x.shape)}: it holds {len(features)} rows of "
+                  f"{features.dtype} for key {saved['key']}; recomputing the features", stacklevel=3)
+    return None
+
+
 def precompute_features(body, x, *, batch_size, cache=None, arch=None, device=None):
     """body(x) for all of x, batch by batch, in eval mode under no_grad -> float32 (N, ...) on the CPU.
 
-    x: (N, C, H, W) images, uint8 (divided by 255 here, as data.batches does) or float in [0, 1].
+    x: (N, C, H, W) images, uint8 (divided by 255 here, as data.Batches does) or float in [0, 1].
     cache: a folder; with it (and `arch`, the name that goes in the key) the features are
     saved to <cache>/<key>.pt and loaded from there next time the key matches.
-    device: where the body runs (default: where its parameters are). Its mode is restored.
+    device: where the body runs (default: where its parameters are). Every module's mode is restored.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if x.dim() != 4 or len(x) == 0:
-        raise ValueError(f"x must be a non-empty (N, C, H, W) batch of images, got shape {tuple(x.shape)}")
-    path = None
-    if cache is not None:
-        if not arch:
-            raise ValueError("with cache=, give arch= (the body's name, e.g. 'efficientnet_lite0'): it is "
-                             "part of the cache key")
-        path = Path(cache) / f"{cache_key(arch, x, body)}.pt"
-        if path.is_file():
-            return torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(body, nn.Module):
+        raise TypeError(f"body must be an nn.Module (e.g. from body_and_head), got {type(body).__name__}")
+    _check_images(x, batch_size)
     if device is None:
         device = next(body.parameters(), torch.empty(0)).device  # a body without weights runs on the CPU
-    was_training = body.training
-    body.eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            xb = x[start:start + batch_size].to(device)
-            xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb.float()  # (B, C, H, W) in [0, 1]
-            out.append(body(xb).float().cpu())
-    body.train(was_training)
-    features = torch.cat(out)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + f".{os.getpid()}.partial")
-        torch.save(features, partial)
-        os.replace(partial, path)  # atomic: a crash never leaves a half-written cache file
+    path = None
+    if cache is not None:
+        if not arch or not isinstance(arch, str):
+            raise ValueError("with cache=, give arch= (the body's name, e.g. 'efficientnet_lite0'): it is "
+                             "part of the cache key")
+        if Path(cache).exists() and not Path(cache).is_dir():
+            raise NotADirectoryError(f"cache={cache} is a file; give a folder for the feature files")
+        key = cache_key(arch, x, body)
+        path = Path(cache) / f"{key}.pt"
+        if path.exists() and (features := _cached(path, key, x)) is not None:
+            return features
+    features = _run(body, x, batch_size, device)
+    if path is not None:  # atomic: a crash never leaves a half-written cache file
+        save_checked(path, FORMAT, {"features": features, "key": key, "rows": len(x)})
     return features

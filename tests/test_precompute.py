@@ -118,3 +118,122 @@ def test_errors_say_what_to_do(tmp_path):
         body_and_head(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="have parameters"):
         body_and_head(tiny_model(), n_pool=3)
+
+
+# --- the cache is never half-written, never used when it does not match; every error path ----------
+
+def cached_once(tmp_path):
+    body = CountingBody(body_and_head(tiny_model())[0])
+    x, _ = tiny_images()
+    features = precompute_features(body, x, batch_size=8, cache=tmp_path, arch="tiny")
+    (path,) = tmp_path.glob("tiny-*.pt")
+    return body, x, features, path
+
+
+def test_a_cache_file_with_the_wrong_rows_is_recomputed_out_loud(tmp_path):
+    from minicnn.checkpoint import save_checked
+    from minicnn.precompute import FORMAT, cache_key
+    body, x, features, path = cached_once(tmp_path)
+    key = cache_key("tiny", x, body)
+    save_checked(path, FORMAT, {"features": features[:15], "key": key, "rows": 15})  # 15 rows for 20 images
+    with pytest.warns(UserWarning, match=r"does not match x \(20, 1, 8, 8\): it holds 15 rows.*recomputing"):
+        again = precompute_features(body, x, batch_size=8, cache=tmp_path, arch="tiny")
+    assert body.seen == 40 and torch.equal(again, features)
+    save_checked(path, FORMAT, {"features": features, "key": "another-key", "rows": 20})  # a renamed file
+    with pytest.warns(UserWarning, match="for key another-key; recomputing"):
+        precompute_features(body, x, batch_size=8, cache=tmp_path, arch="tiny")
+    assert body.seen == 60
+    precompute_features(body, x, batch_size=8, cache=tmp_path, arch="tiny")  # rewritten: a silent hit now
+    assert body.seen == 60
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero bytes", "older plain tensor", "bit flip"])
+def test_a_damaged_or_older_cache_file_is_recomputed_out_loud(tmp_path, damage):
+    body, x, features, path = cached_once(tmp_path)
+    good = path.read_bytes()
+    if damage == "older plain tensor":  # what an older minicnn wrote: no checksum, no row count
+        torch.save(features[:5], path)
+    else:
+        path.write_bytes({"truncated": good[:len(good) // 2], "zero bytes": b"",
+                          "bit flip": good[:-2000] + bytes([good[-2000] ^ 4]) + good[-1999:]}[damage])
+    with pytest.warns(UserWarning, match=f"{path.name}.*Recomputing the features"):
+        again = precompute_features(body, x, batch_size=8, cache=tmp_path, arch="tiny")
+    assert body.seen == 40 and torch.equal(again, features)
+    precompute_features(body, x, batch_size=8, cache=tmp_path, arch="tiny")
+    assert body.seen == 40  # the recomputed file is good again
+
+
+def test_an_interrupted_cache_write_leaves_no_file_and_no_temporary(tmp_path, monkeypatch):
+    body = CountingBody(body_and_head(tiny_model())[0])
+    x, _ = tiny_images()
+    real_save = torch.save
+
+    def save_half_then_die(obj, f):
+        real_save(obj, f)
+        f.seek(f.tell() // 2)
+        f.truncate()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", save_half_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        precompute_features(body, x, batch_size=8, cache=tmp_path, arch="tiny")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+    precompute_features(body, x, batch_size=8, cache=tmp_path, arch="tiny")
+    assert body.seen == 40 and [p.suffix for p in tmp_path.iterdir()] == [".pt"]
+
+
+def test_the_key_sees_the_bodys_modules_and_their_code_not_only_its_weights(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+    from minicnn.precompute import cache_key
+    x, _ = tiny_images()
+    model = tiny_model()
+    assert cache_key("a", x, body_and_head(model, n_pool=1)[0]) != cache_key("a", x, body_and_head(model)[0])
+
+    def scale_class(name, factor):  # class Scale in its own file: the same name, repr and (no) weights
+        (tmp_path / f"{name}.py").write_text(f"from torch import nn\nclass Scale(nn.Module):\n"
+                                             f"    def forward(self, x):\n        return x * {factor}\n")
+        spec = importlib.util.spec_from_file_location(name, tmp_path / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, module)  # as an import does: inspect finds its file there
+        spec.loader.exec_module(module)
+        return module.Scale
+    one, edited = scale_class("before", 1), scale_class("after", 2)  # forward() edited between two runs
+    assert repr(one()) == repr(edited()) and one.__qualname__ == edited.__qualname__
+    assert cache_key("a", x, one()) != cache_key("a", x, edited())
+    assert cache_key("a", x, one()) == cache_key("a", x, one())
+
+
+def test_the_mode_of_every_module_is_restored_even_after_an_error():
+    body, _ = body_and_head(tiny_model())
+    body.train()
+    body[0].eval()  # a frozen group kept in eval mode
+    modes = [m.training for m in body.modules()]
+    precompute_features(body, tiny_images()[0], batch_size=8)
+    assert [m.training for m in body.modules()] == modes
+    with pytest.raises(ValueError, match=r"the body cannot take x of shape \(4, 3, 8, 8\).*channels"):
+        precompute_features(body, torch.zeros(4, 3, 8, 8, dtype=torch.uint8), batch_size=8)
+    assert [m.training for m in body.modules()] == modes
+
+
+def test_bad_images_and_arguments_are_refused_before_the_body_runs(tmp_path):
+    body = CountingBody(body_and_head(tiny_model())[0])
+    x, _ = tiny_images()
+    cases = [
+        (dict(x=x.long()), ValueError, "uint8 .* or float .*got torch.int64.*x.to\\(torch.uint8\\)"),
+        (dict(x=x.float()), ValueError, r"float images must lie in \[0, 1\], got values in \[0.0, 25\d.0\]"),
+        (dict(x=torch.full((2, 1, 8, 8), float("nan"))), ValueError, "NaN or inf"),
+        (dict(x=x.numpy()), ValueError, "non-empty \\(N, C, H, W\\) tensor of images, got ndarray"),
+        (dict(x=x[:0]), ValueError, "non-empty"),
+        (dict(batch_size=True), ValueError, "batch_size must be an int >= 1"),
+        (dict(batch_size=2.0), ValueError, "batch_size must be an int >= 1"),
+        (dict(cache=tmp_path, arch=""), ValueError, "give arch="),
+        (dict(cache=tmp_path / "file", arch="tiny"), NotADirectoryError, "file is a file; give a folder"),
+    ]
+    (tmp_path / "file").write_text("x")
+    for change, error, message in cases:
+        with pytest.raises(error, match=message):
+            precompute_features(body, **{"x": x, "batch_size": 8, **change})
+    with pytest.raises(TypeError, match="body must be an nn.Module"):
+        precompute_features(lambda x: x, x, batch_size=8)
+    assert body.seen == 0
