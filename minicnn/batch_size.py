@@ -1,38 +1,15 @@
 """The largest batch that fits in memory, found by trying: double until out-of-memory, then
 bisect, then keep a safety margin. The process survives every out-of-memory error.
 
-Algorithm (try_step(b) runs a few real training steps at batch size b):
     b = start; double b (capped at limit) while try_step(b) fits
     -> good = largest that fit, bad = first that did not
     while bad - good > 1:  mid = (good + bad) // 2;  good or bad <- mid
     return min(limit, floor(margin * good))        or `limit` when even `limit` fit
-Cost: log2(largest / start) + 1 doublings, then at most log2(largest) bisection steps.
-
-Why no "restart the kernel" (the seed's advice after a CUDA out-of-memory error): the error
-is raised before anything is computed, and the GPU is fine. What stays allocated is what is
-still referenced: the exception's traceback holds the failed step's frames, whose locals
-hold its activations and gradients (Jupyter even keeps the last traceback in
-sys.last_traceback), and PyTorch's caching allocator keeps freed blocks reserved. So after
-each out-of-memory error this file leaves the `except` block first (Python then deletes
-the exception and its traceback), calls gc.collect() (frames in reference cycles) and
-torch.cuda.empty_cache() (cached blocks back to the driver). For that to work, try_step
-must keep nothing from a step in a global or a closure: return nothing, store nothing.
-
-The search leaves no trace: pass model= and optimizer= and their state dicts (copied to
-the CPU, so the copies do not shrink the memory searched), per-module train/eval modes,
-gradients and torch's RNG state are put back afterwards; on CUDA the allocated memory is
-back to what it was before the search.
+After each out-of-memory error the failed step's tensors are freed (leave the except block,
+gc.collect(), torch.cuda.empty_cache()); afterwards model, optimizer and RNG are as they were.
 
 Source: fast.ai 2018 lesson 2 ("make it as big as possible until you run out of memory");
-PyTorch Lightning's `scale_batch_size` (doubling from 2, then binary search).
-How it differs from Lightning: a margin (Lightning's users found its size failing later, in
-real training, when memory fragments or an evaluation batch is bigger); capped at the
-dataset's size (`limit`); state restored; cuDNN's NOT_SUPPORTED is not taken for
-out-of-memory (it also means a genuinely unsupported input), it is re-raised.
-On the CPU a restart IS needed in one case: oneDNN (convolutions), out of memory while it
-builds a kernel, says "could not create a primitive" and keeps the failed kernel in its
-cache, so every new shape fails afterwards (seen with torch 2.14 / oneDNN 3.12). That error
-stops the search with this explanation. On a shared CPU, bound the search by `limit`.
+PyTorch Lightning's scale_batch_size (doubling, then binary search). More: docs/batch_size.md.
 """
 import gc
 import math
@@ -109,7 +86,8 @@ def find_batch_size(try_step, *, start=2, limit, margin=0.9, device=None, model=
     """The largest batch size b <= limit with try_step(b) not running out of memory, times margin.
 
     try_step(batch_size): a few real training steps at that size (3 is plenty: the first
-        step allocates, later ones add the optimizer's state); returns nothing.
+        step allocates, later ones add the optimizer's state); returns nothing and keeps
+        nothing (no output in a global or a closure), or its memory cannot be freed.
     start: first size tried. limit: the largest size worth having (the dataset's size).
     margin: keep floor(margin * largest) for headroom; 1 keeps the largest.
     device: where memory runs out (default: the model's, else the CPU).
@@ -154,13 +132,13 @@ def find_batch_size(try_step, *, start=2, limit, margin=0.9, device=None, model=
             good = size
             if size == limit:
                 break
-            size = min(2 * size, limit)
+            size = min(2 * size, limit)  # b <- min(2b, limit)
         if good == 0:
             raise MemoryError(f"even batch size {start} does not fit in memory on {device} ({failure}); "
                               "try start=1, a smaller model or smaller images, or mixed precision")
         # bisection between the last size that fit and the first that did not
         while bad is not None and bad - good > 1:
-            mid = (good + bad) // 2
+            mid = (good + bad) // 2  # good or bad <- mid, until they are neighbours
             if _out_of_memory(try_step, mid, device, verbose):
                 bad = mid
             else:
