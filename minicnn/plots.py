@@ -1,17 +1,14 @@
 """The figures of the lessons: LR finder curve, schedules, losses, augmented samples, confusions.
 
-Each function builds a matplotlib Figure on the Agg canvas (no pyplot, so no window, no
-global figure list to leak memory in long runs), saves it as a PNG when given a path
-(parent folders are created), and returns the Figure so a test or notebook can look inside.
+Each function builds a matplotlib Figure on the Agg canvas (no pyplot: no window, no global
+figure list to leak memory in long runs), saves it as a PNG when given a path (parent folders
+are created) and returns the Figure, so a test or notebook can look inside. Inputs are read
+by attribute (an LRFindResult, a History, or anything with the same fields), so this file
+imports nothing from minicnn. Images are float tensors (K, C, H, W) in [0, 1], C = 1 or 3.
 
-Inputs are duck-typed so this file imports nothing from minicnn and can be copied alone:
-- plot_lr_find reads result.lrs, result.smoothed_losses, result.suggested_lr and, when
-  present, result.suggested_index, result.skip_start (noisy head dropped), result.stop
-  (one past the last usable point), result.reason.
-- plot_losses reads history.batch_loss, train_loss, valid_loss and, when present,
-  train_eval_loss (per epoch).
-Images are float tensors (K, C, H, W) in [0, 1] with C = 1 (drawn in grey) or C = 3.
-Source: the plots of fastai 0.7 (sched.plot, plot_lr, most_by_uncertain), redrawn.
+    top losses: loss_i = -log p_i(true class), worst first
+
+Source: the plots of fastai 0.7 (sched.plot, sched.plot_lr, most_by_uncertain), redrawn.
 """
 import math
 from pathlib import Path
@@ -40,8 +37,12 @@ def _save(fig, path):
 
 def plot_lr_find(result, path=None):
     """Smoothed loss against LR (log axis), usable points only, the suggestion marked by a dot.
-    When the loss never clearly fell (result.loss_fell False) the point is marked as the lowest
-    loss, not a recommendation; without any suggested_lr nothing is marked."""
+
+    Reads result.lrs, result.smoothed_losses, result.suggested_lr and, when present,
+    suggested_index, skip_start (noisy head dropped), stop (one past the last usable point),
+    reason (the title) and loss_fell: False marks the point as the lowest loss, not a
+    recommendation, and never says "suggested". Without a suggested_lr nothing is marked.
+    """
     lrs = np.asarray(result.lrs, dtype=float)
     smoothed = np.asarray(result.smoothed_losses, dtype=float)
     if lrs.ndim != 1 or lrs.shape != smoothed.shape:
@@ -107,7 +108,10 @@ def plot_schedule(schedules, path=None, *, title=""):
 
 
 def plot_losses(history, path=None, *, title=""):
-    """Per-minibatch training loss (faint) and per-epoch losses, x in epochs; title = diagnosis."""
+    """Per-minibatch training loss (faint) and per-epoch losses, x in epochs; title = diagnosis.
+
+    Reads history.train_loss, valid_loss and, when present, batch_loss and train_eval_loss.
+    """
     missing = [name for name in ("train_loss", "valid_loss") if not hasattr(history, name)]
     if missing:
         raise TypeError(f"plot_losses: history must have train_loss and valid_loss (a train.History); "
@@ -232,7 +236,7 @@ def plot_top_losses(x, y_true, probs, classes, path=None, *, k=9):
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be >= 1, got {k!r}")
     p_true = probs[torch.arange(len(y_true)), y_true]  # (N,)
-    losses = -torch.log(p_true.clamp_min(1e-12))
+    losses = -torch.log(p_true.clamp_min(1e-12))  # loss_i = -log p_i(true class)
     top = torch.argsort(losses, descending=True, stable=True)[:k]
     n_cols = math.ceil(math.sqrt(len(top)))
     n_rows = math.ceil(len(top) / n_cols)
