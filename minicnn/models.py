@@ -69,7 +69,7 @@ class ResidualBlock(nn.Module):
 
 
 class GroupedModel(nn.Module):
-    """Runs its layer groups in order; what freezing and differential LRs need to see."""
+    """Runs its layer groups in order; what freezing and differential learning rates need to see."""
 
     def __init__(self, *groups):
         super().__init__()
