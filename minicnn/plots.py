@@ -161,7 +161,8 @@ def _show(ax, image):
 def plot_augmented(rows, path=None, *, title=""):
     """A grid: one row per named batch of images (e.g. "original", "side_on"), K columns."""
     if not isinstance(rows, dict):
-        raise TypeError(f"plot_augmented: rows must be a dict {{name: images (K, C, H, W)}}, got {type(rows).__name__}")
+        raise TypeError(f"plot_augmented: rows must be a dict {{name: images (K, C, H, W)}}, "
+                        f"got {type(rows).__name__}")
     if not rows:
         raise ValueError("plot_augmented needs at least one row of images")
     for name, images in rows.items():

@@ -58,9 +58,10 @@ def legend_texts(fig):
 
 
 def test_plot_lr_find_legend_says_suggested_only_for_a_recommendation():
-    assert legend_texts(plot_lr_find(_lr_result(loss_fell=True))) == ["smoothed loss", f"suggested {1e-4 * 10 ** (7 / 4):.2g}"]
+    suggested = f"suggested {1e-4 * 10 ** (7 / 4):.2g}"
+    assert legend_texts(plot_lr_find(_lr_result(loss_fell=True))) == ["smoothed loss", suggested]
     flat = _lr_result(suggested_lr=10.0, suggested_index=17, loss_fell=False,
-                      reason="no usable suggestion: the loss never clearly fell; lowest at lr 10, not a recommendation")
+                      reason="no usable suggestion: the loss never clearly fell; lowest at lr 10")
     fig = plot_lr_find(flat)
     texts = legend_texts(fig)
     assert texts == ["smoothed loss", "lowest loss at 10 (no clear fall: not a recommendation)"]
