@@ -2,6 +2,8 @@
 import gzip
 import os
 
+import subprocess
+import sys
 import numpy as np
 import pytest
 import torch
@@ -75,12 +77,82 @@ def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):
 
 
 def test_search_order_root_then_environment(tmp_path, monkeypatch):
+    # a folder that is named (root=, else $MINICNN_DATA) is the only place looked in
     monkeypatch.setenv("MINICNN_DATA", str(tmp_path / "env"))
-    folders = data.fashion_mnist_folders(tmp_path / "root")
-    assert folders[:3] == [tmp_path / "root", tmp_path / "env", data.Path(data.DEBIAN_FASHION_MNIST)]
+    root = tmp_path / "root"
+    assert data.fashion_mnist_folders(root) == [root, root / "FashionMNIST" / "raw"]
+    assert data.fashion_mnist_folders() == [tmp_path / "env", tmp_path / "env" / "FashionMNIST" / "raw"]
     (tmp_path / "env").mkdir()
     write_fashion(tmp_path / "env", n_train=3)
     assert len(load_fashion_mnist()[0][0]) == 3  # found through $MINICNN_DATA
+    root.mkdir()
+    write_fashion(root, n_train=5)
+    assert len(load_fashion_mnist(root)[0][0]) == 5  # root= before $MINICNN_DATA
+    monkeypatch.setenv("MINICNN_DATA", "")  # set but empty counts as unset
+    assert data.fashion_mnist_folders()[0] == data.Path(data.DEBIAN_FASHION_MNIST)
+
+
+@pytest.fixture
+def system_copy(tmp_path, monkeypatch):
+    """A complete Fashion-MNIST of 7 training images where Debian's would be, and no $MINICNN_DATA."""
+    (tmp_path / "system").mkdir()
+    write_fashion(tmp_path / "system", n_train=7)
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", str(tmp_path / "system"))
+    monkeypatch.delenv("MINICNN_DATA", raising=False)
+    assert len(load_fashion_mnist()[0][0]) == 7  # found when nothing is named
+    return tmp_path / "system"
+
+
+def test_an_incomplete_named_folder_is_refused_never_replaced(tmp_path, monkeypatch, system_copy):
+    (tmp_path / "mine").mkdir()
+    write_fashion(tmp_path / "mine")
+    (tmp_path / "mine" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"root=.*mine.* lacks t10k-labels-idx1-ubyte \(or .gz\); "
+                                                 r"it holds 3 of the 4"):
+        load_fashion_mnist(tmp_path / "mine")
+    with pytest.raises(FileNotFoundError, match=r"root=.*nowhere: no such folder"):
+        load_fashion_mnist(tmp_path / "nowhere")
+    monkeypatch.setenv("MINICNN_DATA", str(tmp_path / "mine"))
+    with pytest.raises(FileNotFoundError, match=r"MINICNN_DATA=.*mine.* lacks t10k-labels.*unset MINICNN_DATA"):
+        load_fashion_mnist()
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("MINICNN_DATA", str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="lacks train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                                                "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"):
+        load_fashion_mnist()
+    with pytest.raises(ValueError, match="root=''"):
+        load_fashion_mnist("")
+
+
+def test_a_named_folder_may_hold_torchvisions_layout(tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    write_fashion(raw, n_train=4, gz=False)
+    assert len(load_fashion_mnist(tmp_path)[0][0]) == 4
+
+
+def test_empty_idx_files_are_refused(tmp_path):
+    write_fashion(tmp_path, gz=False)
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(np.zeros((0, 28, 28))))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(0)))
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.*N >= 1"):
+        load_fashion_mnist(tmp_path)
+
+
+def test_python_m_minicnn_data_says_found_or_why_not(tmp_path, monkeypatch, capsys):
+    # `make data` runs it: exit 0 when the data is there, else a message (no traceback) and exit 1
+    write_fashion(tmp_path, n_train=3)
+    found = subprocess.run([sys.executable, "-m", "minicnn.data"], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "MINICNN_DATA": str(tmp_path)})
+    assert found.returncode == 0 and "3 training and 4 test images" in found.stdout
+    monkeypatch.setenv("MINICNN_DATA", str(tmp_path))
+    (tmp_path / "t10k-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(SystemExit) as missing:
+        data.main([])
+    assert f"MINICNN_DATA={tmp_path}" in str(missing.value.code) and "t10k-images-idx3-ubyte" in str(missing.value.code)
+    with pytest.raises(SystemExit) as misspelt:
+        data.main(["--downlaod"])  # a misspelt option is not ignored
+    assert misspelt.value.code == 2 and "unrecognized arguments: --downlaod" in capsys.readouterr().err
 
 
 def save_image(path, mode, size=(12, 8), color=None):
