@@ -2,11 +2,15 @@
 import gzip
 import os
 
+import struct
 import subprocess
 import sys
+import zlib
+
 import numpy as np
 import pytest
 import torch
+import PIL.features
 from PIL import Image
 
 from minicnn import data
@@ -187,8 +191,9 @@ def test_image_folder_center_crop_keeps_the_middle(tmp_path):
     array = np.zeros((4, 12, 3), np.uint8)
     array[:, 4:8] = 255
     for split in ("train", "valid"):
-        (tmp_path / split / "a").mkdir(parents=True)
-        Image.fromarray(array).save(tmp_path / split / "a" / "x.png")
+        for label in ("a", "b"):  # two classes: one is refused
+            (tmp_path / split / label).mkdir(parents=True)
+            Image.fromarray(array).save(tmp_path / split / label / "x.png")
     x_train = load_image_folder(tmp_path, 4).train[0]
     assert int(x_train.min()) == 255
 
@@ -220,6 +225,184 @@ def test_image_folder_reads_the_test_split(tmp_path):
     save_image(tmp_path / "test" / "t1.png", "RGB")
     save_image(tmp_path / "test" / "t2.png", "L")
     assert load_image_folder(tmp_path, 5).test.shape == (2, 3, 5, 5)
+
+
+def test_a_class_folder_without_images_is_refused_with_what_it_holds(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "train" / "bird").mkdir()
+    for name in ("a.tif", "b.TIF", "notes.txt"):
+        (tmp_path / "train" / "bird" / name).write_bytes(b"x")
+    (tmp_path / "train" / "fish").mkdir()  # empty
+    for label in ("bird", "fish"):
+        save_image(tmp_path / "valid" / label / "v.png", "RGB")
+    with pytest.raises(ValueError) as error:
+        load_image_folder(tmp_path, 8)
+    message = str(error.value)  # both folders named in the one error, with what each holds
+    assert "train/bird: no images (it holds .tif: 2, .txt: 1; supported: .gif, .jpeg, .jpg, .png, .webp)" in message
+    assert "train/fish: no images (it holds nothing" in message
+
+
+def test_an_empty_valid_class_is_refused_by_name(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "valid" / "dog" / "e.png").unlink()  # valid/dog/ is left empty
+    with pytest.raises(ValueError, match=r"valid/dog: no images \(it holds nothing"):
+        load_image_folder(tmp_path, 8)
+
+
+def test_a_single_class_is_refused(tmp_path):
+    save_image(tmp_path / "train" / "cat" / "a.png", "RGB")
+    save_image(tmp_path / "valid" / "cat" / "b.png", "RGB")
+    with pytest.raises(ValueError, match=r"train: only the class \['cat'\]; a classifier needs at least 2 classes"):
+        load_image_folder(tmp_path, 8)
+
+
+def test_images_outside_class_folders_are_refused_or_said(tmp_path):
+    save_image(tmp_path / "train" / "a.png", "RGB")  # no class folders at all
+    save_image(tmp_path / "valid" / "b.png", "RGB")
+    with pytest.raises(ValueError, match=r"train: no class folders \(it holds .png: 1\)"):
+        load_image_folder(tmp_path, 8)
+    make_folder(tmp_path)  # now with class folders, and a.png, b.png, notes left beside them
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("x")
+    (tmp_path / "train" / "cat" / "more").mkdir()
+    with pytest.warns(UserWarning, match=r"skipped what is not an image.*train: .png: 1 outside the class "
+                                         r"folders.*train/cat: .txt: 1, folder: 1.*valid: .png: 1"):
+        folder = load_image_folder(tmp_path, 8)
+    assert folder.train[1].tolist() == [0, 0, 1]  # the images of make_folder, no more
+
+
+def test_missing_split_folders_are_named_together(tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(ValueError, match=r"(?s)train: no such folder.*valid: no such folder"):
+        load_image_folder(tmp_path / "data", 8)
+
+
+def test_a_test_folder_without_images_is_refused(tmp_path):
+    make_folder(tmp_path)
+    save_image(tmp_path / "test" / "cat" / "t.png", "RGB")  # labelled layout: test/ holds images directly
+    with pytest.raises(ValueError, match=r"test: no images \(it holds folder: 1.*test/ holds unlabelled images"):
+        load_image_folder(tmp_path, 8)
+
+
+def test_a_dangling_symlink_is_named(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "train" / "dog" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(ValueError, match=r"1 image.*cannot be decoded.*gone.png \(a symlink to .*nowhere.png, "
+                                         r"which does not exist\)"):
+        load_image_folder(tmp_path, 8)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+def test_an_unreadable_file_is_named(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "train" / "dog" / "c.png").chmod(0)
+    with pytest.raises(ValueError, match=r"1 image.*cannot be decoded.*c.png \(.*Permission denied"):
+        load_image_folder(tmp_path, 8)
+
+
+def test_a_read_error_is_named_without_torchvisions_source_line(tmp_path, monkeypatch):
+    # as root can read every file, the read error torchvision gives for an unreadable one is simulated
+    import torchvision.io
+    make_folder(tmp_path)
+    decode = torchvision.io.decode_image
+
+    def unreadable(path, **kwargs):
+        if path.endswith("c.png"):
+            raise RuntimeError(f"read_file, /__w/vision/read_write_file.cpp:78, [Errno 13] Permission denied: {path}")
+        return decode(path, **kwargs)
+    monkeypatch.setattr(torchvision.io, "decode_image", unreadable)
+    with pytest.raises(ValueError, match=r"1 image.*cannot be decoded.*c.png \(\[Errno 13\] Permission denied"):
+        load_image_folder(tmp_path, 8)
+
+
+def test_a_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
+    make_folder(tmp_path)
+    locked, iterdir = tmp_path / "train" / "dog", data.Path.iterdir
+
+    def refuse(self):
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return iterdir(self)
+    monkeypatch.setattr(data.Path, "iterdir", refuse)
+    with pytest.raises(ValueError, match=r"train/dog: cannot list it \(Permission denied\)"):
+        load_image_folder(tmp_path, 8)
+
+
+@pytest.mark.parametrize("size", [0, -3, 2.5, "64", True])
+def test_size_is_checked_before_any_work(tmp_path, size):
+    with pytest.raises(ValueError, match=f"size must be"):
+        load_image_folder(tmp_path / "nowhere", size)
+
+
+def write_png_rgb16(path, array):
+    """A 16-bit RGB PNG written by hand (PIL cannot): signature, IHDR, one IDAT, IEND."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    h, w, _ = array.shape
+    rows = b"".join(b"\0" + array[i].astype(">u2").tobytes() for i in range(h))  # filter 0 per row
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def two_class_folder(root, train_images):
+    """train/a holds train_images (name -> writer), train/b one plain image; valid one image each."""
+    for name, write in train_images.items():
+        (root / "train" / "a").mkdir(parents=True, exist_ok=True)
+        write(root / "train" / "a" / name)
+    for path in (root / "train" / "b" / "z.png", root / "valid" / "a" / "v.png", root / "valid" / "b" / "w.png"):
+        save_image(path, "RGB", size=(6, 6))
+
+
+def test_16_bit_pngs_become_8_bit(tmp_path):
+    grey = np.array([[0, 257, 32767, 32768, 65535, 1000]] * 6, dtype=np.uint16)  # (6, 6)
+    colour = np.stack([grey, grey[::-1].T, np.full_like(grey, 40000)], -1)  # (6, 6, 3)
+    two_class_folder(tmp_path, {"grey.png": lambda p: Image.fromarray(grey).save(p),
+                                "colour.png": lambda p: write_png_rgb16(p, colour)})
+    assert Image.open(tmp_path / "train" / "a" / "grey.png").mode == "I;16"
+    x = load_image_folder(tmp_path, 6).train[0]  # (3, 3, 6, 6): colour.png, grey.png, z.png
+    to8 = lambda v: np.round(v.astype(np.float64) * 255 / 65535).astype(np.uint8)  # noqa: E731
+    assert np.array_equal(x[1].numpy(), np.stack([to8(grey)] * 3))
+    assert np.array_equal(x[0].numpy(), to8(colour).transpose(2, 0, 1))
+    assert to8(grey)[0].tolist() == [0, 1, 127, 128, 255, 4]
+
+
+def test_an_animated_gif_gives_its_first_frame_and_says_so(tmp_path):
+    frames = [Image.fromarray(np.full((6, 6, 3), v, np.uint8)) for v in (10, 200, 90)]
+    two_class_folder(tmp_path, {"anim.gif": lambda p: frames[0].save(p, save_all=True, append_images=frames[1:])})
+    with pytest.warns(UserWarning, match=r"1 animated image.*only the first frame.*anim.gif \(3 frames\)"):
+        x = load_image_folder(tmp_path, 6).train[0]
+    assert x[0].unique().tolist() == [10]
+
+
+@pytest.mark.skipif(not PIL.features.check("webp"), reason="this PIL writes no WebP")
+def test_an_animated_webp_is_named(tmp_path):
+    frames = [Image.fromarray(np.full((6, 6, 3), v, np.uint8)) for v in (10, 200)]
+    two_class_folder(tmp_path, {"anim.webp": lambda p: frames[0].save(p, save_all=True, append_images=frames[1:])})
+    with pytest.raises(ValueError, match=r"1 image.*cannot be decoded.*anim.webp \(Animated webp files are not supported"):
+        load_image_folder(tmp_path, 6)
+
+
+def test_grey_palette_one_bit_and_alpha_images_become_rgb(tmp_path):
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (6, 6, 4), dtype=np.uint8)
+    grey = rng.integers(0, 256, (6, 6), dtype=np.uint8)
+    index = rng.integers(0, 3, (6, 6), dtype=np.uint8)
+    palette = np.array([[200, 30, 90], [0, 255, 0], [12, 34, 56]], np.uint8)
+
+    def save_palette(path):
+        image = Image.fromarray(index, "P")
+        image.putpalette(palette.flatten().tolist())
+        image.save(path)
+    two_class_folder(tmp_path, {
+        "1_rgba.png": lambda p: Image.fromarray(rgba, "RGBA").save(p),
+        "2_grey_alpha.png": lambda p: Image.fromarray(np.stack([grey, grey], -1), "LA").save(p),
+        "3_palette.png": save_palette, "4_palette.gif": save_palette,
+        "5_one_bit.png": lambda p: Image.fromarray(grey > 127).save(p)})
+    x = load_image_folder(tmp_path, 6).train[0].numpy()  # (6, 3, 6, 6)
+    assert np.array_equal(x[0], rgba[..., :3].transpose(2, 0, 1))  # alpha dropped
+    assert np.array_equal(x[1], np.stack([grey] * 3))
+    assert np.array_equal(x[2], palette[index].transpose(2, 0, 1))
+    assert np.array_equal(x[3], palette[index].transpose(2, 0, 1))
+    assert np.array_equal(x[4], np.stack([(grey > 127) * 255] * 3).astype(np.uint8))
 
 
 def test_batches_cover_every_sample_once_per_epoch_and_repeat_with_the_seed():
