@@ -329,9 +329,25 @@ def load_image_folder(path, size):
 
 
 def normalize(x, mean, std):
-    """(x - mean) / std per channel; x float (N, C, H, W)."""
-    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    """(x - mean) / std per channel; x float (N, C, H, W), mean and std 1 or C numbers, std > 0."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
+        raise ValueError(f"normalize: x must be a float tensor (N, C, H, W), got "
+                         + (f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__)
+                         + ("; for uint8 images divide by 255 first, x.float() / 255 (Batches does it)"
+                            if isinstance(x, torch.Tensor) and x.dtype == torch.uint8 else ""))
+    stats = []
+    for name, value in (("mean", mean), ("std", std)):
+        try:
+            t = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"normalize: {name}={value!r} is not a number or a sequence of numbers") from e
+        if len(t) not in (1, x.shape[1]):
+            raise ValueError(f"normalize: {name} has {len(t)} values but x has {x.shape[1]} channel(s): "
+                             f"give 1 value or {x.shape[1]}, the statistics of these images' channels")
+        if not torch.isfinite(t).all() or (name == "std" and (t <= 0).any()):
+            raise ValueError(f"normalize: {name}={t.tolist()} must be finite" + (" and > 0" if name == "std" else ""))
+        stats.append(t.to(dtype=x.dtype, device=x.device).view(1, -1, 1, 1))
+    mean, std = stats
     return (x - mean) / std
 
 

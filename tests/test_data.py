@@ -471,6 +471,36 @@ def test_normalize_matches_torchvision():
     assert torch.allclose(normalize(x, mean, std), TF.normalize(x, mean, std), atol=1e-7)
 
 
+def test_normalize_broadcasts_one_value_over_the_channels():
+    x = torch.rand(2, 3, 4, 4)
+    assert torch.allclose(normalize(x, [0.5], 0.25), (x - 0.5) / 0.25)
+    assert torch.allclose(normalize(x, torch.tensor([0.1, 0.2, 0.3]), (1, 2, 4)),
+                          (x - torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)) / torch.tensor([1., 2, 4]).view(1, 3, 1, 1))
+
+
+@pytest.mark.parametrize("mean, std, match", [
+    ((0.1, 0.2, 0.3), (0.5, 0.6, 0.7), r"mean has 3 values but x has 1 channel"),  # RGB stats on grey images
+    ((0.5,), (0.5, 0.5), r"std has 2 values but x has 1 channel"),
+    ((0.5,), (0.0,), r"std=\[0.0\] must be finite and > 0"),
+    ((0.5,), (-0.3,), r"std=\[-0.3.*must be finite and > 0"),
+    ((0.5,), (float("inf"),), r"std=\[inf\] must be finite and > 0"),
+    ((float("nan"),), (0.5,), r"mean=\[nan\] must be finite"),
+    (("a",), (0.5,), r"mean=\('a',\) is not a number"),
+])
+def test_normalize_refuses_statistics_that_do_not_fit(mean, std, match):
+    with pytest.raises(ValueError, match=match):
+        normalize(torch.rand(2, 1, 4, 4), mean, std)
+
+
+def test_normalize_refuses_what_is_not_float_images():
+    with pytest.raises(ValueError, match=r"x must be a float tensor.*uint8.*divide by 255 first"):
+        normalize(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), (0.5,), (0.5,))
+    with pytest.raises(ValueError, match=r"x must be a float tensor \(N, C, H, W\), got torch.float32 \(1, 4, 4\)"):
+        normalize(torch.rand(1, 4, 4), (0.5,), (0.5,))
+    with pytest.raises(ValueError, match=r"x must be a float tensor.*got list"):
+        normalize([[0.5]], (0.5,), (0.5,))
+
+
 @pytest.mark.skipif(not os.path.isdir(data.DEBIAN_FASHION_MNIST), reason="dataset-fashion-mnist not installed")
 def test_real_fashion_mnist_statistics():
     (x_train, y_train), (x_test, _), _ = load_fashion_mnist()
