@@ -51,6 +51,28 @@ def _count(n, name, low=None):
     return n
 
 
+def _labels(y, name="y"):
+    """y as a 1-D integer tensor of class labels, or a ValueError that says what to do."""
+    if not isinstance(y, torch.Tensor):
+        raise ValueError(f"{name} must be a torch tensor of class labels, got {type(y).__name__}: "
+                         "convert it with torch.as_tensor")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer class labels, got {y.dtype}: "
+                         "if they are whole numbers 0..n_classes-1, pass y.long()")
+    if y.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (N,), got shape {tuple(y.shape)}: one label per sample")
+    return y
+
+
+def _pair(x, y):
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"x must be a tensor of samples (N, ...), got {type(x).__name__}")
+    y = _labels(y)
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} images but {len(y)} labels: x and y must pair up, one label per image")
+    return y
+
+
 def read_idx(path):
     """One IDX file -> uint8 tensor of the shape its header gives; errors name the file."""
     path = Path(path)
@@ -148,15 +170,15 @@ def download_fashion_mnist(folder=USER_CACHE):
 
 
 def _per_class(counts, n, low, high):
-    """n split over classes in proportion to counts (largest remainder), class c in [low[c], high[c]]."""
+    """n split over classes in proportion to counts (largest remainder), class c in [low[c], high[c]].
+    Exact in integers: class c's quota n * counts[c] / total is compared as n * counts[c] vs take * total."""
     total = sum(counts)
-    quota = [n * c / total for c in counts]
-    take = [min(max(int(q), lo), hi) for q, lo, hi in zip(quota, low, high)]
-    while sum(take) < n:  # the largest shortfall first
-        c = max((c for c in range(len(counts)) if take[c] < high[c]), key=lambda c: quota[c] - take[c])
+    take = [min(max(n * c // total, lo), hi) for c, lo, hi in zip(counts, low, high)]
+    while sum(take) < n:  # the largest shortfall quota - take first
+        c = max((c for c in range(len(counts)) if take[c] < high[c]), key=lambda c: n * counts[c] - take[c] * total)
         take[c] += 1
-    while sum(take) > n:  # the largest excess first
-        c = max((c for c in range(len(counts)) if take[c] > low[c]), key=lambda c: take[c] - quota[c])
+    while sum(take) > n:  # the largest excess take - quota first
+        c = max((c for c in range(len(counts)) if take[c] > low[c]), key=lambda c: take[c] * total - n * counts[c])
         take[c] -= 1
     return take
 
@@ -164,25 +186,26 @@ def _per_class(counts, n, low, high):
 def _stratified(y, n, *, seed, keep_rest, what):
     """Indices of n samples, every class in proportion (largest remainder) and at least once,
     and (keep_rest) at least one of each class left over -> (chosen, rest), both in a random order."""
-    if y.dim() != 1 or y.is_floating_point() or len(y) == 0:
-        raise ValueError(f"labels must be a non-empty 1-D integer tensor, got {y.dtype} {tuple(y.shape)}")
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    y, n, seed = _labels(y), _count(n, what), _count(seed, "seed", low=0)
+    if len(y) == 0:
+        raise ValueError("y holds no labels: there is nothing to split")
     classes, counts = torch.unique(y, return_counts=True)
-    counts = counts.tolist()
+    classes, counts = classes.tolist(), counts.tolist()
+    single = [k for k, c in zip(classes, counts) if c == 1]
+    if keep_rest and single:
+        raise ValueError(f"class(es) {single} have a single sample, which cannot be in both parts: "
+                         "add samples of them or remove those classes")
     low, high = [1] * len(counts), [c - 1 if keep_rest else c for c in counts]
-    if sum(low) > n or n > sum(high) or min(high) < 1:
-        few = [int(k) for k, c in zip(classes, counts) if c < 1 + keep_rest]
+    if not sum(low) <= n <= sum(high):
         raise ValueError(f"{what}={n}: cannot take {n} of {len(y)} samples with all {len(counts)} classes in it"
                          + (" and in the rest" if keep_rest else "")
-                         + (f" (class(es) {few} have too few samples)" if few else "")
-                         + f": choose n between {sum(low)} and {sum(high)}, or add samples")
-    take = dict(zip(classes.tolist(), _per_class(counts, n, low, high)))
-    seen = {k: 0 for k in take}
+                         + f": choose {what} between {sum(low)} and {sum(high)}")
+    take = dict(zip(classes, _per_class(counts, n, low, high)))
+    seen = dict.fromkeys(take, 0)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     chosen = torch.zeros(len(y), dtype=torch.bool)
-    for i in order.tolist():  # the first take[c] of class c in the random order
-        c = int(y[i])
-        if seen[c] < take[c]:
-            chosen[i] = True
+    for i, c in zip(order.tolist(), y[order].tolist()):  # the first take[c] of class c in the random order
+        chosen[i] = seen[c] < take[c]
         seen[c] += 1
     chosen = chosen[order]  # in the random order
     return order[chosen], order[~chosen]
@@ -191,17 +214,16 @@ def _stratified(y, n, *, seed, keep_rest, what):
 def train_valid_split(x, y, n_valid, *, seed=0):
     """Hold out n_valid samples, stratified: every class in both parts, in its share of the data
     (largest remainder), each part in a random order -> (x_train, y_train), (x_valid, y_valid)."""
-    if len(x) != len(y):
-        raise ValueError(f"{len(x)} images but {len(y)} labels")
+    y = _pair(x, y)
     valid, train = _stratified(y, n_valid, seed=seed, keep_rest=True, what="n_valid")
     return (x[train], y[train]), (x[valid], y[valid])
 
 
 def stratified_subset(x, y, n, *, seed=0):
     """n of the samples, every class present and in its share of the data, in a random order
-    -> (x, y). For --limit and --quick: a slice x[:n] of class-sorted data holds few classes."""
-    if len(x) != len(y):
-        raise ValueError(f"{len(x)} images but {len(y)} labels")
+    -> (x, y); all of them, as given, when n >= len(y). A slice x[:n] of class-sorted data
+    holds few classes."""
+    y, n = _pair(x, y), _count(n, "n")
     if n >= len(y):
         return x, y
     chosen, _ = _stratified(y, n, seed=seed, keep_rest=False, what="n")
@@ -352,15 +374,35 @@ def normalize(x, mean, std):
 
 
 class Batches:
-    """Minibatches of (x, y) on a device; len() = batches per epoch; iterate for one epoch."""
+    """Minibatches of (x, y) on a device; len() = batches per epoch; iterate for one epoch.
+    x: (N, ...) uint8 images (x / 255 on the device) or float features; y: (N,) integer
+    labels (as int64) or None."""
 
     def __init__(self, x, y, batch_size, *, shuffle, generator=None, device="cpu", drop_last=False):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if y is not None and len(x) != len(y):
-            raise ValueError(f"{len(x)} images but {len(y)} labels")
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or len(x) == 0:
+            raise ValueError("Batches: x must be a tensor of N >= 1 samples, (N, C, H, W) images or (N, F) "
+                             "features, got " + (f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor)
+                                                 else type(x).__name__))
+        if x.dtype != torch.uint8 and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"Batches: x is {x.dtype}; pass uint8 images in 0..255 or float32 in [0, 1] "
+                             "(x.float(); models here are float32)")
+        if y is not None:
+            y = _pair(x, y).long()
+        batch_size = _count(batch_size, "batch_size", low=1)
+        for name, flag in (("shuffle", shuffle), ("drop_last", drop_last)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"Batches: {name} must be True or False, got {flag!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"Batches: generator must be a torch.Generator or None, got {generator!r}; "
+                             "for a seed, pass torch.Generator().manual_seed(seed)")
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"Batches: device={device!r} is not a device ({e})") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"Batches: device={str(device)!r} but CUDA is not available here; use device='cpu'")
         self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
-        self.device, self.drop_last = torch.device(device), drop_last
+        self.device, self.drop_last = device, drop_last
         # One seed drawn now; epoch e's order is randperm seeded with (seed, e).
         self.seed = int(torch.randint(2**62, (1,), generator=generator))
         self.epochs_seen = 0
@@ -370,13 +412,16 @@ class Batches:
         return full if self.drop_last or rest == 0 else full + 1
 
     def order(self, epoch):
+        epoch = _count(epoch, "epoch", low=0)
         if not self.shuffle:
             return torch.arange(len(self.x))
         return torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.seed + epoch))
 
     def epoch(self, epoch, *, skip=0):
         """Yield epoch `epoch`'s minibatches, the first `skip` of them left out."""
-        order = self.order(epoch)
+        order, skip = self.order(epoch), _count(skip, "skip", low=0)
+        if skip > len(self):
+            raise ValueError(f"skip={skip} is past the {len(self)} batches of an epoch")
         for i in range(skip, len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
             xb = self.x[index].to(self.device, non_blocking=True)

@@ -1,7 +1,6 @@
 """IDX parsing, image folders, minibatches and normalisation, on files the tests write."""
 import gzip
 import os
-
 import struct
 import subprocess
 import sys
@@ -10,6 +9,8 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 import PIL.features
 from PIL import Image
 
@@ -438,6 +439,92 @@ def test_batches_without_shuffle_and_drop_last():
         Batches(torch.zeros(7, 1), torch.arange(6), 2, shuffle=False)
 
 
+@given(n=st.integers(1, 40), batch_size=st.integers(1, 12), shuffle=st.booleans(), drop_last=st.booleans(),
+       seed=st.integers(0, 2**31), epoch=st.integers(0, 1000))
+def test_batches_epoch_order_is_a_pure_function_of_seed_and_epoch(n, batch_size, shuffle, drop_last, seed, epoch):
+    x, y = torch.arange(n, dtype=torch.uint8).view(n, 1), torch.arange(n)
+    b = Batches(x, y, batch_size, shuffle=shuffle, drop_last=drop_last, generator=torch.Generator().manual_seed(seed))
+    labels = [yb.tolist() for _, yb in b.epoch(epoch)]
+    assert len(labels) == len(b) == (n // batch_size if drop_last else -(-n // batch_size))
+    seen = sum(labels, [])
+    assert len(set(seen)) == len(seen) and (drop_last or sorted(seen) == list(range(n)))  # each sample at most once
+    assert all(len(batch) == batch_size for batch in labels[:-1])
+    assert [yb.tolist() for _, yb in b.epoch(epoch)] == labels  # asking again gives the same order
+    for skip in range(len(b) + 1):  # a resumed epoch is the rest of the same epoch
+        assert [yb.tolist() for _, yb in b.epoch(epoch, skip=skip)] == labels[skip:]
+    again = Batches(x, y, batch_size, shuffle=shuffle, drop_last=drop_last,
+                    generator=torch.Generator().manual_seed(seed))
+    assert [yb.tolist() for _, yb in again.epoch(epoch)] == labels  # the same seed, the same order
+    if not shuffle:
+        assert seen == list(range(len(seen)))
+
+
+def test_batches_keep_integer_labels_as_int64_and_labels_may_be_absent():
+    x = torch.zeros(5, 2)
+    for dtype in (torch.uint8, torch.int16, torch.int32, torch.int64):
+        _, yb = next(iter(Batches(x, torch.arange(5, dtype=dtype), 5, shuffle=False)))
+        assert yb.dtype == torch.int64 and yb.tolist() == [0, 1, 2, 3, 4]
+    xb, yb = next(iter(Batches(x, None, 5, shuffle=False)))
+    assert yb is None and xb.dtype == torch.float32
+
+
+@pytest.mark.parametrize("y, match", [
+    (torch.arange(6).float(), r"y must hold integer class labels, got torch.float32.*y.long\(\)"),
+    (torch.zeros(6, dtype=torch.bool), r"y must hold integer class labels, got torch.bool"),
+    (torch.zeros(6, 1, dtype=torch.long), r"y must be 1-D \(N,\), got shape \(6, 1\)"),
+    ([0, 1, 0, 1, 0, 1], r"y must be a torch tensor of class labels, got list"),
+])
+def test_batches_refuse_labels_that_are_not_1d_integers(y, match):
+    with pytest.raises(ValueError, match=match):
+        Batches(torch.zeros(6, 1), y, 2, shuffle=False)
+
+
+@pytest.mark.parametrize("x, match", [
+    (np.zeros((6, 1), np.float32), r"x must be a tensor of N >= 1 samples.*got ndarray"),
+    (torch.zeros(6), r"x must be a tensor of N >= 1 samples.*got shape \(6,\)"),
+    (torch.zeros(0, 1), r"x must be a tensor of N >= 1 samples.*got shape \(0, 1\)"),
+    (torch.zeros(6, 1, dtype=torch.int64), r"x is torch.int64; pass uint8 images"),
+    (torch.zeros(6, 1, dtype=torch.float64), r"x is torch.float64.*x.float\(\)"),
+])
+def test_batches_refuse_samples_they_cannot_serve(x, match):
+    with pytest.raises(ValueError, match=match):
+        Batches(x, None, 2, shuffle=False)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(batch_size=2.5), r"batch_size must be an int, got 2.5"),
+    (dict(batch_size="8"), r"batch_size must be an int, got '8'"),
+    (dict(batch_size=True), r"batch_size must be an int, got True"),
+    (dict(batch_size=-1), r"batch_size must be >= 1, got -1"),
+    (dict(shuffle="yes"), r"shuffle must be True or False, got 'yes'"),
+    (dict(drop_last=1), r"drop_last must be True or False, got 1"),
+    (dict(generator=0), r"generator must be a torch.Generator or None, got 0.*manual_seed"),
+    (dict(device="gpu"), r"device='gpu' is not a device"),
+])
+def test_batches_refuse_bad_arguments_by_name(kwargs, match):
+    args = dict(batch_size=2, shuffle=False) | kwargs
+    with pytest.raises(ValueError, match=match):
+        Batches(torch.zeros(6, 1), torch.arange(6), args.pop("batch_size"), **args)
+
+
+def test_batches_refuse_cuda_where_there_is_none(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device='cuda:1' but CUDA is not available here; use device='cpu'"):
+        Batches(torch.zeros(6, 1), torch.arange(6), 2, shuffle=False, device="cuda:1")
+
+
+def test_batches_refuse_an_epoch_or_skip_out_of_range():
+    b = Batches(torch.zeros(6, 1), torch.arange(6), 2, shuffle=True)
+    with pytest.raises(ValueError, match=r"skip=4 is past the 3 batches"):
+        next(b.epoch(0, skip=4))
+    with pytest.raises(ValueError, match=r"skip must be >= 0, got -1"):
+        next(b.epoch(0, skip=-1))
+    with pytest.raises(ValueError, match=r"epoch must be an int, got 1.5"):
+        next(b.epoch(1.5))
+    with pytest.raises(ValueError, match=r"epoch must be >= 0, got -1"):
+        b.order(-1)
+
+
 def test_train_valid_split_partitions_and_keeps_every_class_in_both_parts():
     y = torch.tensor([0] * 12 + [1] * 6 + [2] * 2)  # class-sorted, as an image folder loads
     x = torch.arange(20).view(20, 1)
@@ -462,6 +549,98 @@ def test_stratified_subset_keeps_every_class():
     assert data.stratified_subset(x, y, 1000)[1] is y  # more than there is: all of it
     with pytest.raises(ValueError, match="n=3"):
         data.stratified_subset(x, y, 3)
+
+
+def labels_of(counts, shuffle_seed):
+    """Class c repeated counts[c] times, class-sorted (seed None) or in a random order."""
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    return y if shuffle_seed is None else y[torch.randperm(len(y), generator=torch.Generator().manual_seed(shuffle_seed))]
+
+
+def in_share(take, counts, n):
+    """Each class's count is its exact quota n * n_c / N rounded down or up, where no bound binds."""
+    total = sum(counts)
+    return all(t in (n * c // total, -(-n * c // total)) for t, c in zip(take, counts))
+
+
+split_cases = st.lists(st.integers(2, 30), min_size=2, max_size=6).flatmap(
+    lambda counts: st.tuples(st.just(counts), st.integers(len(counts), sum(counts) - len(counts)),
+                             st.integers(0, 2**31), st.one_of(st.none(), st.integers(0, 99))))
+
+
+@given(split_cases)
+def test_train_valid_split_properties(case):
+    counts, n_valid, seed, order = case
+    y = labels_of(counts, order)
+    x = torch.arange(len(y))
+    (x_tr, y_tr), (x_va, y_va) = data.train_valid_split(x, y, n_valid, seed=seed)
+    assert len(y_va) == n_valid and len(y_tr) == len(y) - n_valid  # sizes exact
+    assert sorted(x_tr.tolist() + x_va.tolist()) == x.tolist()  # a partition
+    assert torch.equal(y[x_tr], y_tr) and torch.equal(y[x_va], y_va)  # labels stay with their samples
+    k = len(counts)
+    take = torch.bincount(y_va, minlength=k).tolist()
+    assert min(take) >= 1 and min(torch.bincount(y_tr, minlength=k).tolist()) >= 1  # every class in both
+    total = sum(counts)
+    if all(n_valid * c // total >= 1 and -(-n_valid * c // total) <= c - 1 for c in counts):
+        assert in_share(take, counts, n_valid)
+    again = data.train_valid_split(x, y, n_valid, seed=seed)
+    assert torch.equal(again[0][0], x_tr) and torch.equal(again[1][0], x_va)  # deterministic per seed
+
+
+@given(split_cases)
+def test_stratified_subset_properties(case):
+    counts, n, seed, order = case
+    y = labels_of(counts, order)
+    x = torch.arange(len(y))
+    xs, ys = data.stratified_subset(x, y, n, seed=seed)
+    assert len(ys) == n and len(set(xs.tolist())) == n and torch.equal(y[xs], ys)
+    take = torch.bincount(ys, minlength=len(counts)).tolist()
+    assert min(take) >= 1
+    if all(n * c // sum(counts) >= 1 for c in counts):
+        assert in_share(take, counts, n)
+    assert torch.equal(data.stratified_subset(x, y, n, seed=seed)[0], xs)
+
+
+def test_splits_depend_on_the_seed():
+    y = labels_of([20, 20], None)
+    x = torch.arange(40)
+    assert not torch.equal(data.train_valid_split(x, y, 10, seed=0)[1][0], data.train_valid_split(x, y, 10, seed=1)[1][0])
+    assert not torch.equal(data.stratified_subset(x, y, 10, seed=0)[0], data.stratified_subset(x, y, 10, seed=1)[0])
+
+
+def test_a_class_with_a_single_sample_cannot_be_split():
+    y = torch.tensor([0, 0, 0, 1, 1, 2])
+    with pytest.raises(ValueError) as error:
+        data.train_valid_split(torch.arange(6), y, 3)
+    assert "class(es) [2] have a single sample, which cannot be in both parts" in str(error.value)
+    assert "between" not in str(error.value)  # no range of n_valid could help
+    assert data.stratified_subset(torch.arange(6), y, 3)[1].sort().values.tolist() == [0, 1, 2]  # a subset can
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda x, y: data.train_valid_split(x, y, 0.2), r"n_valid must be an int, got 0.2"),
+    (lambda x, y: data.train_valid_split(x, y, True), r"n_valid must be an int, got True"),
+    (lambda x, y: data.train_valid_split(x, y, -1), r"n_valid=-1: cannot take -1 of 20.*between 2 and 18"),
+    (lambda x, y: data.train_valid_split(x, y.float(), 4), r"y must hold integer class labels, got torch.float32"),
+    (lambda x, y: data.train_valid_split(x, y.view(20, 1), 4), r"y must be 1-D"),
+    (lambda x, y: data.train_valid_split(x, y[:5], 4), r"20 images but 5 labels"),
+    (lambda x, y: data.train_valid_split(x, y, 4, seed=None), r"seed must be an int, got None"),
+    (lambda x, y: data.train_valid_split(x[:0], y[:0], 1), r"y holds no labels"),
+    (lambda x, y: data.stratified_subset(x, y, 1), r"n=1: cannot take 1 of 20 samples with all 2 classes"),
+    (lambda x, y: data.stratified_subset(x, y, 1.5), r"n must be an int, got 1.5"),
+    (lambda x, y: data.stratified_subset(x, y.float(), 100), r"y must hold integer class labels"),  # even all of it
+    (lambda x, y: data.stratified_subset(list(range(20)), y, 4), r"x must be a tensor of samples"),
+])
+def test_split_arguments_are_checked_by_name(call, match):
+    y = labels_of([10, 10], None)
+    with pytest.raises(ValueError, match=match):
+        call(torch.arange(20), y)
+
+
+def test_split_counts_may_be_numpy_or_torch_integers():
+    y = labels_of([10, 10], None)
+    assert len(data.train_valid_split(torch.arange(20), y, np.int64(4))[1][1]) == 4
+    assert len(data.stratified_subset(torch.arange(20), y, torch.tensor(6))[1]) == 6
 
 
 def test_normalize_matches_torchvision():
