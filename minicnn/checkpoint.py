@@ -10,6 +10,7 @@ Source: PyTorch's recipe "Saving and loading a general checkpoint"; the write-fs
 idiom of databases and editors. docs/checkpoints.md: what a crash can cost, and what not.
 """
 import hashlib
+import io
 import os
 import random
 import re
@@ -93,16 +94,16 @@ def _dead(pid):
     return False
 
 
-def stale_temporaries(path):
-    """Temporary files of `path` that atomic_save left when its process was killed (that process is gone)."""
-    path = Path(path)
-    pattern = re.compile(r"\." + re.escape(path.name) + r"\.(?:(?P<host>[A-Za-z0-9-]+)\.)?(?P<pid>\d+)"
+def stale_temporaries(folder, names):
+    """Temporary files that atomic_save left in `folder` for targets whose name matches the regex `names`
+    when its process was killed (that process is gone, so nobody will finish or remove them)."""
+    pattern = re.compile(r"\.(?:" + names + r")\.(?:(?P<host>[A-Za-z0-9-]+)\.)?(?P<pid>\d+)"
                          r"\.[0-9a-f]{8}\.tmp")  # .{name}.{host}.{pid}.{token}.tmp (no host: older versions)
     found = []
-    for entry in os.scandir(path.parent) if path.parent.is_dir() else ():
+    for entry in os.scandir(folder) if Path(folder).is_dir() else ():
         m = pattern.fullmatch(entry.name)
         if m and m.group("host") in (None, HOST) and _dead(int(m.group("pid"))):
-            found.append(path.parent / entry.name)
+            found.append(Path(folder) / entry.name)
     return found
 
 
@@ -120,16 +121,22 @@ def atomic_save(obj, path):
     """torch.save(obj) to `path` so that a crash leaves the old file or the new one, never half of one."""
     path = _file_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in stale_temporaries(path):  # a killed save cannot clean up after itself: the next one does
+    for leftover in stale_temporaries(path.parent, re.escape(path.name)):  # a killed save left them: remove
         leftover.unlink(missing_ok=True)
     # the temporary file must be in the same folder: os.replace is atomic only within one file system
     # (not tempfile.mkstemp: its 0600 mode would survive the rename; here the umask applies, as for open())
     tmp = path.parent / f".{path.name}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)  # in memory first: torch's writer turns a full disk into "unexpected pos 704 vs 598"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+            try:
+                f.write(buffer.getbuffer())
+                f.flush()
+            except OSError as error:  # a full disk, a size limit
+                raise OSError(error.errno, f"{error.strerror}: {path} was not written (the file there before, if "
+                              "any, is unchanged); free some space and save again") from error
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)  # a rename: all or nothing
     except BaseException:  # a full disk, a Ctrl-C: the old file stays, the temporary goes

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from minicnn.checkpoint import load_checked, save_checked
+from minicnn.checkpoint import load_checked, save_checked, stale_temporaries
 
 FORMAT = "minicnn-snapshot-2"  # 1: no checksum
 
@@ -64,6 +64,8 @@ class Snapshots:
             raise FileExistsError(f"{folder} holds {', '.join(f'{name}_cyc_{c}.pt' for c in later)} of another "
                                   f"run (this one has taken {self.calls} cycles); remove them, or save this run "
                                   "to another folder or under another name")
+        for leftover in stale_temporaries(folder, re.escape(name) + r"_cyc_\d+\.pt"):  # of every cycle, kept or not
+            leftover.unlink(missing_ok=True)
         return [save_checked(folder / f"{name}_cyc_{cycle}.pt", FORMAT,
                              {"state_dict": state, "step": step, "cycle": cycle})
                 for state, step, cycle in zip(self.states, self.steps, self.cycles)]

@@ -313,18 +313,21 @@ def test_stale_temporaries_of_the_same_target_are_removed_by_the_next_save(tmp_p
     assert left == sorted(["c.pt"] + [n for n, what in names.items() if what == "kept"])
 
 
-def test_a_full_disk_during_the_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+def test_a_full_disk_during_the_save_keeps_the_old_checkpoint_and_says_so(tmp_path, monkeypatch):
     import errno
+    import io
     model, opt, _ = small_checkpoint(tmp_path / "c.pt")
-    real_save = torch.save
 
-    def disk_full(obj, f):
-        real_save(obj, f)
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    class FullDisk(io.FileIO):  # half the bytes fit, then the disk is full
+        def write(self, data):
+            super().write(bytes(data)[:len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fdopen", FullDisk)
+    with pytest.raises(OSError, match=r"No space left on device: .*c.pt was not written \(the file there before, "
+                                      r"if any, is unchanged\); free some space and save again") as error:
         save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=9)
     monkeypatch.undo()
+    assert error.value.errno == errno.ENOSPC
     assert load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt).step == 3
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
 

@@ -1,4 +1,6 @@
 """Snapshots at the cycles' last steps, and ensembles that leave the model as it was."""
+import os
+
 import pytest
 import torch
 
@@ -346,3 +348,19 @@ def test_wrong_folders_and_names_are_refused(tmp_path):
         Snapshots.load(tmp_path, keep=True)
     snaps.save(tmp_path, name="a[1]*")  # glob characters in a name are taken literally
     assert Snapshots.load(tmp_path, name="a[1]*").steps == [3]
+
+
+def test_save_removes_stale_temporaries_of_every_cycle_of_its_name(tmp_path):
+    import subprocess
+    import sys
+    from minicnn.checkpoint import HOST
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a save killed while writing cycle 7, which this run never saves again
+    stale = [f".model_cyc_7.pt.{HOST}.{gone.pid}.0123abcd.tmp", f".model_cyc_0.pt.{HOST}.{gone.pid}.0123abcd.tmp"]
+    kept = [f".other_cyc_0.pt.{HOST}.{gone.pid}.0123abcd.tmp", f".model_cyc_0.pt.{HOST}.{os.getppid()}.0123abcd.tmp"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x")
+    snaps = Snapshots()
+    snaps(tiny_model(), 3)
+    snaps.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["model_cyc_0.pt"])
