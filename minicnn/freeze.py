@@ -29,7 +29,7 @@ def _layer_groups(model):
     if groups is None:
         raise TypeError(f"{type(model).__name__} has no layer_groups; use a model from minicnn.models "
                         "or give yours a `layer_groups` list of modules (early body, ..., head)")
-    if not isinstance(groups, (list, tuple, nn.ModuleList)) or not groups \
+    if not isinstance(groups, (list, tuple, nn.ModuleList, nn.Sequential)) or not groups \
             or not all(isinstance(g, nn.Module) for g in groups):
         raise TypeError(f"{type(model).__name__}.layer_groups must be a non-empty list of modules (early body, "
                         f"..., head), got {type(groups).__name__} {groups!r:.80}")
