@@ -1,20 +1,15 @@
-"""Images as uint8 tensors, and shuffled minibatches of them on a device.
+"""Images as uint8 tensors, stratified splits of them, and shuffled minibatches on a device.
 
-Two sources, both returning uint8 tensors (N, C, H, W) and int64 labels:
+Fashion-MNIST from its four IDX files: bytes 0 0 8 D, then D big-endian uint32 sizes, then
+the uint8 values. Image folders in fastai's from_paths layout, train/<class>/*,
+valid/<class>/*, optional test/*: each image made RGB, its short side resized to `size`,
+centre-cropped. Both give x uint8 (N, C, H, W) and y int64 (N,). Stratified split: class c
+of n_c samples gets n * n_c / N of the n (largest remainder), at least 1 in each part.
+Batches: epoch e's order is randperm(N) seeded with seed + e, the same after a resume;
+x travels as uint8 and becomes x / 255 on the device.
 
-- Fashion-MNIST, read straight from its four IDX files (gzip or plain). An IDX
-  file is a big-endian header, magic = 0x0000 08 D (D = number of dimensions),
-  then D sizes as uint32, then the uint8 values.
-- an image folder in fastai's `from_paths` layout: train/<class>/*, valid/<class>/*,
-  optionally test/*. Each image is made RGB, resized so its short side is `size`,
-  then centre-cropped to size x size.
-
-`Batches` turns (x, y) into minibatches: x arrives as float32 in [0, 1] on the
-device (uint8 travels, the division happens there), y as int64. The order of
-epoch e is a pure function of (seed, e), so a resumed run sees the same order.
-
-Differs from torchvision/fastai: no Dataset/DataLoader, no worker processes; the
-whole (small) data set is one tensor and a minibatch is an index into it.
+Source: fast.ai 2018 lesson 2 (ImageClassifierData.from_paths); the IDX format of
+yann.lecun.com/exdb/mnist. What is refused, and why: docs/data.md.
 """
 import gzip
 import operator
