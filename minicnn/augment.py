@@ -10,6 +10,7 @@ An image whose matrix is only D is permuted exactly (no resampling). A seeded to
 fixes the batch. Source: fast.ai 2018 lesson 2 (transforms_side_on / transforms_top_down,
 max_zoom=1.1); fastai 2's aug_transforms (one matrix an image, one grid_sample a batch).
 """
+import inspect
 import math
 
 import torch
@@ -187,6 +188,13 @@ def augment(x, generator, preset="side_on"):
     factory = AUGMENTATIONS.get(preset) if isinstance(preset, str) else preset
     if not callable(factory):
         raise ValueError(f"preset must be one of {sorted(AUGMENTATIONS)} or a factory like side_on, got {preset!r}")
+    try:
+        inspect.signature(factory).bind(generator=generator)
+    except TypeError:
+        raise TypeError(f"preset {preset!r} must take generator= and return a function x -> x, like side_on; "
+                        "for a function x -> x itself, call it directly") from None
+    except ValueError:                          # no signature to read (a builtin): just call it
+        pass
     return factory(generator=generator)(x)
 
 

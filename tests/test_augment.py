@@ -245,6 +245,7 @@ def test_cuda_batch_stays_on_cuda_and_matches_the_cpu_result():
     (lambda: side_on(max_zoom=0.5), ValueError, "max_zoom"),
     (lambda: top_down(padding="nope"), ValueError, "padding"),
     (lambda: augment(torch.rand(1, 1, 4, 4), None, "sideways"), ValueError, "side_on"),
+    (lambda: augment(torch.rand(1, 1, 4, 4), None, lambda x: x.flip(-1)), TypeError, "must take generator="),
     (lambda: resize(torch.rand(1, 4, 4), 2), ValueError, "(N, C, H, W)"),
     (lambda: resize(torch.rand(1, 1, 4, 4), 0), ValueError, "positive"),
     (lambda: center_crop(torch.rand(1, 1, 4, 4), 5), ValueError, "fit"),
