@@ -49,7 +49,7 @@ def data_hash(x):
 
 
 def cache_key(arch, x, body):
-    """'<arch>-<H>x<W>-data<hash of x>-weights<hash of the body's modules, their code, parameters and buffers>'."""
+    """'<arch>-<H>x<W>-data<hash of x>-weights<hash of the body: its modules, their code, its weights, buffers>'."""
     h = hashlib.blake2b(digest_size=4)
     h.update(repr(body).encode())  # its modules: another pooling with the same weights is another body
     for kind in dict.fromkeys(type(m) for m in body.modules()):  # their code: an edited forward() too
@@ -89,7 +89,7 @@ def _run(body, x, batch_size, device):
                 try:
                     out.append(body(xb).float().cpu())
                 except RuntimeError as error:  # the first batch: x does not fit the body (not out of memory)
-                    if start > 0 or isinstance(error, torch.cuda.OutOfMemoryError):
+                    if start > 0 or "memory" in str(error).lower():
                         raise
                     raise ValueError(f"the body cannot take x of shape {tuple(x.shape)}: {error}; give images "
                                      "with the channels and size the body was built for") from error
@@ -129,9 +129,9 @@ def precompute_features(body, x, *, batch_size, cache=None, arch=None, device=No
         device = next(body.parameters(), torch.empty(0)).device  # a body without weights runs on the CPU
     path = None
     if cache is not None:
-        if not arch or not isinstance(arch, str):
-            raise ValueError("with cache=, give arch= (the body's name, e.g. 'efficientnet_lite0'): it is "
-                             "part of the cache key")
+        if not arch or not isinstance(arch, str) or Path(arch).name != arch:
+            raise ValueError(f"with cache=, give arch= (the body's name, e.g. 'efficientnet_lite0', no folders): it "
+                             f"is part of the cache file's name; got {arch!r}")
         if Path(cache).exists() and not Path(cache).is_dir():
             raise NotADirectoryError(f"cache={cache} is a file; give a folder for the feature files")
         key = cache_key(arch, x, body)

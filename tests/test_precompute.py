@@ -228,6 +228,7 @@ def test_bad_images_and_arguments_are_refused_before_the_body_runs(tmp_path):
         (dict(batch_size=True), ValueError, "batch_size must be an int >= 1"),
         (dict(batch_size=2.0), ValueError, "batch_size must be an int >= 1"),
         (dict(cache=tmp_path, arch=""), ValueError, "give arch="),
+        (dict(cache=tmp_path, arch="../up"), ValueError, "no folders.*got '../up'"),
         (dict(cache=tmp_path / "file", arch="tiny"), NotADirectoryError, "file is a file; give a folder"),
     ]
     (tmp_path / "file").write_text("x")
