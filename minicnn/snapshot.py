@@ -64,7 +64,7 @@ class Snapshots:
             raise FileExistsError(f"{folder} holds {', '.join(f'{name}_cyc_{c}.pt' for c in later)} of another "
                                   f"run (this one has taken {self.calls} cycles); remove them, or save this run "
                                   "to another folder or under another name")
-        for leftover in stale_temporaries(folder, re.escape(name) + r"_cyc_\d+\.pt"):  # of every cycle, kept or not
+        for leftover in stale_temporaries(folder, re.escape(name) + r"_cyc_\d+\.pt"):  # every cycle, held or not
             leftover.unlink(missing_ok=True)
         return [save_checked(folder / f"{name}_cyc_{cycle}.pt", FORMAT,
                              {"state_dict": state, "step": step, "cycle": cycle})
