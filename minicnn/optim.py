@@ -1,41 +1,21 @@
 """SGD written out: momentum, dampening, Nesterov, L2 or decoupled weight decay, per-group LRs.
 
-One step, for each parameter p with gradient g (lr = learning rate, mu = momentum,
+One step, for each parameter p with gradient g (lr = learning rate, mu = momentum in [0, 1),
 tau = dampening, wd = weight decay, v = momentum buffer, kept in self.state[p]):
-
-    g <- g + wd*p                L2 weight decay, added to the gradient (also when mu = 0)
+    g <- g + wd*p                L2 weight decay (decoupled_weight_decay: p <- p - lr*wd*p instead)
     v <- g                       first step: the buffer starts as the gradient, no dampening
     v <- mu*v + (1 - tau)*g      every later step
     d <- g + mu*v                Nesterov;  d <- v  without it;  d <- g  when mu = 0
     p <- p - lr*d
-
-decoupled_weight_decay=True replaces the first line with  p <- p - lr*wd*p : the weights
-shrink directly and the decay never passes through the momentum buffer, where L2 decay is
-amplified by about 1/(1 - mu). That is the "true weight decay" fastai used (Loshchilov &
-Hutter 2017, "Decoupled Weight Decay Regularization").
-
 Sources: Sutskever et al. 2013, "On the importance of initialization and momentum in deep
-learning"; PyTorch's torch/optim/sgd.py; fastai 0.7 (decoupled weight decay).
-How it differs
-- from the paper: Sutskever puts the LR inside the buffer (v <- mu*v - lr*g; p <- p + v) and
-  takes Nesterov's gradient at the look-ahead point p + mu*v. PyTorch, and this file, keep the
-  LR outside (p <- p - lr*v) and use d = g + mu*v, the same method with p stored at the
-  look-ahead point (Bengio et al. 2012, "Advances in optimizing recurrent networks"). With a
-  constant LR the two agree (v differs by the factor lr); when a schedule changes the LR, the
-  step size here changes at once instead of fading in through the buffer.
-- from torch.optim.SGD: the same numbers (tests/test_optim.py, to 1e-6), no base class, plus
-  decoupled_weight_decay; no maximize, fused, sparse or differentiable modes; lr must be given;
-  state_dict() returns copies of the buffers (torch returns references that keep changing).
-Two paths give the same numbers: `_step_loop`, one parameter at a time, is the one to read;
-`_step_foreach` does the same arithmetic with one torch._foreach_* call per line for the whole
-group, which saves kernel launches on a GPU. On the CPU the loop is faster (each tensor stays in
-cache through all its operations; benchmarks/bench_optim.py), so foreach=None picks, as torch
-does, foreach for CUDA tensors and the loop otherwise.
+learning"; PyTorch's torch/optim/sgd.py (the same numbers); Loshchilov & Hutter 2017 (decoupled
+weight decay, fastai 0.7's). docs/sgd.md: how it differs from both, and why two code paths.
 """
 import math
 import numbers
 
 import torch
+
 
 def _check(group):
     """Raise ValueError/TypeError when a group's hyper-parameters make no sense."""
@@ -45,6 +25,8 @@ def _check(group):
             raise TypeError(f"SGD: {name} must be a finite number, got {value!r}")
         if value < 0:
             raise ValueError(f"SGD: {name} must be >= 0, got {value}; pass a non-negative {name}")
+    if group["momentum"] >= 1:  # mu = 1 never forgets a gradient; mu > 1 amplifies old ones: divergence
+        raise ValueError(f"SGD: momentum must be in [0, 1), got {group['momentum']}; 0.9 is the usual value")
     if group["dampening"] > 1:
         raise ValueError(f"SGD: dampening must be in [0, 1], got {group['dampening']}")
     if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
@@ -178,19 +160,62 @@ class SGD:
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict):
-        """Take the hyper-parameters and buffers of state_dict(); groups must match in number and size."""
-        saved = state_dict["param_groups"]
-        if [len(g["params"]) for g in saved] != [len(g["params"]) for g in self.param_groups]:
-            raise ValueError("SGD.load_state_dict: the saved groups hold "
-                             f"{[len(g['params']) for g in saved]} parameters, this optimizer's "
-                             f"{[len(g['params']) for g in self.param_groups]}; build it with the same groups")
-        for group, saved_group in zip(self.param_groups, saved):
-            new = {**saved_group, "params": group["params"]}
-            _check(new)
+        """Take the hyper-parameters and buffers of state_dict(); groups must match in number and size.
+        Everything is checked before anything changes: a state dict of another optimizer is refused."""
+        groups, state = _checked_state_dict(state_dict, self.param_groups)
+        for group, saved_group in zip(self.param_groups, groups):
+            saved_params = group["params"]
             group.clear()
-            group.update(new)
+            group.update({**saved_group, "params": saved_params})
         params = [p for g in self.param_groups for p in g["params"]]
         self.state = {}
-        for i, s in state_dict["state"].items():
+        for i, s in state.items():
             p = params[int(i)]                                    # buffers follow p's device and dtype
             self.state[p] = {k: v.to(device=p.device, dtype=p.dtype, copy=True) for k, v in s.items()}
+
+
+_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "decoupled_weight_decay")
+
+
+def _looks_like(groups, state):
+    """A guess, from its keys, at which optimizer wrote a state dict that is not this SGD's."""
+    keys = {k for g in groups for k in g} | {k for s in state.values() for k in s}
+    if "betas" in keys or "exp_avg" in keys:
+        return "torch.optim.Adam or AdamW's (betas, exp_avg)", ""
+    if "momentum" in keys and "maximize" in keys and "decoupled_weight_decay" not in keys:
+        return ("torch.optim.SGD's (maximize, foreach, no decoupled_weight_decay)",
+                " (torch.optim.SGD's update is this one: to continue it here, add "
+                "decoupled_weight_decay=False to each of its param_groups)")
+    return "another optimizer's", ""
+
+
+def _checked_state_dict(state_dict, param_groups):
+    """-> (groups, state) of a minicnn SGD state dict that fits these param groups, or a clear error."""
+    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+        raise TypeError("SGD.load_state_dict: expected a dict with 'state' and 'param_groups' "
+                        f"(SGD.state_dict()'s layout), got {type(state_dict).__name__}")
+    groups, state = state_dict["param_groups"], state_dict["state"]
+    missing = sorted({k for g in groups for k in _KEYS if k not in g})
+    foreign = sorted({k for s in state.values() for k in s if k != "momentum_buffer"})
+    if missing or foreign or any(g.get("maximize") for g in groups):
+        what = f"lacks {missing}" if missing else f"holds {foreign or ['maximize=True']}"
+        looks_like, hint = _looks_like(groups, state)
+        raise ValueError(f"SGD.load_state_dict: this state dict {what}; it looks like {looks_like}, not "
+                         "minicnn.optim.SGD's. Load it into the optimizer that saved it, or start this SGD "
+                         f"afresh{hint}; nothing was changed")
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in param_groups]:
+        raise ValueError("SGD.load_state_dict: the saved groups hold "
+                         f"{[len(g['params']) for g in groups]} parameters, this optimizer's "
+                         f"{[len(g['params']) for g in param_groups]}; build it with the same groups")
+    for g in groups:
+        _check(g)
+    params = [p for g in param_groups for p in g["params"]]
+    for i, s in state.items():
+        if not 0 <= int(i) < len(params):
+            raise ValueError(f"SGD.load_state_dict: state for parameter {i}, but there are {len(params)}")
+        v = s.get("momentum_buffer")
+        if not isinstance(v, torch.Tensor) or v.shape != params[int(i)].shape:
+            raise ValueError(f"SGD.load_state_dict: parameter {i}'s momentum_buffer is "
+                             f"{getattr(v, 'shape', v)!r}, the parameter is {tuple(params[int(i)].shape)}; "
+                             "was it saved from another model?")
+    return groups, state

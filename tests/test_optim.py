@@ -1,9 +1,10 @@
 """minicnn.optim.SGD against torch.optim.SGD, its own two paths, its state_dict, and its errors.
 
-Tolerance: 1e-6 absolute on parameters of size ~1 after up to 8 steps (the issue's bar). The
-arithmetic is the same as torch's in the same order, so in practice the difference is 0.
+Tolerance: 1e-6 absolute on parameters of size ~1 after up to 8 steps. The arithmetic is the
+same as torch's in the same order, so in practice the difference is 0.
 """
 import io
+import re
 
 import pytest
 import torch
@@ -211,6 +212,8 @@ def test_per_group_overrides_and_add_param_group():
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(lr=-0.1), ValueError, "lr must be >= 0"),
     (dict(lr=0.1, momentum=-0.9), ValueError, "momentum must be >= 0"),
+    (dict(lr=0.1, momentum=1.5), ValueError, r"momentum must be in \[0, 1\), got 1.5"),
+    (dict(lr=0.1, momentum=1.0), ValueError, r"momentum must be in \[0, 1\), got 1.0"),
     (dict(lr=0.1, weight_decay=-1e-4), ValueError, "weight_decay must be >= 0"),
     (dict(lr=0.1, dampening=1.5), ValueError, "dampening must be in"),
     (dict(lr=0.1, nesterov=True), ValueError, "Nesterov needs momentum"),
@@ -241,3 +244,79 @@ def test_bad_params():
     other = SGD([p, torch.nn.Parameter(torch.ones(1))], 0.1)
     with pytest.raises(ValueError, match="build it with the same groups"):
         opt.load_state_dict(other.state_dict())
+
+
+def stepped(opt_class, **kwargs):
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = opt_class([p], lr=0.1, **kwargs)
+    p.grad = torch.ones(3)
+    opt.step()
+    return opt
+
+
+def assert_unchanged(opt, groups_before, state_before):
+    assert opt.param_groups == groups_before
+    assert opt.state.keys() == state_before.keys()
+    for p in opt.state:
+        assert torch.equal(opt.state[p]["momentum_buffer"], state_before[p]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("other, looks_like", [
+    (lambda: stepped(torch.optim.SGD, momentum=0.9).state_dict(),
+     r"lacks \['decoupled_weight_decay'\]; it looks like torch.optim.SGD's.*add decoupled_weight_decay=False"),
+    (lambda: stepped(torch.optim.Adam).state_dict(),
+     r"lacks \['dampening', 'momentum', 'nesterov'\]; it looks like torch.optim.Adam or AdamW's"),
+    (lambda: stepped(torch.optim.AdamW).state_dict(), r"torch.optim.Adam or AdamW's"),
+    (lambda: {**stepped(SGD, momentum=0.9).state_dict(), "param_groups": [
+        {**stepped(SGD, momentum=0.9).state_dict()["param_groups"][0], "maximize": True}]}, r"maximize=True"),
+], ids=["torch SGD", "Adam", "AdamW", "maximize"])
+def test_load_state_dict_of_another_optimizer_is_refused_before_anything_changes(other, looks_like):
+    ours = stepped(SGD, momentum=0.5, weight_decay=0.1)
+    groups_before = [dict(g) for g in ours.param_groups]
+    state_before = {p: {"momentum_buffer": s["momentum_buffer"].clone()} for p, s in ours.state.items()}
+    with pytest.raises(ValueError, match="SGD.load_state_dict: this state dict .*it looks like") as info:
+        ours.load_state_dict(other())
+    assert "minicnn.optim.SGD's" in str(info.value) and "Load it into the optimizer that saved it" in str(info.value)
+    assert re.search(looks_like, str(info.value)), str(info.value)
+    assert_unchanged(ours, groups_before, state_before)
+    p = ours.param_groups[0]["params"][0]
+    p.grad = torch.ones(3)
+    ours.step()  # and it still steps, with its own state
+
+
+def test_load_state_dict_checks_every_group_and_buffer_before_changing_one():
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
+    ours = SGD([{"params": [a]}, {"params": [b]}], 0.1, momentum=0.9)
+    groups_before, state_before = [dict(g) for g in ours.param_groups], {}
+    saved = SGD([{"params": [torch.nn.Parameter(torch.ones(2))]}, {"params": [torch.nn.Parameter(torch.ones(3))]}],
+                0.5, momentum=0.5).state_dict()
+    saved["param_groups"][1]["momentum"] = 1.5  # the second group is bad: the first must not change either
+    with pytest.raises(ValueError, match="momentum must be in"):
+        ours.load_state_dict(saved)
+    assert_unchanged(ours, groups_before, state_before)
+    saved["param_groups"][1]["momentum"] = 0.5
+    saved["state"] = {1: {"momentum_buffer": torch.ones(2)}}  # b has 3 numbers
+    with pytest.raises(ValueError, match="parameter 1's momentum_buffer is torch.Size.*saved from another model"):
+        ours.load_state_dict(saved)
+    assert_unchanged(ours, groups_before, state_before)
+    with pytest.raises(TypeError, match="expected a dict with 'state' and 'param_groups'"):
+        ours.load_state_dict(ours)
+
+
+def test_the_advice_for_a_torch_sgd_state_dict_works():
+    """'add decoupled_weight_decay=False to each group': then it continues as torch.optim.SGD would."""
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    theirs = torch.optim.SGD([p], lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    for _ in range(2):
+        p.grad = torch.arange(3.0)
+        theirs.step()
+    saved = theirs.state_dict()
+    saved["param_groups"] = [{**g, "decoupled_weight_decay": False} for g in saved["param_groups"]]
+    ours = SGD([q], lr=0.5)
+    with torch.no_grad():
+        q.copy_(p)
+    ours.load_state_dict(saved)
+    for opt, param in ((theirs, p), (ours, q)):
+        param.grad = torch.full((3,), 0.5)
+        opt.step()
+    assert torch.equal(p, q)
