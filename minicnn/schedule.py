@@ -1,35 +1,14 @@
 """Learning-rate schedules as pure functions of the step: SGDR (cosine with warm restarts) and others.
 
 SGDR, stepped once per minibatch. Cycle k lasts T_k steps; t = steps since it began (0..T_k-1):
-
     lr     = lr_min + (peak_k - lr_min) * (1 + cos(pi * t / T_k)) / 2
     peak_k = max(lr_min, lr_max * cycle_decay**k)        (cycle_decay=1: every restart at lr_max)
-    T_k    = steps_per_cycle * cycle_mult**k
-
-Cycle k starts at step B_k = steps_per_cycle * (m**k - 1) / (m - 1) for m = cycle_mult > 1
-(= steps_per_cycle * k for m = 1), a geometric series. Inverting it gives the cycle of step s in
-closed form, k = floor(log_m(s * (m - 1) / steps_per_cycle + 1)); the log is then checked
-against exact integer starts, because in floating point it can be one short (log_3(243) gives
-4.999...). Fractional m: B_k, computed in float64 as written, is rounded to the nearest whole
-step (halves up) and T_k = B_(k+1) - B_k. So every cycle is within one step of
-steps_per_cycle * m**k, and n cycles always last exactly total_steps(n) = B_n steps: rounding
-never accumulates.
-
-The last step of a cycle is lr_min + (peak_k - lr_min) * sin(pi / (2 T_k))**2, not lr_min:
-lr_min belongs to t = T_k, which is the next cycle's first step (the paper's and torch's choice).
-
-Warm-up (warmup_steps = w > 0): the first w steps rise linearly from lr_max/100 (fastai 0.7's
-warm-up LR; lr_min if that is higher) and reach lr_max at step w; the first cycle's cosine then
-runs over its remaining T_0 - w steps. No cycle boundary moves, so restart k >= 1 is at peak_k.
-
+    T_k    = steps_per_cycle * cycle_mult**k, in whole steps: cycle k starts at step
+    B_k    = steps_per_cycle * (m**k - 1) / (m - 1)      (m = cycle_mult; rounded half up)
+Warm-up: the first warmup_steps steps rise linearly from lr_max/100 to lr_max.
 Sources: Loshchilov & Hutter 2017, "SGDR: Stochastic Gradient Descent with Warm Restarts";
 fastai 0.7 fit(lr, n_cycle, cycle_len, cycle_mult); timm CosineLRScheduler (cycle_decay).
-How it differs
-- torch's CosineAnnealingWarmRestarts is an object stepped once a step; sgdr_lr gives the same
-  numbers (tests/test_schedule.py) as a function of the step, so a resumed run needs only the
-  step. torch's jump-to-epoch path uses int(math.log(...)) and puts step B_5 of T_mult=3 in
-  cycle 4; integer checks here stop that. Fractional cycle_mult, decay, warm-up are extras.
-- fastai 0.7 anneals to 0 and warms up at a constant lr/100 for 1/20 of the first cycle.
+docs/sgdr.md: the closed-form cycle, rounding, the last step of a cycle, torch and fastai.
 """
 import math
 import numbers
@@ -112,14 +91,28 @@ def sgdr_lr(step, *, steps_per_cycle, cycle_mult=1, lr_max, lr_min=0.0, warmup_s
     cycle, t, cycle_steps = cycle_position(step, steps_per_cycle=steps_per_cycle, cycle_mult=cycle_mult)
     if cycle == 0 and warmup:
         if t < warmup:
-            lr_start = max(lr_min, lr_max / 100)
-            return lr_start + (lr_max - lr_start) * t / warmup
+            lr_start = max(lr_min, lr_max / 100)               # fastai 0.7's warm-up LR
+            return lr_start + (lr_max - lr_start) * t / warmup   # linear up to lr_max at step w
         t, cycle_steps = t - warmup, cycle_steps - warmup  # the cosine fills the rest of cycle 0
-    peak = max(lr_min, lr_max * cycle_decay**cycle)
+    peak = max(lr_min, lr_max * cycle_decay**cycle)       # peak_k
     if t == 0:
         return peak  # exactly, where lr_min + (peak - lr_min) may be off in the last bit
-    lr = lr_min + (peak - lr_min) * (1 + math.cos(math.pi * t / cycle_steps)) / 2
+    lr = lr_min + (peak - lr_min) * (1 + math.cos(math.pi * t / cycle_steps)) / 2  # the cosine
     return min(peak, lr)  # in a cycle of ~1e9 steps, 1 + cos(pi * 1 / T) rounds to 2
+
+
+def sgdr_lrs(step, *, lr_maxes, steps_per_cycle, cycle_mult=1, lr_min=0.0, warmup_steps=0, cycle_decay=1.0):
+    """[sgdr_lr(step, lr_max=x, ...) for x in lr_maxes]: one SGDR LR per param group.
+
+    Every group follows the same cosine, so with lr_min=0 the ratios between the groups stay
+    fixed (differential LRs, fastai 0.7). As fit's lr_at:
+    functools.partial(sgdr_lrs, lr_maxes=[1e-4, 1e-3, 1e-2], steps_per_cycle=len(train), cycle_mult=2)
+    """
+    if isinstance(lr_maxes, (numbers.Real, str)) or not hasattr(lr_maxes, "__len__") or not len(lr_maxes):
+        raise TypeError(f"lr_maxes must be a list of peak LRs, one per param group, got {lr_maxes!r}; "
+                        "for a single group pass [lr] (or use sgdr_lr)")
+    return [sgdr_lr(step, steps_per_cycle=steps_per_cycle, cycle_mult=cycle_mult, lr_max=lr_max, lr_min=lr_min,
+                    warmup_steps=warmup_steps, cycle_decay=cycle_decay) for lr_max in lr_maxes]
 
 
 def _before_end(step, total_steps):
@@ -146,4 +139,8 @@ def step_decay_lr(step, *, lr_max, decay_every, factor=10.0):
     """lr_max / factor**(step // decay_every): the "naive way", divide by 10 every few epochs."""
     _lr_range(lr_max, 0.0)
     step, decay_every = _integer("step", step, 0), _integer("decay_every", decay_every, 1)
-    return lr_max / _real("factor", factor, 1) ** (step // decay_every)
+    factor = _real("factor", factor, 1)
+    try:
+        return lr_max / factor ** (step // decay_every)      # lr_max / factor**k
+    except OverflowError:                                    # factor**k past 1.8e308: lr_max / inf
+        return 0.0

@@ -6,6 +6,7 @@ recursively and drift by a few ulps. The last step of a cycle sits above lr_min 
 (peak - lr_min) * sin(pi / (2 T))**2 (lr_min itself would be t = T, the next cycle's first step),
 which is at most (peak - lr_min) * 2.5 / T**2: 0.025% of the range for a 100-step cycle.
 """
+import functools
 import math
 import warnings
 from fractions import Fraction
@@ -15,9 +16,8 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from minicnn.optim import SGD
 from minicnn.schedule import (cosine_lr, cycle_end_steps, cycle_position, linear_lr,
-                              sgdr_lr, step_decay_lr, total_steps)
+                              sgdr_lr, sgdr_lrs, step_decay_lr, total_steps)
 
 steps_per_cycle = st.integers(1, 30)
 integer_mult = st.integers(1, 3)
@@ -182,7 +182,36 @@ def test_linear_lr_is_a_straight_line_from_start_to_end(n, lr_start, lr_end):
     assert min(lr_start, lr_end) <= min(lrs) and max(lrs) <= max(lr_start, lr_end)
 
 
+@given(sgdr_args(), st.lists(st.floats(1e-3, 1.0), min_size=1, max_size=4), st.integers(0, 3000))
+def test_sgdr_lrs_is_sgdr_lr_for_each_group(args, fractions, step):
+    lr_maxes = [args["lr_max"] * f for f in fractions]
+    args = {**args, "lr_min": min(args["lr_min"], min(lr_maxes))}
+    kwargs = {k: v for k, v in args.items() if k != "lr_max"}
+    assert sgdr_lrs(step, lr_maxes=lr_maxes, **kwargs) == [sgdr_lr(step, **kwargs, lr_max=x) for x in lr_maxes]
+
+
+@given(sgdr_args(), st.lists(st.floats(1e-3, 1.0), min_size=2, max_size=4))
+def test_sgdr_lrs_keeps_the_ratios_between_groups_with_lr_min_zero(args, fractions):
+    lr_maxes = [args["lr_max"] * f for f in fractions]
+    kwargs = {k: v for k, v in args.items() if k not in ("lr_max", "lr_min")}
+    lr_at = functools.partial(sgdr_lrs, lr_maxes=lr_maxes, **kwargs)  # as fit's lr_at
+    for step in range(0, total_steps(3, **cycles(args))):
+        lrs = lr_at(step)
+        if lrs[-1] > 1e-300:  # far below, the cosine's last bits are subnormal
+            assert [lr / lrs[-1] for lr in lrs] == pytest.approx([x / lr_maxes[-1] for x in lr_maxes], rel=1e-9)
+
+
+def test_step_decay_far_past_the_float_range_is_zero_not_an_overflow():
+    assert step_decay_lr(400, lr_max=0.1, decay_every=1) == 0.0  # 10**400 is past 1.8e308
+    assert step_decay_lr(300, lr_max=0.1, decay_every=1) == 0.1 / 10.0**300
+
+
 @pytest.mark.parametrize("call, error, match", [
+    (lambda: sgdr_lrs(0, lr_maxes=0.1, steps_per_cycle=5), TypeError, "lr_maxes must be a list of peak LRs"),
+    (lambda: sgdr_lrs(0, lr_maxes=[], steps_per_cycle=5), TypeError, "one per param group"),
+    (lambda: sgdr_lrs(0, lr_maxes=(x for x in [0.1]), steps_per_cycle=5), TypeError, "lr_maxes must be a list"),
+    (lambda: sgdr_lrs(0, lr_maxes=[0.1, -1.0], steps_per_cycle=5), ValueError, "lr_max must be >= 0"),
+    (lambda: sgdr_lrs(0, lr_maxes=[0.1, 0.01], steps_per_cycle=5, lr_min=0.05), ValueError, "must not exceed"),
     (lambda: sgdr_lr(0, steps_per_cycle=0, lr_max=1.0), ValueError, "steps_per_cycle must be >= 1"),
     (lambda: sgdr_lr(0, steps_per_cycle=-3, lr_max=1.0), ValueError, "steps_per_cycle must be >= 1"),
     (lambda: sgdr_lr(0, steps_per_cycle=2.5, lr_max=1.0), TypeError, "steps_per_cycle must be an integer"),
