@@ -1,35 +1,20 @@
 """The LR range test: raise the LR exponentially batch by batch, watch the loss, put everything back.
 
-Sweep (Smith 2015, "Cyclical Learning Rates"; fast.ai 2018 lesson 2, steps 2 and 7):
     lr_i = start_lr * (end_lr / start_lr) ** (i / (num_iter - 1))       i = 0 .. num_iter-1
     avg_i = beta * avg_{i-1} + (1 - beta) * loss_i,  avg_{-1} = 0
     smoothed_i = avg_i / (1 - beta ** (i + 1))     bias-corrected: smoothed_0 == loss_0
-Stops after the step whose smoothed loss exceeds diverge * best, or whose loss is NaN/inf.
-With several param groups the groups keep their ratios: the swept lr is the last group's.
-Afterwards parameters (and .grad), buffers (BatchNorm statistics), optimizer state and
-hyper-parameters, requires_grad, train/eval mode and the torch (and CUDA) RNG states are
-as they were, bit for bit; a Batches object is read through .epoch(0), .epoch(1), ... so
-running the test twice gives the same curve.
-
-suggest_lr, the rule ("the highest rate where the loss is clearly improving"):
-  1. keep points skip_start .. first non-finite loss (exclusive); skip_start defaults to
-     len(lrs) // 10 (the noisy head, as fastai's plot drops 10 of 100);
-  2. "clearly falling" = a slope d(smoothed)/d(log10 lr) at least as steep as the average
-     slope from the highest point before the minimum down to the minimum;
-  3. take the longest run of clearly falling steps, its length measured in decades of LR;
-  4. suggest its point nearest the middle in log LR, never its last point (a minimum).
-  If the minimum lies at the first usable point, or the fall is under min_fall (2%) of the
-  loss, loss_fell is False and lr is the rate of the lowest loss, not a recommendation.
-Peers: fastai 2 `valley` takes the longest decreasing (not contiguous) subsequence by
-index and a point ~halfway into it; fastai `steep` and Lightning take the single steepest
-gradient (Lightning's per LR, pytorch-lr-finder's per index, both noisy); fastai 0.7 gave
-no suggestion. pytorch-lr-finder does not debias its EMA and restores nothing unless
-reset() is called. Here the run of steep steps is found on a log-LR axis, so it does not
-depend on num_iter, and a noisy flat start is neither steep nor taken.
+Stops after a smoothed loss above diverge * best, a NaN/inf loss, or when the batches run out.
+Several param groups keep their ratios (the swept lr is the last group's). Afterwards the model,
+the optimizer and the RNG states are as they were, bit for bit. suggest_lr: the middle, in log
+lr, of the longest run of steps falling at least as steeply as the mean descent to the minimum.
+Sources: Smith 2015, "Cyclical Learning Rates for Training Neural Networks"; fast.ai 2018
+lesson 2, steps 2 and 7 ("the highest rate where the loss is clearly improving").
+docs/lr_find.md: the rule step by step, what is restored, and fastai, Lightning, pytorch-lr-finder.
 """
 import copy
 import itertools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -64,7 +49,15 @@ class LRFindResult:
 
 
 def suggest_lr(lrs, losses, *, skip_start=None, min_fall=0.02):
-    """Suggest an LR from a sweep's LRs and SMOOTHED losses (raw ones are too noisy) -> Suggestion."""
+    """Suggest an LR from a sweep's LRs and SMOOTHED losses (raw ones are too noisy) -> Suggestion.
+
+    1. keep points skip_start (default len(lrs) // 10, the noisy head) .. the first non-finite loss;
+    2. a step is steep when its fall per decade of lr is at least the mean fall per decade from
+       the highest point before the minimum down to the minimum;
+    3. take the longest run of steep steps, measured in decades of lr, not in points;
+    4. suggest its point nearest the middle in log lr, never its last point (a minimum).
+    If the loss never fell by min_fall, loss_fell is False and lr is the lowest loss's rate.
+    """
     if len(lrs) != len(losses):
         raise ValueError(f"{len(lrs)} lrs but {len(losses)} losses; give one loss per LR")
     lrs, losses = [float(v) for v in lrs], [float(v) for v in losses]
@@ -101,11 +94,12 @@ def suggest_lr(lrs, losses, *, skip_start=None, min_fall=0.02):
 
 def lr_find(model, train_batches, opt, *, loss_fn=F.cross_entropy, start_lr=1e-7, end_lr=10.0,
             num_iter=100, beta=0.98, diverge=4.0, skip_start=None, device=None):
-    """Run the range test on `model` with `opt`'s groups, then restore everything -> LRFindResult."""
-    if not 0 < start_lr < end_lr:
-        raise ValueError(f"need 0 < start_lr < end_lr, got {start_lr} and {end_lr}")
-    if num_iter < 2 or not 0 <= beta < 1 or diverge <= 1:
-        raise ValueError(f"need num_iter >= 2, 0 <= beta < 1, diverge > 1; got {num_iter}, {beta}, {diverge}")
+    """Run the range test on `model` with `opt`'s groups, then restore everything -> LRFindResult.
+
+    train_batches: (x, y) minibatches, read again from the start when they run out (Batches as
+    .epoch(0), .epoch(1), ...; a list or a DataLoader with iter()); moved to the model's device.
+    """
+    _check_args(start_lr, end_lr, num_iter, beta, diverge, skip_start, loss_fn)
     last_lr = opt.param_groups[-1]["lr"]
     if not last_lr > 0:
         raise ValueError(f"the last param group's lr is {last_lr}; it must be > 0: the groups' LRs "
@@ -113,16 +107,19 @@ def lr_find(model, train_batches, opt, *, loss_fn=F.cross_entropy, start_lr=1e-7
     ratios = [group["lr"] / last_lr for group in opt.param_groups]
     device = torch.device(device) if device is not None else next(model.parameters()).device
     saved = _save_state(model, opt)
-    lrs, losses, smoothed, avg, best, stop_reason = [], [], [], 0.0, math.inf, f"ran {num_iter} steps"
+    lrs, losses, smoothed, avg, best, stop_reason = [], [], [], 0.0, math.inf, None
     try:
         model.train()
         opt.zero_grad()
         for i, (x, y) in zip(range(num_iter), _cycle(train_batches)):
-            lr = start_lr * (end_lr / start_lr) ** (i / (num_iter - 1))
+            lr = start_lr * (end_lr / start_lr) ** (i / (num_iter - 1))  # lr_i, exponential
             for group, ratio in zip(opt.param_groups, ratios):
                 group["lr"] = lr * ratio
             with torch.enable_grad():
-                loss = loss_fn(model(x.to(device)), y.to(device))
+                try:
+                    loss = loss_fn(model(x.to(device)), y.to(device))
+                except (RuntimeError, IndexError, ValueError) as error:
+                    _raise_clearly(error, i, y)
             value = loss.item()
             lrs.append(lr)
             losses.append(value)
@@ -130,8 +127,8 @@ def lr_find(model, train_batches, opt, *, loss_fn=F.cross_entropy, start_lr=1e-7
                 smoothed.append(math.nan)
                 stop_reason = f"the loss was {value} at lr {lr:.2g}"
                 break
-            avg = beta * avg + (1 - beta) * value
-            smoothed.append(avg / (1 - beta ** (i + 1)))
+            avg = beta * avg + (1 - beta) * value                 # avg_i
+            smoothed.append(avg / (1 - beta ** (i + 1)))          # smoothed_i, bias-corrected
             if smoothed[-1] > diverge * best:
                 stop_reason = f"the loss blew up past lr {lr:.2g} ({smoothed[-1]:.3g} > {diverge:g} x best {best:.3g})"
                 break
@@ -142,10 +139,45 @@ def lr_find(model, train_batches, opt, *, loss_fn=F.cross_entropy, start_lr=1e-7
     finally:
         _restore_state(model, opt, saved)
     if not lrs:
-        raise ValueError("train_batches yielded no batches")
+        raise ValueError("train_batches yielded no batches (an empty list, or a generator already used up?)")
+    if stop_reason is None:
+        stop_reason = f"ran {num_iter} steps" if len(lrs) == num_iter else (
+            f"the batches ran out after {len(lrs)} of {num_iter} steps, at lr {lrs[-1]:.2g} (end_lr {end_lr:g}): "
+            "a one-shot generator or iterator gives one pass only; pass a list, a DataLoader or Batches")
     s = suggest_lr(lrs, smoothed, skip_start=skip_start)
     return LRFindResult(lrs, losses, smoothed, s.lr, s.index, RULE, f"{s.reason}; {stop_reason}",
                         s.loss_fell, s.skip_start, s.stop, stop_reason)
+
+
+def _check_args(start_lr, end_lr, num_iter, beta, diverge, skip_start, loss_fn):
+    for name, value in (("start_lr", start_lr), ("end_lr", end_lr), ("beta", beta), ("diverge", diverge)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise TypeError(f"lr_find: {name} must be a finite number, got {value!r}")
+    for name, value in (("num_iter", num_iter), ("skip_start", 0 if skip_start is None else skip_start)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"lr_find: {name} must be an integer, got {value!r}")
+    if not 0 < start_lr < end_lr:
+        raise ValueError(f"need 0 < start_lr < end_lr, got {start_lr} and {end_lr}")
+    if num_iter < 2 or not 0 <= beta < 1 or diverge <= 1 or (skip_start or 0) < 0:
+        raise ValueError(f"need num_iter >= 2, 0 <= beta < 1, diverge > 1, skip_start >= 0; got {num_iter}, "
+                         f"{beta}, {diverge}, {skip_start}")
+    if not callable(loss_fn):
+        raise TypeError(f"lr_find: loss_fn must be a function (logits, y) -> loss, got {loss_fn!r}")
+
+
+def _raise_clearly(error, step, y):
+    """The label and BatchNorm errors of a sweep's forward pass in words; others unchanged."""
+    text = str(error)
+    if "out of bounds" in text:
+        raise ValueError(f"lr_find, step {step}: labels must be class indices 0 .. n_classes - 1; this batch's "
+                         f"run {int(y.min())} .. {int(y.max())} ({text})") from error
+    if "target dtype" in text:
+        raise TypeError(f"lr_find, step {step}: the labels are {y.dtype}, the loss needs integer class indices "
+                        f"(torch.long): pass y.long() ({text})") from error
+    if "Expected more than 1 value per channel when training" in text:
+        raise ValueError(f"lr_find, step {step}: a batch of 1 sample; BatchNorm in train mode needs more. It is "
+                         "the last, short batch of a pass: use Batches(..., drop_last=True)") from error
+    raise error
 
 
 def _cycle(batches):

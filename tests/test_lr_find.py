@@ -11,6 +11,7 @@ from torch import nn
 
 from minicnn.data import Batches
 from minicnn.lr_find import LRFindResult, lr_find, suggest_lr
+from minicnn.optim import SGD
 
 
 class Scalar(nn.Module):
@@ -91,17 +92,14 @@ def _assert_same(a, b):
     assert torch.equal(a["rng"], b["rng"])
 
 
-def _sgd_factories():
-    yield "torch", lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3)
-    try:
-        from minicnn.optim import SGD
-    except ImportError:
-        return
-    yield "minicnn", lambda params: SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3)
+SGD_FACTORIES = {  # both optimizers, always: a missing one fails at import instead of vanishing
+    "torch": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    "minicnn": lambda params: SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3),
+}
 
 
-@pytest.mark.parametrize("name, make_opt", list(_sgd_factories()), ids=lambda v: v if isinstance(v, str) else "")
-def test_everything_restored_bit_for_bit_and_same_curve_twice(name, make_opt):
+@pytest.mark.parametrize("make_opt", SGD_FACTORIES.values(), ids=SGD_FACTORIES.keys())
+def test_everything_restored_bit_for_bit_and_same_curve_twice(make_opt):
     model, data = tiny_net(), tiny_data()
     model[0].weight.requires_grad_(False)  # a frozen layer stays frozen
     opt = make_opt([p for p in model.parameters() if p.requires_grad])
@@ -237,13 +235,52 @@ def test_suggest_flat_noisy_curve_is_flagged():
     assert not s.loss_fell and "not a recommendation" in s.reason and s.lr is not None
 
 
-def test_bad_arguments():
+def test_a_one_shot_generator_that_runs_dry_says_so_and_suggests_from_what_ran():
+    model, data = tiny_net(), tiny_data(n=40, batch_size=8)  # 5 batches
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    r = lr_find(model, (xy for xy in data.epoch(0)), opt, num_iter=30)
+    assert len(r.lrs) == 5 and "ran 30 steps" not in r.reason
+    assert r.stop_reason.startswith("the batches ran out after 5 of 30 steps") and "one-shot" in r.stop_reason
+    assert r.stop_reason in r.reason
+    expected = suggest_lr(r.lrs, r.smoothed_losses)
+    assert (r.suggested_lr, r.suggested_index) == (expected.lr, expected.index)
+    whole = lr_find(model, data, opt, num_iter=30)  # re-readable batches: the full sweep
+    assert whole.stop_reason == "ran 30 steps" and len(whole.lrs) == 30
+
+
+def test_label_and_batchnorm_errors_of_the_sweep_say_what_to_do():
+    model = tiny_net()
+    x, y = torch.rand(8, 1, 6, 6), torch.tensor([0, 1, 2, 1, 0, 2, 1, 0])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"lr_find, step 0: labels must be class indices.*run 0 \.\. 9"):
+        lr_find(model, [(x, torch.where(y == 2, 9, y))], opt)
+    with pytest.raises(TypeError, match=r"the labels are torch.float32.*y\.long\(\)"):
+        lr_find(model, [(x, y.float())], opt)
+    _assert_same(before, _snapshot(model, opt))  # restored after the error too
+    net = nn.Sequential(nn.Flatten(), nn.Linear(36, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="lr_find, step 1: a batch of 1 sample.*drop_last=True"):
+        lr_find(net, [(x, y), (x[:1], y[:1])], torch.optim.SGD(net.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(start_lr=0), ValueError, "start_lr"), (dict(start_lr=1, end_lr=0.1), ValueError, "start_lr"),
+    (dict(num_iter=1), ValueError, "num_iter"), (dict(beta=1.0), ValueError, "beta"),
+    (dict(diverge=1.0), ValueError, "diverge"), (dict(skip_start=-1), ValueError, "skip_start >= 0"),
+    (dict(num_iter=10.5), TypeError, "num_iter must be an integer"),
+    (dict(skip_start=2.0), TypeError, "skip_start must be an integer"),
+    (dict(end_lr=math.nan), TypeError, "end_lr must be a finite number"),
+    (dict(start_lr="1e-7"), TypeError, "start_lr must be a finite number"),
+    (dict(beta=None), TypeError, "beta must be a finite number"),
+    (dict(loss_fn="cross_entropy"), TypeError, "loss_fn must be a function"),
+])
+def test_bad_arguments(kwargs, error, match):
     model = Scalar()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    for kwargs, match in [(dict(start_lr=0), "start_lr"), (dict(start_lr=1, end_lr=0.1), "start_lr"),
-                          (dict(num_iter=1), "num_iter"), (dict(beta=1.0), "beta"),
-                          (dict(diverge=1.0), "diverge")]:
-        with pytest.raises(ValueError, match=match):
-            lr_find(model, ONE_BATCH, opt, loss_fn=quadratic(1.0), **kwargs)
+    with pytest.raises(error, match=match):
+        lr_find(model, ONE_BATCH, opt, **{"loss_fn": quadratic(1.0), **kwargs})
+
+
+def test_suggest_needs_one_loss_per_lr():
     with pytest.raises(ValueError, match="one loss per LR"):
         suggest_lr([1e-3, 1e-2], [1.0])
