@@ -1,29 +1,20 @@
 """Under- or over-fitting, in words: a verdict on a training history, with the numbers behind it.
 
-fast.ai 2018 lesson 2: "validation loss well below training loss means underfitting: train
-longer"; and a model only overfits once its validation loss gets worse, not merely when
-training loss is the lower of the two. Rules, on the last epoch E (epochs counted from 1),
-T = training loss, V = validation loss, V_best = lowest V, at epoch b; first match wins:
-  1. underfitting (not learning): T > (1 - min_fall) * T_start, min_fall = 0.10, where
-     T_start = history.batch_loss[0], the loss before any step (only when recorded)
-                                                           -> check the LR (lr_find) and data
-  2. underfitting: V < (1 - margin) * T, margin = 0.10     -> train longer
-  3. underfitting (unstable): b < E, V > (1 + rise) * V_best, rise = 0.03, and T >= T_b (T at
-     epoch b): both losses rose, the steps are too large    -> lower or anneal the LR
-  4. overfitting: b < E, V > (1 + rise) * V_best, T < T_b  -> stop at epoch b
-  5. still improving: b == E and V fell by more than improving = 0.01 (1%) in the last
-     epoch, or there is one epoch only                     -> train longer
-  6. good fit: V has levelled off at (or within rise of) its best -> keep it
-Which T: history.train_eval_loss when recorded (train.fit(..., train_eval=Batches of a
-training sample)): the loss in eval mode, without augmentation, at the epoch's end. The
-running train_loss is the mean over an epoch in train mode: dropout drops units,
-augmentation makes images harder, BatchNorm uses batch statistics, and the weights
-early in the epoch were worse; all push it up, so it can sit above V although the model
-fits the training set better than the validation set. Used only when nothing else is
-recorded, and the Diagnosis says so.
-Differs from fastai (which prints the losses and leaves the reading to you): the rules
-are written down here, with their thresholds as keyword arguments.
+On the last epoch E: T = training loss, V = validation loss, V_best = lowest V, at epoch b;
+the first rule that matches wins (thresholds are keyword arguments):
+  1. T > (1 - min_fall) * first minibatch loss        underfitting, not learning: check LR, data
+  2. V < (1 - margin) * T                             underfitting: train longer
+  3. b < E, V > (1 + rise) * V_best, T >= T_b         underfitting, unstable: lower or anneal LR
+  4. b < E, V > (1 + rise) * V_best, T < T_b          overfitting: stop at epoch b
+  5. V fell > improving in the last epoch, or E == 1  still improving: train longer
+  6. otherwise                                        good fit
+T is history.train_eval_loss (eval mode, a training sample) when recorded, else train_loss.
+Source: fast.ai 2018 lesson 2 ("validation loss well below training loss: underfitting").
+docs/diagnose.md: why the eval-mode training loss, and where rule 3 came from.
 """
+import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 VERDICTS = ("underfitting", "overfitting", "still improving", "good fit")
@@ -45,24 +36,36 @@ class Diagnosis:
 
 
 def _check_losses(values, name):
-    values = [float(v) for v in values]
-    if any(v != v or v in (float("inf"), float("-inf")) for v in values):
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise TypeError(f"history.{name} must be a list of numbers (one loss per epoch), got {values!r}") from None
+    if not all(math.isfinite(v) for v in values):
         raise ValueError(f"history.{name} holds a non-finite loss: {values}; the run diverged, "
                          "lower the learning rate")
     return values
 
 
 def diagnose(history, *, margin=0.10, rise=0.03, improving=0.01, min_fall=0.10):
-    """Verdict on a History (or anything with per-epoch train_loss/valid_loss lists) -> Diagnosis."""
-    valid = _check_losses(getattr(history, "valid_loss", []) or [], "valid_loss")
+    """Verdict on a History, or a mapping such as dataclasses.asdict(history) -> Diagnosis."""
+    if isinstance(history, Mapping):
+        get = history.get
+    elif hasattr(history, "valid_loss"):
+        get = lambda name, default: getattr(history, name, default)  # noqa: E731
+    else:
+        raise TypeError(f"diagnose needs a train.History (or a dict of its lists), got a {type(history).__name__}")
+    for name, value in (("margin", margin), ("rise", rise), ("improving", improving), ("min_fall", min_fall)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+            raise ValueError(f"diagnose: {name} is a fraction and must be in [0, 1), got {value!r}")
+    valid = _check_losses(get("valid_loss", []) or [], "valid_loss")
     if not valid:
         raise ValueError("diagnose needs per-epoch validation losses: fit(..., valid=Batches) records them")
-    train_eval = getattr(history, "train_eval_loss", []) or []
+    train_eval = get("train_eval_loss", []) or []
     if len(train_eval) == len(valid):
         train, source = _check_losses(train_eval, "train_eval_loss"), "train_eval_loss"
         note = "training loss in eval mode on a training sample"
     else:
-        train, source = _check_losses(history.train_loss, "train_loss"), "train_loss"
+        train, source = _check_losses(get("train_loss", []) or [], "train_loss"), "train_loss"
         note = ("running training loss in train mode (no train_eval_loss recorded; it reads high: "
                 "pass train_eval= to fit for a fair one)")
     if len(train) != len(valid):
@@ -70,8 +73,8 @@ def diagnose(history, *, margin=0.10, rise=0.03, improving=0.01, min_fall=0.10):
     epochs, t, v = len(valid), train[-1], valid[-1]
     best = min(range(epochs), key=lambda e: valid[e])  # first epoch of the lowest V
     v_best = valid[best]
-    numbers = f"T {t:.4f} ({note}), V {v:.4f} at epoch {epochs}; best V {v_best:.4f} at epoch {best + 1}"
-    batch_loss = getattr(history, "batch_loss", []) or []
+    evidence = f"T {t:.4f} ({note}), V {v:.4f} at epoch {epochs}; best V {v_best:.4f} at epoch {best + 1}"
+    batch_loss = _check_losses((get("batch_loss", []) or [])[:1], "batch_loss")  # the loss before any step
 
     if batch_loss and t > (1 - min_fall) * float(batch_loss[0]):
         verdict = "underfitting"
@@ -100,4 +103,4 @@ def diagnose(history, *, margin=0.10, rise=0.03, improving=0.01, min_fall=0.10):
         verdict = "good fit"
         advice = (f"the validation loss has levelled off near its best (epoch {best + 1}): keep this model; "
                   "more augmentation or data could lower it further")
-    return Diagnosis(verdict, f"{advice} [{numbers}]", t, v, v_best, best + 1, epochs, source)
+    return Diagnosis(verdict, f"{advice} [{evidence}]", t, v, v_best, best + 1, epochs, source)

@@ -1,4 +1,5 @@
 """diagnose: each verdict on a hand-made history, which training loss it used, thresholds, errors."""
+import dataclasses
 import math
 
 import pytest
@@ -97,6 +98,26 @@ def test_bad_histories():
         diagnose(History(train_loss=[0.5, math.nan], valid_loss=[0.5, 0.4]))
     with pytest.raises(ValueError, match="2 epochs but valid_loss has 3"):
         diagnose(History(train_loss=[0.5, 0.4], valid_loss=[0.5, 0.4, 0.3]))
+    with pytest.raises(TypeError, match="valid_loss must be a list of numbers"):
+        diagnose(History(train_loss=[0.5], valid_loss=["0.4 (epoch 1)"]))
+    with pytest.raises(TypeError, match="diagnose needs a train.History .or a dict of its lists., got a list"):
+        diagnose([0.5, 0.4])
+
+
+def test_a_dict_of_the_lists_gives_the_same_diagnosis():
+    h = History(train_loss=[0.6, 0.4, 0.3, 0.2, 0.15], valid_loss=[0.6, 0.45, 0.40, 0.43, 0.48],
+                valid_acc=[0.8] * 5, train_eval_loss=[0.5, 0.35, 0.25, 0.15, 0.1], batch_loss=[0.7, 0.6])
+    assert diagnose(dataclasses.asdict(h)) == diagnose(h) and diagnose(h).verdict == "overfitting"
+    only = {"train_loss": [0.9, 0.7, 0.6], "valid_loss": [0.6, 0.5, 0.45]}  # a dict with some lists only
+    assert diagnose(only) == diagnose(History(**only))
+
+
+@pytest.mark.parametrize("name, value", [("margin", -0.1), ("rise", 1.5), ("improving", "1%"),
+                                         ("min_fall", math.nan), ("margin", True)])
+def test_thresholds_must_be_fractions(name, value):
+    h = History(train_loss=[0.5], valid_loss=[0.48])
+    with pytest.raises(ValueError, match=f"{name} is a fraction and must be in \\[0, 1\\)"):
+        diagnose(h, **{name: value})
 
 
 def test_on_a_real_fit_with_train_eval():
