@@ -3,23 +3,22 @@
 Per minibatch, in this order (the order fastai's callbacks hide):
     lrs = lr_at(step)                 set every param group's LR (the schedule)
     loss = loss_fn(model(augment(x)), y)
-    loss.backward(); opt.step(); opt.zero_grad()
+    loss.backward(); opt.step(); opt.zero_grad()      theta <- theta - lr * grad(loss)
     record loss and LRs; at a cycle's last step call on_cycle_end(model, step)
-`step` counts minibatches over the whole run, so a schedule is a pure function of
-it and a run resumed at `start_step` sees the same LRs and the same batches.
-
-On CUDA the forward pass runs under bf16 autocast (no loss scaling needed, unlike
-fp16) with channels_last memory; on the CPU both stay off by default (bf16 is
-slower than fp32 on most CPUs, channels_last was no faster for these small nets).
-
-Differs from fastai's Learner.fit: no callbacks, one hook; from a Lightning
-Trainer: no hidden state; the loop below is all there is.
+`step` counts minibatches over the whole run (epoch * len(train) + i), so a schedule is a
+pure function of it and a run resumed at `start_step` sees the same LRs and the same batches.
+Sources: fast.ai 2018 lessons 1-2; the loop's shape follows nanoGPT's train.py.
+docs/training_loop.md: what `train` may be, bad input and NaN, mixed precision, the loop's cost.
 """
+import functools
+import itertools
 import math
 import numbers
+import re
 import sys
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +34,36 @@ class History:
     valid_acc: list = field(default_factory=list)
     seconds: list = field(default_factory=list)
     train_eval_loss: list = field(default_factory=list)  # eval-mode loss on a training sample
+
+
+def join_histories(histories):
+    """The consecutive fits of one run (e.g. one per SGDR cycle) as one History, lists in order."""
+    histories = list(histories)
+    if not histories:
+        raise ValueError("join_histories got no histories; pass the list of fit()'s results")
+    for i, history in enumerate(histories):
+        if not isinstance(history, History):
+            raise TypeError(f"histories[{i}] is a {type(history).__name__}, not a train.History")
+    for name in ("valid_loss", "valid_acc", "train_eval_loss"):  # per epoch, recorded or not
+        recorded = [bool(getattr(h, name)) for h in histories if h.train_loss]
+        if any(recorded) and not all(recorded):
+            raise ValueError(f"join_histories: fits {[i for i, r in enumerate(recorded) if not r]} recorded no "
+                             f"{name} and the others did, so the epochs would not line up; join fits that "
+                             "were given the same valid= and train_eval=")
+    joined = History()
+    for f in fields(History):
+        for history in histories:
+            getattr(joined, f.name).extend(getattr(history, f.name))
+    return joined
+
+
+def accuracy(scores, y):
+    """Fraction of samples whose highest score is their label: probabilities or logits (same argmax)."""
+    scores, y = torch.as_tensor(scores), torch.as_tensor(y)
+    if scores.dim() != 2 or y.dim() != 1 or len(scores) != len(y) or len(y) == 0:
+        raise ValueError(f"accuracy needs scores (N, n_classes) and N labels (N,), N >= 1; got scores "
+                         f"{tuple(scores.shape)} and labels {tuple(y.shape)}")
+    return (scores.argmax(1) == y.to(scores.device)).float().mean().item()
 
 
 def _use_cuda_tricks(device, flag):
@@ -62,83 +91,120 @@ def _eval_mode(model):
 
 
 def evaluate(model, batches, *, loss_fn=F.cross_entropy, mixed_precision=None):
-    """-> (mean loss, accuracy) over all samples, in eval mode under no_grad; modes restored."""
+    """-> (mean loss, accuracy) over all samples, in eval mode under no_grad; modes restored.
+
+    Kept as sums (loss * samples, correct, samples), so several processes can add theirs."""
     device, restore = _model_device(model), _eval_mode(model)
-    total_loss, correct, count = 0.0, 0, 0
+    loss_sum, correct, count = 0.0, 0, 0
     try:
         with torch.no_grad(), _autocast(device, mixed_precision):
             for x, y in batches:
-                logits = model(x).float()
-                total_loss += float(loss_fn(logits, y)) * len(y)  # mean -> sum
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                try:
+                    logits = model(x).float()
+                    loss = loss_fn(logits, y)
+                except (RuntimeError, IndexError, ValueError) as error:
+                    _raise_clearly(error, x, y, model, "evaluate")
+                loss_sum += float(loss) * len(y)  # mean -> sum
                 correct += int((logits.argmax(1) == y).sum())
                 count += len(y)
     finally:
         restore()
     if count == 0:
-        raise ValueError("evaluate got no samples")
-    return total_loss / count, correct / count
+        raise ValueError("evaluate got no samples (an empty list, or a generator already used up?); "
+                         "pass batches that hold at least one sample")
+    return loss_sum / count, correct / count
 
 
 def predict(model, batches, *, mixed_precision=None):
     """-> softmax probabilities (N, n_classes), float32 on the CPU, in the batches' order."""
     device, restore = _model_device(model), _eval_mode(model)
+    probs = []
     try:
         with torch.no_grad(), _autocast(device, mixed_precision):
-            probs = [torch.softmax(model(x).float(), dim=1).cpu() for x, _ in batches]
+            for x, _ in batches:
+                x = x.to(device, non_blocking=True)
+                try:
+                    logits = model(x).float()
+                except (RuntimeError, ValueError) as error:
+                    _raise_clearly(error, x, None, model, "predict")
+                probs.append(torch.softmax(logits, dim=1).cpu())
     finally:
         restore()
+    if not probs:
+        raise ValueError("predict got no batches (an empty list, or a generator already used up?); "
+                         "pass batches that hold at least one image")
     return torch.cat(probs)
 
 
 def _lrs_for(opt, lr_at, step):
+    """lr_at(step) as one float per param group, each finite and >= 0: checked before it is used."""
     lrs = lr_at(step)
-    lrs = [float(lrs)] * len(opt.param_groups) if isinstance(lrs, numbers.Real) else [float(lr) for lr in lrs]
+    try:
+        lrs = [float(lrs)] * len(opt.param_groups) if isinstance(lrs, numbers.Real) else [float(lr) for lr in lrs]
+    except (TypeError, ValueError):
+        raise TypeError(f"lr_at({step}) returned {lrs!r}; it must return a number, or a list with one "
+                        "number per param group") from None
     if len(lrs) != len(opt.param_groups):
         raise ValueError(f"lr_at({step}) gave {len(lrs)} learning rates for {len(opt.param_groups)} "
                          "param groups; give one per group (or a single number for all)")
+    for group, lr in enumerate(lrs):
+        if not 0.0 <= lr < math.inf:  # False for NaN too
+            raise ValueError(f"lr_at({step}) gave lr {lr} for param group {group}, before step {step} changed "
+                             "anything: a learning rate must be finite and >= 0 (a negative one climbs the "
+                             "loss, NaN or inf wrecks the weights); check lr_at")
     return lrs
 
 
-def fit(model, train, valid, opt, lr_at, epochs, *, loss_fn=F.cross_entropy, augment=None,
+def fit(model, train, valid, opt, lr_at, end_epoch=None, *, loss_fn=F.cross_entropy, augment=None,
         on_cycle_end=None, cycle_ends=(), start_step=0, train_eval=None, device=None,
-        mixed_precision=None, channels_last=None, verbose=True):
-    """Train for `epochs` epochs of `train` (global steps 0 .. epochs*len(train)-1) -> History.
+        mixed_precision=None, channels_last=None, verbose=True, epochs=None):
+    """Train up to (not including) epoch `end_epoch`, from global step start_step -> History of the steps run.
 
-    lr_at(step): a number, or a list with one LR per param group. augment: x -> x on
-    float [0, 1] batches, training only. on_cycle_end(model, step) runs after the step
-    of each index in cycle_ends. start_step: resume a run at that global step.
-    train_eval: Batches of a training sample, evaluated each epoch without augmentation.
+    train: (x, y) minibatches with len() = batches per epoch, read once each epoch: minicnn's
+        Batches (as train.epoch(e, skip=k)), a torch DataLoader or a list (iter(train), the first
+        k batches skipped when a run resumes mid-epoch). Each batch is moved to the model's device.
+    end_epoch: the epoch to stop before: from scratch, the number of epochs; resumed, where the
+        whole run ends (steps start_step .. end_epoch * len(train) - 1). epochs= is its old name.
+    lr_at(step): a number, or a list with one LR per param group; each must be finite and >= 0.
+    valid, train_eval (a training sample, no augmentation): evaluated at each epoch's end; None skips.
+    augment: x -> x on training batches only. on_cycle_end(model, step) runs after each step in
+    cycle_ends. mixed_precision (bf16), channels_last: None = on for CUDA only.
     """
-    if epochs < 0 or start_step < 0:
-        raise ValueError(f"epochs={epochs} and start_step={start_step} must be >= 0")
+    end_epoch = _end_epoch(end_epoch, epochs)
+    steps_per_epoch, cycle_ends = _check_fit(model, train, valid, opt, lr_at, end_epoch, start_step,
+                                             train_eval, cycle_ends, on_cycle_end)
     device = torch.device(device) if device is not None else _model_device(model)
     use_channels_last = _use_cuda_tricks(device, channels_last)
     model.to(device, memory_format=torch.channels_last if use_channels_last else torch.preserve_format)
-    steps_per_epoch, cycle_ends, history = len(train), set(cycle_ends), History()
-    if steps_per_epoch == 0:
-        raise ValueError("the training batches are empty (fewer samples than one batch with drop_last?)")
-    live = verbose and sys.stdout.isatty()
-    for epoch in range(start_step // steps_per_epoch, epochs):
+    history, live = History(), verbose and sys.stdout.isatty()
+    for epoch in range(start_step // steps_per_epoch, end_epoch):
         model.train()
         started, losses = time.perf_counter(), []
-        skip = start_step - epoch * steps_per_epoch if epoch * steps_per_epoch < start_step else 0
-        for i, (x, y) in enumerate(train.epoch(epoch, skip=skip), start=skip):
+        skip = max(0, start_step - epoch * steps_per_epoch)  # resumed mid-epoch: batches already done
+        batches, i = _epoch(train, epoch, skip), skip - 1
+        for i, (x, y) in zip(range(skip, steps_per_epoch), batches):
             step = epoch * steps_per_epoch + i
             # set lr: the schedule is a function of the global step
             lrs = _lrs_for(opt, lr_at, step)
             for group, lr in zip(opt.param_groups, lrs):
                 group["lr"] = lr
             # forward
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if augment is not None:
                 x = augment(x)
             if use_channels_last and x.dim() == 4:  # feature batches (N, F) have no layout to change
                 x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, mixed_precision):
-                loss = loss_fn(model(x).float(), y)
+            try:
+                with _autocast(device, mixed_precision):
+                    logits = model(x).float()
+                    loss = loss_fn(logits, y)
+            except (RuntimeError, IndexError, ValueError) as error:  # torch's words -> what to do
+                _raise_clearly(error, x, y, model, f"fit, step {step} (epoch {epoch})")
             loss_value = loss.item()
             if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at step {step} (epoch {epoch}) with lr "
-                                         f"{lrs}; lower the learning rate (try 10x lower)")
+                raise FloatingPointError(_not_finite(loss_value, step, epoch, lrs, x, y, logits, model,
+                                                     loss_fn, history.batch_loss, step == start_step))
             # backward and step
             loss.backward()
             opt.step()
@@ -147,10 +213,11 @@ def fit(model, train, valid, opt, lr_at, epochs, *, loss_fn=F.cross_entropy, aug
             history.batch_loss.append(loss_value)
             history.batch_lr.append(lrs)
             losses.append(loss_value)
-            if step in cycle_ends and on_cycle_end is not None:
+            if step in cycle_ends:
                 on_cycle_end(model, step)
             if live:
                 print(f"\r  epoch {epoch}: batch {i + 1}/{steps_per_epoch} loss {loss_value:.4f}", end="", flush=True)
+        _check_epoch_length(batches, epoch, i + 1 - skip, steps_per_epoch, skip)
         # evaluate
         history.train_loss.append(sum(losses) / max(len(losses), 1))
         if train_eval is not None:
@@ -166,3 +233,144 @@ def fit(model, train, valid, opt, lr_at, epochs, *, loss_fn=F.cross_entropy, aug
                 line += f"  valid loss {history.valid_loss[-1]:.4f}  accuracy {history.valid_acc[-1]:.4f}"
             print(("\r" if live else "") + line + f"  {history.seconds[-1]:.1f}s", flush=True)
     return history
+
+
+def _epoch(train, epoch, skip):
+    """Epoch `epoch`'s batches from batch `skip` on: train.epoch(epoch, skip=skip) if it has it."""
+    if hasattr(train, "epoch"):
+        return iter(train.epoch(epoch, skip=skip))
+    return itertools.islice(iter(train), skip, None)
+
+
+def _check_epoch_length(batches, epoch, seen, steps_per_epoch, skip):
+    """An epoch must give as many batches as len(train) says: fewer or more would shift every step."""
+    expected = steps_per_epoch - skip  # a resumed epoch skips the batches already done
+    if seen < expected:
+        raise ValueError(f"train gave {seen} batches in epoch {epoch} but len(train) = {steps_per_epoch}"
+                         f"{f' (less the {skip} skipped on resuming)' if skip else ''}: a one-shot generator or "
+                         "iterator runs dry after one pass. Give fit batches it can read every epoch: Batches, "
+                         "a DataLoader or a list")
+    if next(batches, None) is not None:
+        raise ValueError(f"train gave more batches in epoch {epoch} than len(train) = {steps_per_epoch}: make "
+                         "its len() the number of batches an epoch gives")
+
+
+def _end_epoch(end_epoch, epochs):
+    if epochs is not None:
+        if end_epoch is not None:
+            raise TypeError("fit got end_epoch and epochs (its old name); pass end_epoch only")
+        warnings.warn("fit(epochs=) is now fit(end_epoch=): the epoch to stop before", DeprecationWarning, stacklevel=3)
+        end_epoch = epochs
+    if end_epoch is None:
+        raise TypeError("fit needs end_epoch, the epoch to stop before (from scratch, the number of epochs)")
+    return end_epoch
+
+
+def _check_fit(model, train, valid, opt, lr_at, end_epoch, start_step, train_eval, cycle_ends, on_cycle_end):
+    """Every argument checked before the first step -> (steps per epoch, set of cycle-end steps)."""
+    for name, value in (("end_epoch", end_epoch), ("start_step", start_step)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"fit: {name} must be an integer, got {value!r}")
+        if value < 0:
+            raise ValueError(f"fit: {name}={value} must be >= 0")
+    if not callable(lr_at):
+        raise TypeError(f"fit: lr_at must be a function of the step, got {lr_at!r}; for a constant LR "
+                        "pass lambda step: 0.1")
+    if not hasattr(opt, "param_groups"):
+        raise TypeError(f"fit: opt must be an optimizer with param_groups, got a {type(opt).__name__}")
+    if next(model.parameters(), None) is None:
+        raise ValueError("fit: the model has no parameters to train")
+    sizes = {}
+    for name, batches in (("train", train), ("valid", valid), ("train_eval", train_eval)):
+        if batches is None and name != "train":
+            continue
+        try:
+            sizes[name] = len(batches)
+        except TypeError:
+            raise TypeError(f"fit: {name} is read every epoch and must have a len(): Batches, a DataLoader or "
+                            f"a list of (x, y) batches; got a {type(batches).__name__} (a generator: list(...) "
+                            "it)") from None
+        if sizes[name] == 0:
+            raise ValueError(f"fit: {name} holds no batches (is it empty, or fewer samples than one batch with "
+                             "drop_last?)" + (f"; pass {name}=None to skip it" if name != "train" else ""))
+    steps_per_epoch = sizes["train"]
+    if start_step and start_step >= end_epoch * steps_per_epoch:
+        raise ValueError(f"fit: start_step={start_step} is at or past the run's end: end_epoch={end_epoch} x "
+                         f"{steps_per_epoch} batches ends before step {end_epoch * steps_per_epoch}. end_epoch "
+                         "is the epoch to stop before, not a number of further epochs: to train k more, "
+                         f"pass end_epoch={start_step // steps_per_epoch} + k")
+    if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 0 for s in cycle_ends):
+        raise TypeError(f"fit: cycle_ends must be global step numbers (integers >= 0), got {list(cycle_ends)}")
+    cycle_ends = {int(s) for s in cycle_ends}
+    if bool(cycle_ends) != (on_cycle_end is not None):
+        raise ValueError("fit: on_cycle_end and cycle_ends go together: the hook is called after each step in "
+                         "cycle_ends (schedule.cycle_end_steps gives them); pass both or neither")
+    return steps_per_epoch, cycle_ends
+
+
+def _raise_clearly(error, x, y, model, where):
+    """Raise an error torch gave on a batch again, in words that say what to do; unknown ones unchanged."""
+    text, weight = str(error), next(model.parameters())
+    if y is not None and "out of bounds" in text:  # IndexError: Target 7 is out of bounds.
+        raise ValueError(f"{where}: labels must be class indices 0 .. n_classes - 1; this batch's run "
+                         f"{int(y.min())} .. {int(y.max())} ({text}) Check the labels, or give the model as "
+                         "many outputs as there are classes") from error
+    if y is not None and "target" in text and not y.dtype == torch.long:  # expected target dtype to be Long
+        raise TypeError(f"{where}: the labels are {y.dtype}, the loss needs integer class indices "
+                        f"(torch.long): pass y.long() ({text})") from error
+    if "Expected more than 1 value per channel when training" in text:
+        raise ValueError(f"{where}: a training batch of {len(x)} sample; BatchNorm in train mode needs more "
+                         "than one. It is the last, short batch of the epoch (one sample left over after the "
+                         "full batches): use Batches(..., drop_last=True) (or DataLoader(..., drop_last=True)), "
+                         "or another batch_size") from error
+    channels = re.search(r"to have (\d+) channels, but got (\d+) channels", text)
+    if channels:
+        want, got = channels.groups()
+        raise ValueError(f"{where}: the images have {got} channels, the model's first layer takes {want} "
+                         f"(input {tuple(x.shape)}): build the model for {got} channels, or convert the "
+                         "images (grey to RGB: x.expand(-1, 3, -1, -1); RGB to grey: x.mean(1, keepdim=True))"
+                         ) from error
+    if x.dtype != weight.dtype and "type" in text:  # Input type (double) and bias type (float) ...
+        raise TypeError(f"{where}: the images are {x.dtype}, the model's weights {weight.dtype}: pass "
+                        f"x.to({weight.dtype}) (uint8 pixels: x.float() / 255, as Batches does) ({text})") from error
+    if "to match target batch_size" in text:
+        raise ValueError(f"{where}: the batch holds {len(x)} images but {len(y)} labels; check how it is "
+                         "built") from error
+    raise error
+
+
+def _ignore_index(loss_fn):
+    """cross_entropy's ignore_index as loss_fn sets it (a partial, nn.CrossEntropyLoss), else -100."""
+    if isinstance(loss_fn, functools.partial):
+        return loss_fn.keywords.get("ignore_index", -100)
+    return getattr(loss_fn, "ignore_index", -100)
+
+
+def _not_finite(loss_value, step, epoch, lrs, x, y, logits, model, loss_fn, batch_losses, first):
+    """What a non-finite loss came from, in words; only computed on the way to the error."""
+    where = f"loss is {loss_value} at step {step} (epoch {epoch}) with lr {lrs}: "
+    bad_weights = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    bad_inputs = int((~torch.isfinite(x)).sum()) if x.is_floating_point() else 0
+    if not y.is_floating_point() and bool((y == _ignore_index(loss_fn)).all()):
+        return where + (f"every label in this batch is ignore_index ({_ignore_index(loss_fn)}), so the mean "
+                        "is over no samples; drop such batches (or mask them out) before fit")
+    if bad_inputs:
+        return where + f"this batch's inputs hold {bad_inputs} NaN/inf values: check the data (and augment)"
+    if not torch.isfinite(logits).all():
+        if first and bad_weights:
+            return where + (f"the model's outputs are non-finite before any step of this fit: its weights "
+                            f"{bad_weights[:5]} already hold NaN/inf. Reload or re-initialise them (the "
+                            "learning rate is not the cause)")
+        if first:
+            return where + ("the model's outputs are non-finite before any step of this fit, from finite "
+                            "inputs and weights: the forward pass makes them (a log, sqrt or division in the "
+                            "model, or an overflow); check the model (the learning rate is not the cause)")
+        return where + (f"the model's outputs went non-finite during training (non-finite weights: "
+                        f"{bad_weights[:5] or 'none'}): the steps blew the weights up; lower the learning "
+                        "rate (try 10x lower)")
+    recent = batch_losses[-20:]
+    if recent and recent[-1] > 2 * min(recent):
+        return where + (f"the loss grew from {min(recent):.4g} to {recent[-1]:.4g} over the last {len(recent)} "
+                        "steps and overflowed; lower the learning rate (try 10x lower)")
+    return where + ("the model's outputs are finite, so loss_fn made it: check loss_fn and the labels; if the "
+                    "loss was rising, lower the learning rate (try 10x lower)")
