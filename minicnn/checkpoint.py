@@ -204,6 +204,14 @@ def _check_generators(generators):
     return generators
 
 
+def _check_objects(model, optimizer):
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not all(callable(getattr(optimizer, name, None)) for name in ("state_dict", "load_state_dict")):
+        raise TypeError(f"optimizer must have state_dict() and load_state_dict() (a torch.optim or minicnn.optim "
+                        f"optimizer), got {type(optimizer).__name__}")
+
+
 def _class_name(optimizer):
     return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
 
@@ -215,6 +223,7 @@ def save_checkpoint(path, *, model, optimizer, step, extra=None, generators=None
     extra: plain data to keep alongside (numbers, strings, lists, dicts, tensors), given back
     by load_checkpoint; anything else is refused, naming it, before a file is touched.
     """
+    _check_objects(model, optimizer)
     if type(step) is not int or step < 0:  # bool is an int to Python, not a step
         raise ValueError(f"step must be the number of steps done (an int >= 0; int(step) for a numpy "
                          f"integer), got {step!r}")
@@ -251,6 +260,7 @@ def load_checkpoint(path, *, model, optimizer, generators=None):
     same param groups); nothing is changed if they differ or the file is damaged.
     generators: {name: torch.Generator}, the same names as at saving time.
     """
+    _check_objects(model, optimizer)
     generators = _check_generators(generators)
     checkpoint = load_checked(path, FORMAT, "checkpoint")
     if checkpoint["optimizer_class"] != _class_name(optimizer):

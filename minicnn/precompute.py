@@ -87,7 +87,7 @@ def _run(body, x, batch_size, device):
                 xb = x[start:start + batch_size].to(device)
                 xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb.float()  # (B, C, H, W) in [0, 1]
                 try:
-                    out.append(body(xb).float().cpu())
+                    out.append(body(xb).float().cpu())  # features = body(x), (B, F) each
                 except RuntimeError as error:  # the first batch: x does not fit the body (not out of memory)
                     if start > 0 or "memory" in str(error).lower():
                         raise

@@ -176,6 +176,8 @@ def predict_each(model, snapshots, batches, *, predict_fn=None):
         (a new seeded generator each call, so every snapshot sees the same augmented views).
     """
     states = _states(snapshots)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be the nn.Module the snapshots were taken from, got {type(model).__name__}")
     if isinstance(batches, Iterator):  # not iter(batches): that starts an epoch of a Batches
         raise TypeError("batches is an iterator, which can be read only once; every snapshot reads it again: "
                         "pass a list, a Batches or a DataLoader")

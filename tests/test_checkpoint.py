@@ -197,6 +197,10 @@ def test_bad_input(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="step must be the number of steps done"):
         save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=-1)
+    with pytest.raises(TypeError, match="model must be an nn.Module, got OrderedDict"):
+        save_checkpoint(tmp_path / "c.pt", model=model.state_dict(), optimizer=opt, step=0)
+    with pytest.raises(TypeError, match="optimizer must have state_dict"):
+        save_checkpoint(tmp_path / "c.pt", model=model, optimizer=[opt], step=0)
     with pytest.raises(TypeError, match="generators must be a dict"):
         save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=0, generators=[torch.Generator()])
     save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=0)
@@ -207,6 +211,8 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError):  # other param groups: refused before the model is touched
         load_checkpoint(tmp_path / "c.pt", model=other, optimizer=torch.optim.SGD(list(other.parameters())[1:], lr=0.1))
     assert all(torch.equal(other.state_dict()[k], v) for k, v in before.items())
+    with pytest.raises(TypeError, match="optimizer must have state_dict"):
+        load_checkpoint(tmp_path / "c.pt", model=model, optimizer=None)
     torch.save(model.state_dict(), tmp_path / "weights.pt")
     with pytest.raises(ValueError, match="not a minicnn checkpoint"):
         load_checkpoint(tmp_path / "weights.pt", model=model, optimizer=opt)

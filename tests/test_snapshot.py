@@ -246,6 +246,8 @@ def test_bad_snapshots_and_batches_are_refused_before_any_weights_are_touched(tr
     other = simple_resnet(5, widths=(4, 8)).state_dict()
     with pytest.raises(ValueError, match="snapshot 1 does not fit the model.*layer_groups.2.2.weight"):
         predict_each(model, [snaps[0], other], valid)
+    with pytest.raises(TypeError, match="model must be the nn.Module the snapshots were taken from"):
+        ensemble_predict(model.state_dict(), snaps, valid)
     with pytest.raises(ValueError, match="batches gave no batch"):
         predict_each(model, snaps, [])
     assert same_state(model.state_dict(), before)
