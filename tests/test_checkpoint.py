@@ -428,3 +428,16 @@ def test_a_checkpoint_of_another_optimizer_class_is_refused_before_anything_chan
         load_checkpoint(tmp_path / "c.pt", model=target, optimizer=mine)
     assert all(torch.equal(target.state_dict()[k], v) for k, v in before_model.items())
     assert mine.state_dict() == before_opt and mine.param_groups[0]["lr"] == 0.5
+
+
+def test_a_history_saved_as_the_error_advises_loads_back_equal(tmp_path):
+    import dataclasses
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    history = fit(model, Batches(x, y, 4, shuffle=False), Batches(x, y, 8, shuffle=False), opt, lambda s: 0.1, 2,
+                  verbose=False)
+    save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=8, extra={"history": dataclasses.asdict(history)})
+    extra = load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt).extra
+    assert extra["history"] == dataclasses.asdict(history) and len(extra["history"]["batch_loss"]) == 8
