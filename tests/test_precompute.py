@@ -72,7 +72,7 @@ def test_cache_hit_reuses_and_any_key_change_misses(tmp_path):
         next(body.parameters()).add_(0.01)  # other weights: the old features would be stale
     precompute_features(body, x, batch_size=8, cache=tmp_path, arch="tiny")
     assert body.seen == 100
-    assert not list(tmp_path.glob("*.partial"))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
 
 
 def test_head_trained_on_features_predicts_the_same_inside_the_full_model():
