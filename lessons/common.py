@@ -1,10 +1,12 @@
-"""What every lesson script shares: its command-line options and its Fashion-MNIST splits.
+"""What every lesson script shares: its command-line options, checked before any work starts,
+and its Fashion-MNIST splits, each holding every class.
 
 Not part of the library: lessons are scripts to read top to bottom, and this file
 keeps the set-up (seeds, threads, the output folder, the validation split) out of
 the way of the step each lesson teaches.
 """
 import argparse
+import math
 import os
 import random
 import sys
@@ -15,36 +17,122 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from minicnn.data import Batches, load_fashion_mnist, train_valid_split  # noqa: E402
+from minicnn.data import Batches, load_fashion_mnist, stratified_subset, train_valid_split  # noqa: E402
 
 N_VALID = 10_000  # held out of the 60,000 training images; the test set is never used to choose
+N_CLASSES, N_FASHION_TRAIN, N_FASHION_TEST = 10, 60_000, 10_000
+QUICK_LIMIT = 1024  # --quick's --limit
+MIN_LIMIT = 100  # a tenth of --limit is held out for validation and must hold all 10 classes
+MAX_LIMIT = N_FASHION_TRAIN * 10 // 11  # --limit plus the tenth held out fit in the 60,000 (54,545)
+
+
+# ---- Argument types. argparse turns an ArgumentTypeError into "argument --x: <message>", exit 2,
+# before a lesson does anything.
+
+def int_in(low, high=None, hint=""):
+    """An argparse type: a whole number in low..high (no upper bound when high is None)."""
+    def whole_number(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            span = f">= {low}" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give a whole number {span}{hint}")
+        return value
+    return whole_number
+
+
+def float_above(low, *, or_equal=False):
+    """An argparse type: a finite number > low (>= low with or_equal)."""
+    def number(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < low or (value == low and not or_equal):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give a finite number "
+                                             f"{'>=' if or_equal else '>'} {low:g}")
+        return value
+    return number
+
+
+def batch_size_or_auto(text):
+    """--batch-size where the lesson can search for one: a whole number >= 1, or 'auto'."""
+    return "auto" if text == "auto" else int_in(1, hint=", or 'auto'")(text)
+
+
+def out_folder(text):
+    """--out: a folder (made if missing), so neither it nor a folder above it may be a file."""
+    path = Path(text)
+    for above in (path, *path.parents):
+        if above.exists():
+            if not above.is_dir():
+                raise argparse.ArgumentTypeError(f"{above} is a file; give a folder for the figures "
+                                                 "(a missing one is created)")
+            if not os.access(above, os.W_OK | os.X_OK):
+                raise argparse.ArgumentTypeError(f"cannot write in {above}; give a folder you can write to")
+            break
+    return path
+
+
+def device(text):
+    """--device: cpu, or cuda (cuda:N) where there is such a GPU."""
+    try:
+        d = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; give cpu or cuda") from None
+    if d.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the lessons run on cpu or cuda")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU here; use --device cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return str(d)
 
 
 def add_common_args(parser, *, out, auto_batch=False):
     """--quick, --device, --out, --seed, --threads, --limit, --batch-size (auto_batch: an int or 'auto')."""
     parser.add_argument("--quick", action="store_true", help="a smoke run on a small slice (seconds)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=f"runs/{out}", help="folder for figures and reports")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all)")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="use only this many training images (and a tenth as many for valid/test)")
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=out_folder, default=f"runs/{out}", help="folder for figures and reports")
+    parser.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0)  # numpy's seed range
+    parser.add_argument("--threads", type=int_in(1), default=None, help="CPU threads for torch (default: all)")
+    parser.add_argument("--limit", type=int_in(MIN_LIMIT, hint=" (a tenth is held out for validation and must "
+                                               "hold every class)"), default=None,
+                        help=f"use only this many training images (and a tenth as many for valid/test); "
+                             f"--quick: {QUICK_LIMIT}")
     if auto_batch:
-        parser.add_argument("--batch-size", default=None,
+        parser.add_argument("--batch-size", type=batch_size_or_auto, default=None,
                             help="an int, or 'auto': the largest batch that fits (minicnn.batch_size)")
     else:
-        parser.add_argument("--batch-size", type=int, default=128)
+        parser.add_argument("--batch-size", type=int_in(1), default=None, help="default 128")
     return parser
 
 
-def parse_args(description, *, out, extra=None, argv=None):
-    """Build the parser (extra(parser) adds a lesson's own options), parse, and set everything up."""
+def parse_args(description, *, out, extra=None, check_options=None, argv=None, batch_size=128, quick_batch_size=None):
+    """Build the parser (extra(parser) adds a lesson's own options), parse, check, set everything up.
+
+    --batch-size, when not given: batch_size, or quick_batch_size with --quick.
+    check_options(args, error) fills in the lesson's own defaults and checks the options against
+    each other and the data's sizes (split_sizes); error(message) exits with status 2. It runs
+    before setup, so a bad combination costs no work.
+    """
     parser = add_common_args(argparse.ArgumentParser(description=description), out=out)
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
     if args.quick and args.limit is None:
-        args.limit = 1024
+        args.limit = QUICK_LIMIT
+    if args.batch_size is None:
+        args.batch_size = quick_batch_size if args.quick and quick_batch_size else batch_size
+    if args.limit is not None and args.limit > MAX_LIMIT:
+        parser.error(f"argument --limit: {args.limit} is more than the {MAX_LIMIT:,} that fit, with a tenth "
+                     f"more held out for validation, in Fashion-MNIST's {N_FASHION_TRAIN:,} training images; "
+                     "leave --limit out to use them all")
+    if check_options is not None:
+        check_options(args, parser.error)
     setup(args)
     return args
 
@@ -60,21 +148,35 @@ def setup(args):
     args.out.mkdir(parents=True, exist_ok=True)
 
 
+def split_sizes(args):
+    """How many images fashion_data gives each split (known before loading, to check options)."""
+    if not args.limit:
+        return dict(train=N_FASHION_TRAIN - N_VALID, valid=N_VALID, test=N_FASHION_TEST)
+    return dict(train=args.limit, valid=args.limit // 10, test=max(args.limit // 10, 100))
+
+
+def check_size(error, name, value, *, low=N_CLASSES, high, what):
+    """error() unless low <= value <= high: `what` says where `high` comes from."""
+    if value is not None and not low <= value <= high:
+        error(f"argument {name}: {value} is out of range: give {low} to {high} ({what}; "
+              f"at least {low} so that every class is in it)")
+
+
 def fashion_data(args, *, batch_size=None):
     """Fashion-MNIST split into train / valid (held out of train) / test Batches on args.device.
 
+    With --limit (or --quick) every split is a stratified subset: every class in its share.
     -> dict(train, valid, test: Batches; train_eval: a 2,000-image training sample for the
     eval-mode training loss; x_train, y_train, x_valid, y_valid, x_test, y_test: uint8/int64
     tensors on the CPU; classes).
     """
     batch_size = batch_size or args.batch_size
     (x_all, y_all), (x_test, y_test), classes = load_fashion_mnist()
-    n_valid = N_VALID
-    if args.limit:
-        x_all, y_all = x_all[:args.limit + args.limit // 10], y_all[:args.limit + args.limit // 10]
-        x_test, y_test = x_test[:max(args.limit // 10, 100)], y_test[:max(args.limit // 10, 100)]
-        n_valid = args.limit // 10
-    (x_train, y_train), (x_valid, y_valid) = train_valid_split(x_all, y_all, n_valid, seed=args.seed)
+    sizes = split_sizes(args)
+    if args.limit:  # a slice x[:n] of class-sorted images would hold few classes
+        x_all, y_all = stratified_subset(x_all, y_all, sizes["train"] + sizes["valid"], seed=args.seed)
+        x_test, y_test = stratified_subset(x_test, y_test, sizes["test"], seed=args.seed)
+    (x_train, y_train), (x_valid, y_valid) = train_valid_split(x_all, y_all, sizes["valid"], seed=args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     sample = torch.randperm(len(x_train), generator=generator)[:2000]
     return dict(
@@ -92,6 +194,19 @@ def check(condition, message):
         print(f"SELF-CHECK FAILED: {message}", file=sys.stderr)
         sys.exit(1)
     print(f"self-check passed: {message}")
+
+
+def check_accuracy(acc, y, *, floor, what, n_classes=N_CLASSES, margin=0.05):
+    """Self-check an accuracy measured on labels y: every class is in y, and the accuracy beats
+    both `floor` and, by `margin`, what always answering y's most common class would score
+    (on a one-class test set that is 1.0: a degenerate result cannot pass)."""
+    counts = torch.bincount(y.cpu(), minlength=n_classes)
+    check(bool((counts > 0).all()), f"{what}: all {n_classes} classes among its {len(y)} images "
+                                    f"(images per class {counts.tolist()})")
+    majority = counts.max().item() / len(y)
+    bar = max(floor, majority + margin)
+    check(acc >= bar, f"{what} {acc:.4f} >= {bar:.3f}: the floor {floor} and the most common "
+                      f"class's share {majority:.3f} + {margin}")
 
 
 def threads_note():
