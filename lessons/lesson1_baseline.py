@@ -13,18 +13,22 @@ import time
 
 import torch
 
-from common import check, fashion_data, parse_args, threads_note
+from common import check, check_accuracy, fashion_data, float_above, int_in, parse_args, threads_note
 from minicnn.models import simple_resnet
 from minicnn.plots import plot_losses
 from minicnn.train import evaluate, fit
 
 
+QUICK_BATCH_SIZE = 64  # --quick: 2 epochs of 16 steps on 1,024 images
+QUICK_FLOOR = 0.15  # test accuracy 0.265-0.539 over seeds 0-9 (1 thread); 0.333-0.529 over seeds 0-2 x 1-2 threads
+
+
 def main(argv=None):
     args = parse_args(__doc__.splitlines()[0], out="lesson1_baseline", argv=argv, extra=lambda p: (
-        p.add_argument("--epochs", type=int, default=3),
-        p.add_argument("--lr", type=float, default=0.05)))
-    epochs = 2 if args.quick else args.epochs
-    data = fashion_data(args, batch_size=64 if args.quick else None)
+        p.add_argument("--epochs", type=int_in(1), default=None, help="3 (--quick: 2)"),
+        p.add_argument("--lr", type=float_above(0), default=0.05)), quick_batch_size=QUICK_BATCH_SIZE)
+    epochs = args.epochs or (2 if args.quick else 3)
+    data = fashion_data(args)
     print(f"Fashion-MNIST: {len(data['x_train'])} train, {len(data['x_valid'])} valid, "
           f"{len(data['x_test'])} test images; {args.device} ({threads_note()})")
 
@@ -39,10 +43,13 @@ def main(argv=None):
     plot_losses(history, args.out / "losses.png", title=f"constant lr {args.lr}: test accuracy {test_acc:.4f}")
     print(f"test loss {test_loss:.4f}, test accuracy {test_acc:.4f}, training took {seconds:.0f}s; "
           f"figure in {args.out / 'losses.png'}")
-    # The naive baseline reached 87.5% in 3 epochs (seed 0); the quick run (32 steps) only has
-    # to be well above chance (10%).
-    expected = 0.25 if args.quick else 0.85
-    check(test_acc >= expected, f"test accuracy {test_acc:.4f} >= {expected}")
+    # The naive baseline reached 87.5% in 3 epochs (seed 0). The quick run (32 steps) learns, but
+    # its last weights at a constant LR are a noisy point: its training loss is the steady sign
+    # (the last epoch's mean was 0.66-0.71 of the first minibatch's over seeds 0-2 x 1-2 threads).
+    check(history.train_loss[-1] < 0.8 * history.batch_loss[0],
+          f"the training loss fell from {history.batch_loss[0]:.3f} (first minibatch) to "
+          f"{history.train_loss[-1]:.3f} (last epoch's mean) < 80% of it")
+    check_accuracy(test_acc, data["y_test"], floor=QUICK_FLOOR if args.quick else 0.85, what="test accuracy")
     return test_acc
 
 
