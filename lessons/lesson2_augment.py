@@ -17,7 +17,7 @@ Run:
     python lessons/lesson2_augment.py            # CPU: about 3 minutes on 2 cores
     python lessons/lesson2_augment.py --quick    # a smoke run, under 30 seconds
 Common options (lessons/common.py): --device, --out (default runs/lesson2_augment), --seed
-(default 0, fixed), --threads, --batch-size (64 here), --limit. Own options: --n-train (3,000
+(default 0, fixed), --threads, --batch-size (64 here, 16 with --quick), --limit. Own options: --n-train (3,000
 training images: few enough for the plain run to overfit within minutes), --n-valid (2,000
 held-out images), --epochs (14, the full-size budget), --lr (0.05), --small (14),
 --small-epochs (4: 4 epochs at 14x14 cost 1 at 28x28, so the progressive run gets 13 more).
@@ -28,16 +28,18 @@ import time
 
 import torch
 
-from common import check, fashion_data, parse_args, threads_note
+from common import (check, check_accuracy, check_size, fashion_data, float_above, int_in, parse_args, split_sizes,
+                    threads_note)
 from minicnn.augment import lighting, random_affine, resize, side_on, top_down
-from minicnn.data import Batches
+from minicnn.data import Batches, stratified_subset
 from minicnn.models import simple_resnet
 from minicnn.plots import plot_augmented, plot_losses
 from minicnn.schedule import cosine_lr
-from minicnn.train import History, fit, predict
+from minicnn.train import accuracy, fit, join_histories, predict
 from minicnn.tta import predict_tta
 
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
+QUICK_FLOOR = 0.25  # the three runs' validation accuracy 0.382-0.549 over seeds 0-2 x 1-2 threads
 
 
 def draw_grids(image, seed, out):
@@ -75,43 +77,52 @@ def run(initial, stages, lr, device, augment):
     model.load_state_dict(initial)                          # every arm starts from the same weights
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     total = sum(len(train) * epochs for train, _, _, epochs in stages)
-    joined, done = History(), 0
+    histories, done = [], 0
     for train, valid, train_eval, epochs in stages:
         def lr_at(step, offset=done):                       # the cosine runs on from stage to stage
             return cosine_lr(offset + step, total_steps=total, lr_max=lr)
         # Same model, same optimizer; only the size of the images in the batches changes.
         if len(stages) > 1:
             print(f"  {train.x.shape[-2]}x{train.x.shape[-1]} images, {epochs} epochs")
-        history = fit(model, train, valid, opt, lr_at, epochs, augment=augment, train_eval=train_eval)
-        for name in vars(joined):
-            getattr(joined, name).extend(getattr(history, name))
+        histories.append(fit(model, train, valid, opt, lr_at, epochs, augment=augment, train_eval=train_eval))
         done += len(train) * epochs
+    joined = join_histories(histories)
     return model, joined, sum(joined.seconds)
 
 
-def accuracy(probs, y):
-    return (probs.argmax(1) == y).float().mean().item()
+def check_options(args, error):
+    """Defaults that depend on --quick (cut to what --limit leaves); sizes within the splits; a pixel
+    budget that adds up."""
+    sizes = split_sizes(args)
+    args.n_train = args.n_train or min(512 if args.quick else 3000, sizes["train"])
+    args.n_valid = args.n_valid or min(2000, sizes["valid"])
+    args.epochs = args.epochs or (2 if args.quick else 14)
+    for name, split in [("train", "training"), ("valid", "validation")]:
+        check_size(error, f"--n-{name}", getattr(args, f"n_{name}"), high=sizes[name],
+                   what=f"the {split} split holds {sizes[name]:,} images; a bigger --limit gives more")
+    # Pixel budget: an epoch at small x small costs (small / 28)^2 of a full-size epoch.
+    big_epochs = args.epochs - args.small_epochs * (args.small / 28) ** 2
+    if big_epochs < 1 or not float(big_epochs).is_integer():
+        error(f"argument --small-epochs: {args.small_epochs} epochs at {args.small}px leave {big_epochs:g} full-size "
+              f"epochs of the {args.epochs}-epoch budget (--epochs); choose values that leave a whole number >= 1 "
+              "(4 epochs at 14px cost 1 at 28px)")
+    args.big_epochs = int(big_epochs)
 
 
 def main(argv=None):
     args = parse_args(__doc__.splitlines()[0], out="lesson2_augment", argv=argv, extra=lambda p: (
-        p.set_defaults(batch_size=64),
-        p.add_argument("--n-train", type=int, default=3000),
-        p.add_argument("--n-valid", type=int, default=2000),
-        p.add_argument("--epochs", type=int, default=14),
-        p.add_argument("--lr", type=float, default=0.05),
-        p.add_argument("--small", type=int, default=14),
-        p.add_argument("--small-epochs", type=int, default=4)))
-    epochs = 2 if args.quick else args.epochs
-    # Pixel budget: an epoch at small x small costs (small / 28)^2 of a full-size epoch.
-    big_epochs = epochs - args.small_epochs * (args.small / 28) ** 2
-    if big_epochs < 1 or not float(big_epochs).is_integer():
-        raise SystemExit(f"--small-epochs {args.small_epochs} at {args.small}px leaves {big_epochs} full-size "
-                         f"epochs of the {epochs}-epoch budget; choose values that leave a whole number >= 1")
-    big_epochs = int(big_epochs)
+        p.add_argument("--n-train", type=int_in(1), default=None, help="3,000 (--quick: 512)"),
+        p.add_argument("--n-valid", type=int_in(1), default=None, help="2,000 (or all that --limit holds out)"),
+        p.add_argument("--epochs", type=int_in(1), default=None, help="14 (--quick: 2)"),
+        p.add_argument("--lr", type=float_above(0), default=0.05),
+        p.add_argument("--small", type=int_in(8, 27), default=14),
+        p.add_argument("--small-epochs", type=int_in(1), default=4)), check_options=check_options,
+        batch_size=64, quick_batch_size=16)  # --quick: 32 steps an epoch on 512 images
+    epochs, big_epochs = args.epochs, args.big_epochs
     data = fashion_data(args)
-    x_train, y_train = data["x_train"][:args.n_train], data["y_train"][:args.n_train]    # uint8 (N, 1, 28, 28)
-    x_valid, y_valid = data["x_valid"][:args.n_valid], data["y_valid"][:args.n_valid]
+    # every class in its share (uint8 (N, 1, 28, 28)); a slice x[:n] need not hold every class
+    x_train, y_train = stratified_subset(data["x_train"], data["y_train"], args.n_train, seed=args.seed)
+    x_valid, y_valid = stratified_subset(data["x_valid"], data["y_valid"], args.n_valid, seed=args.seed)
     print(f"Fashion-MNIST: {len(x_train)} train, {len(x_valid)} valid images; {args.device} ({threads_note()})")
     started = time.perf_counter()
 
@@ -171,6 +182,9 @@ def main(argv=None):
     # Self-check. Always: TTA returns one probability row per image, in order, summing to 1.
     check(p_tta.shape == p_plain.shape and torch.allclose(p_tta.sum(1), torch.ones(len(p_tta)), atol=1e-5),
           f"TTA gives {len(p_tta)} probability rows summing to 1")
+    for name, history in [("plain", h_plain), ("augmented", h_aug), ("progressive", h_prog)]:
+        check_accuracy(history.valid_acc[-1], y_valid, floor=QUICK_FLOOR if args.quick else 0.8,
+                       what=f"{name}: validation accuracy")
     if not args.quick:
         check(gap["augmented"] < gap["plain"],
               f"augmentation narrows the train/valid gap: {gap['plain']:.4f} -> {gap['augmented']:.4f}")
