@@ -1,48 +1,120 @@
-"""Every lesson runs end to end with --quick on a small slice of Fashion-MNIST, so CI catches a
-broken lesson. Each writes its figures into a temporary folder and ends with its self-check,
-whose failure makes the script exit non-zero."""
+"""Every lesson runs end to end with --quick on a small slice of Fashion-MNIST, with 1 and with 2
+CPU threads (the same seed gives other numbers with another thread count or processor), so CI
+catches a broken lesson and a self-check that only held on one machine. Each writes its figures
+into a temporary folder and ends with its self-check, whose failure makes the script exit
+non-zero. The helpers the self-checks rest on are tested here too."""
+import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from minicnn.data import fashion_mnist_folders
 
 ROOT = Path(__file__).resolve().parent.parent
-LESSONS = sorted(p.name for p in (ROOT / "lessons").glob("lesson*.py") if p.name != "lesson2_steps.py")
+sys.path.insert(0, str(ROOT / "lessons"))
+import common  # noqa: E402
+
+# The scripts a reader runs (common.py and the lesson2_* helpers they import are not run).
+LESSONS = ["lesson1_baseline.py", "lesson2.py", "lesson2_augment.py", "lesson2_fine_tune.py",
+           "lesson2_lr_find.py", "lesson2_sgdr.py", "lesson2_snapshots.py"]
 HAVE_DATA = any((Path(f) / "train-images-idx3-ubyte.gz").is_file() or (Path(f) / "train-images-idx3-ubyte").is_file()
                 for f in fashion_mnist_folders())
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST not installed (make test installs it)")
 
 
-def test_every_lesson_is_listed():
-    assert {"lesson1_baseline.py", "lesson2.py"} <= set(LESSONS)
+def test_every_lesson_script_is_run_here_and_says_how_to_run_it():
+    """A new lesson must join LESSONS (so CI runs it), and its docstring must give its commands."""
+    texts = {p.name: p.read_text() for p in (ROOT / "lessons").glob("lesson*.py")}
+    scripts = {name for name, text in texts.items() if '__name__ == "__main__"' in text}  # helpers have none
+    assert scripts == set(LESSONS), f"lessons not run by test_lesson_runs_quick: {scripts ^ set(LESSONS)}"
+    for name in LESSONS:
+        docstring = texts[name].split('"""')[1]
+        assert f"python lessons/{name}" in docstring and "--quick" in docstring, name
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST not installed (make test installs it)")
+@needs_data
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("lesson", LESSONS)
-def test_lesson_runs_quick(lesson, tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "lessons" / lesson), "--quick", "--out", str(tmp_path)],
+def test_lesson_runs_quick(lesson, threads, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "lessons" / lesson), "--quick", "--out", str(tmp_path),
+                             "--threads", str(threads)],
                             capture_output=True, text=True, timeout=600, cwd=ROOT,
                             # PASSIVE: OpenMP threads sleep instead of spinning when the cores are busy
                             # (spinning made 2-thread runs 10-20x slower on a shared machine)
                             env={**os.environ, "MPLBACKEND": "Agg", "OMP_WAIT_POLICY": "PASSIVE"})
     assert result.returncode == 0, f"{lesson} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    assert "self-check passed" in result.stdout
+    assert "self-check passed" in result.stdout and "SELF-CHECK FAILED" not in result.stderr
     assert list(tmp_path.glob("*.png")), f"{lesson} wrote no figure"
+    if not torch.cuda.is_available():
+        assert f"{threads} CPU threads" in result.stdout, "the run did not use --threads"
+
+
+# ---- the helpers behind the self-checks --------------------------------------------------------
+
+def _args(**given):
+    args = argparse.Namespace(limit=None, seed=0, device="cpu", batch_size=64, quick=False)
+    vars(args).update(given)
+    return args
+
+
+@needs_data
+@pytest.mark.parametrize("limit", [common.MIN_LIMIT, common.QUICK_LIMIT])
+def test_limited_splits_hold_every_class_in_its_share(limit):
+    data = common.fashion_data(_args(limit=limit, seed=3))
+    sizes = common.split_sizes(_args(limit=limit))
+    for split in ("train", "valid", "test"):
+        y = data[f"y_{split}"]
+        counts = torch.bincount(y, minlength=10)
+        assert len(y) == sizes[split], split
+        assert counts.min() >= 1 and counts.max() - counts.min() <= 2, (split, counts)  # 6,000 a class
+
+
+def test_check_accuracy_refuses_a_test_set_without_every_class(capsys):
+    y = torch.zeros(100, dtype=torch.long)  # one class: any "accuracy" on it is meaningless
+    with pytest.raises(SystemExit):
+        common.check_accuracy(1.0, y, floor=0.2, what="test accuracy")
+    assert "SELF-CHECK FAILED" in capsys.readouterr().err
+    five = torch.arange(5).repeat(20)  # 5 of the 10 classes, 20% each: 0.9 clears both bars
+    with pytest.raises(SystemExit):
+        common.check_accuracy(0.9, five, floor=0.2, what="test accuracy")
+    assert "SELF-CHECK FAILED: test accuracy: all 10 classes" in capsys.readouterr().err
+
+
+def test_check_accuracy_judges_against_the_most_common_class():
+    y = torch.cat([torch.zeros(55, dtype=torch.long), torch.arange(1, 10).repeat(5)])  # class 0: 55%
+    with pytest.raises(SystemExit):  # above the floor, but hardly better than always answering class 0
+        common.check_accuracy(0.58, y, floor=0.2, what="accuracy")
+    common.check_accuracy(0.61, y, floor=0.2, what="accuracy")
+    balanced = torch.arange(10).repeat(10)
+    with pytest.raises(SystemExit):
+        common.check_accuracy(0.25, balanced, floor=0.3, what="accuracy")  # the floor binds
+    common.check_accuracy(0.31, balanced, floor=0.3, what="accuracy")
+
+
+def test_quick_floors_sit_far_below_what_was_measured():
+    """Each lesson's QUICK_FLOOR carries, in its comment, the range (worst-best) that its quick run
+    gave over seeds 0-2 and 1 and 2 threads, and sits at least 10 points below the worst, as does
+    check_accuracy's chance bar: the same seed gives other numbers on another processor or thread
+    count."""
+    for name in set(LESSONS) - {"lesson2.py"}:  # lesson2.py's quick setting lives in lesson2_steps.py
+        text = (ROOT / "lessons" / name).read_text()
+        match = re.search(r"^QUICK_FLOOR = ([0-9.]+)\s*#.*?(0\.\d+)-(0\.\d+)", text, re.M)
+        assert match, f"{name}: QUICK_FLOOR with its measured range (worst-best) in a comment"
+        floor, worst, best = map(float, match.groups())
+        assert worst <= best and floor <= worst - 0.1, f"{name}: floor {floor} not 10 points below {worst}"
+        # check_accuracy's other bar, the most common class's share (11 of 102 images) + 0.05
+        assert 11 / 102 + 0.05 <= worst - 0.1, f"{name}: the worst run {worst} is too close to chance"
 
 
 def _lesson2_settings(*argv):
-    import argparse
-    sys.path.insert(0, str(ROOT / "lessons"))
-    try:
-        import lesson2_steps
-        from common import add_common_args
-    finally:
-        sys.path.remove(str(ROOT / "lessons"))
-    parser = add_common_args(argparse.ArgumentParser(), out="lesson2", auto_batch=True)
+    lesson2_steps = pytest.importorskip("lesson2_steps", reason="lesson2.py's settings moved out of lesson2_steps.py")
+    parser = common.add_common_args(argparse.ArgumentParser(), out="lesson2", auto_batch=True)
     lesson2_steps.add_lesson2_args(parser)
     return lesson2_steps.settings_for(parser.parse_args(list(argv)))
 
