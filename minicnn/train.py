@@ -5,6 +5,8 @@ Per minibatch, in this order (the order fastai's callbacks hide):
     loss = loss_fn(model(augment(x)), y)
     loss.backward(); opt.step(); opt.zero_grad()      theta <- theta - lr * grad(loss)
     record loss and LRs; at a cycle's last step call on_cycle_end(model, step)
+Under torchrun (W processes) backward is followed by g = (1/W) * sum_r g_r, and evaluate adds up
+the ranks' sums; minicnn/distributed.py shares the batches (docs/distributed.md).
 `step` counts minibatches over the whole run (epoch * len(train) + i), so a schedule is a
 pure function of it and a run resumed at `start_step` sees the same LRs and the same batches.
 Sources: fast.ai 2018 lessons 1-2; the loop's shape follows nanoGPT's train.py.
@@ -21,6 +23,7 @@ import warnings
 from dataclasses import dataclass, field, fields
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -78,6 +81,35 @@ def _model_device(model):
     return next(model.parameters()).device
 
 
+def _world_size():
+    """Processes training together: > 1 under torchrun once the process group is set up, else 1."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _average_gradients(model, n, loss):
+    """Every rank's gradients -> sum_r n_r * g_r / sum_r n_r (n_r: samples in rank r's share), the loss
+    likewise, and the running statistics of the BatchNorm layers that train, so the ranks stay the
+    same -> the global batch's loss. minicnn/distributed.py's average_gradients, copied (so that each
+    file can be copied alone); tests/test_distributed.py checks that the two agree bit for bit."""
+    tensors = [p.grad for p in model.parameters() if p.grad is not None] + [
+        s for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+        and m.running_mean is not None for s in (m.running_mean, m.running_var)]
+    device = _model_device(model)
+    layout = torch.tensor([len(tensors), sum(t.numel() for t in tensors)], device=device)
+    layouts = [torch.empty_like(layout) for _ in range(dist.get_world_size())]
+    dist.all_gather(layouts, layout)  # a rank that froze alone would send a buffer of another size
+    if any(not torch.equal(layout, other) for other in layouts):
+        raise ValueError("fit: the ranks have different gradients to average (count, numbers: " + "; ".join(
+            f"rank {r}: {t.tolist()}" for r, t in enumerate(layouts)) + "); freeze, unfreeze and bn_freeze on "
+            "every rank, not inside `if is_main()`")
+    flat = torch.cat([t.reshape(-1) for t in tensors] + [torch.tensor([float(loss), 1.0], device=device)]) * n
+    dist.all_reduce(flat)                     # sum_r n_r * [g_r, loss_r, 1]
+    flat /= flat[-1].clone()                  # / sum_r n_r
+    for t, mean in zip(tensors, flat[:-2].split([t.numel() for t in tensors])):
+        t.copy_(mean.view_as(t))
+    return flat[-2].item()
+
+
 def _eval_mode(model):
     """Eval mode now; returns a function that gives every module its own mode back (a frozen
     BatchNorm kept in eval mode stays so, which model.train(True) would undo)."""
@@ -93,7 +125,8 @@ def _eval_mode(model):
 def evaluate(model, batches, *, loss_fn=F.cross_entropy, mixed_precision=None):
     """-> (mean loss, accuracy) over all samples, in eval mode under no_grad; modes restored.
 
-    Kept as sums (loss * samples, correct, samples), so several processes can add theirs."""
+    Kept as sums (loss * samples, correct, samples); under torchrun every rank's are added up, so
+    call it on every rank, each with its own part (distributed.rank_slice): each sample counts once."""
     device, restore = _model_device(model), _eval_mode(model)
     loss_sum, correct, count = 0.0, 0, 0
     try:
@@ -110,6 +143,10 @@ def evaluate(model, batches, *, loss_fn=F.cross_entropy, mixed_precision=None):
                 count += len(y)
     finally:
         restore()
+    if _world_size() > 1:  # several processes: the sums of every rank's part, added up
+        sums = torch.tensor([loss_sum, correct, count], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        loss_sum, correct, count = sums[0].item(), int(sums[1]), int(sums[2])
     if count == 0:
         raise ValueError("evaluate got no samples (an empty list, or a generator already used up?); "
                          "pass batches that hold at least one sample")
@@ -178,6 +215,7 @@ def fit(model, train, valid, opt, lr_at, end_epoch=None, *, loss_fn=F.cross_entr
     use_channels_last = _use_cuda_tricks(device, channels_last)
     model.to(device, memory_format=torch.channels_last if use_channels_last else torch.preserve_format)
     history, live = History(), verbose and sys.stdout.isatty()
+    world_size = _world_size()  # > 1 under torchrun: each rank has its share of every batch
     for epoch in range(start_step // steps_per_epoch, end_epoch):
         model.train()
         started, losses = time.perf_counter(), []
@@ -205,8 +243,10 @@ def fit(model, train, valid, opt, lr_at, end_epoch=None, *, loss_fn=F.cross_entr
             if not math.isfinite(loss_value):
                 raise FloatingPointError(_not_finite(loss_value, step, epoch, lrs, x, y, logits, model,
                                                      loss_fn, history.batch_loss, step == start_step))
-            # backward and step
+            # backward; average the gradients over the ranks (torchrun only); step
             loss.backward()
+            if world_size > 1:
+                loss_value = _average_gradients(model, len(y), loss_value)  # g = (1/W) * sum_r g_r
             opt.step()
             opt.zero_grad()
             # record; the hook sees the weights as they are at the end of the cycle
