@@ -1,6 +1,6 @@
 """Steps per second of fit in 1 process and in 2 (torch.distributed), on the same global batches.
 
-Arms, each in fresh processes started by this script, the same model and the same global batches:
+Arms, each in fresh processes spawned by this script, the same model and the same global batches:
   1 process      fit on the whole batch, with every thread (--threads, default all cores)
   1 thread       the same in 1 thread: what each of the 2 processes has on a 2-core machine
   2 processes    fit on distributed.Shard: each rank half of every batch, fit's explicit all-reduce
@@ -105,9 +105,9 @@ def run_arm(name, settings):
     threads = 1 if name == "1 thread" else max(1, settings["threads"] // world_size)
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "result.json"
-        # fork: the processes start in milliseconds (this process has run no parallel torch op yet)
+        # spawn, not fork: a fork after this process ran a parallel torch op (loading the data) hung in OpenMP
         mp.start_processes(arm, args=(world_size, free_port(), how, threads, settings, str(out)),
-                           nprocs=world_size, start_method="fork")
+                           nprocs=world_size, start_method="spawn")
         return json.loads(out.read_text())["steps_per_second"]
 
 
