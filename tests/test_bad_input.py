@@ -216,3 +216,54 @@ def test_size_defaults_shrink_to_what_limit_leaves(lesson, name, limit):
         importlib.import_module(lesson).main(["--limit", str(limit)])
     split = common.split_sizes(argparse.Namespace(limit=limit))["valid" if name == "n_valid" else "train"]
     assert started.value.args[0][name] == split
+
+
+# ---- lessons/lesson2.py: a script read top to bottom; its options are lesson2_io.parse_args' ----
+
+LESSON2 = [
+    (["--cycles", "0"], "--cycles"), (["--cycles", "9"], "--cycles"),
+    (["--lr-ratio", "0.5"], "--lr-ratio"), (["--lr-ratio", "nan"], "--lr-ratio"),
+    (["--labelled", "5"], "--labelled"), (["--labelled", "40000"], "--labelled"),
+    (["--accuracy", "--labelled", "500"], "--labelled"), (["--accuracy", "--arch", "resnet18"], "--arch"),
+    (["--size", "4"], "--size"), (["--batch-size", "abc"], "--batch-size"), (["--limit", "500"], "--limit"),
+    (["--data", "/no/such/folder"], "--data"), (["--preset", "upside_down"], "--preset"),
+    (["--arch", "vgg16"], "--arch"), (["--quick", "--accuracy"], "choose one mode"),
+    (["--accuracy", "--full"], "choose one mode"),
+]
+
+
+@pytest.mark.parametrize("argv, name", LESSON2, ids=[" ".join(a) for a, _ in LESSON2])
+def test_lesson2_option_refused(argv, name, capsys):
+    io = importlib.import_module("lesson2_io")
+    with pytest.raises(SystemExit) as e:
+        io.parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and name in err, err
+
+
+def test_lesson2_data_with_a_from_scratch_mode_or_the_fashion_body(tmp_path, capsys):
+    io = importlib.import_module("lesson2_io")
+    for argv, name in ((["--data", str(tmp_path), "--accuracy"], "--data"),
+                       (["--data", str(tmp_path), "--arch", "simple_resnet"], "--arch")):
+        with pytest.raises(SystemExit):
+            io.parse_args(argv)
+        assert f"argument {name}" in capsys.readouterr().err
+
+
+def test_lesson2_modes_and_defaults():
+    io = importlib.import_module("lesson2_io")
+    assert io.parse_args([]).mode == "cpu"
+    for mode in ("quick", "accuracy", "full"):
+        args = io.parse_args([f"--{mode}", "--out", "runs/x"])
+        assert args.mode == mode and args.cache == Path("runs/x/cache")
+
+
+def test_lesson2_script_refuses_before_any_work(tmp_path):
+    """The script itself, not only its parser: a bad option ends it in seconds, with exit status 2."""
+    import subprocess
+    import time
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, str(LESSONS_DIR / "lesson2.py"), "--cycles", "0", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "argument --cycles" in result.stderr
+    assert not list(tmp_path.iterdir()) and time.perf_counter() - started < 60

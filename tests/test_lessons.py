@@ -21,7 +21,7 @@ import common  # noqa: E402
 
 # The scripts a reader runs (common.py and the lesson2_* helpers they import are not run).
 LESSONS = ["lesson1_baseline.py", "lesson2.py", "lesson2_augment.py", "lesson2_fine_tune.py",
-           "lesson2_lr_find.py", "lesson2_sgdr.py", "lesson2_snapshots.py"]
+           "lesson2_labels.py", "lesson2_lr_find.py", "lesson2_sgdr.py", "lesson2_snapshots.py"]
 HAVE_DATA = any((Path(f) / "train-images-idx3-ubyte.gz").is_file() or (Path(f) / "train-images-idx3-ubyte").is_file()
                 for f in fashion_mnist_folders())
 needs_data = pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST not installed (make test installs it)")
@@ -102,7 +102,7 @@ def test_quick_floors_sit_far_below_what_was_measured():
     gave over seeds 0-2 and 1 and 2 threads, and sits at least 10 points below the worst, as does
     check_accuracy's chance bar: the same seed gives other numbers on another processor or thread
     count."""
-    for name in set(LESSONS) - {"lesson2.py"}:  # lesson2.py's quick setting lives in lesson2_steps.py
+    for name in set(LESSONS) - {"lesson2_labels.py"}:  # its quick self-check checks mechanics only
         text = (ROOT / "lessons" / name).read_text()
         match = re.search(r"^QUICK_FLOOR = ([0-9.]+)\s*#.*?(0\.\d+)-(0\.\d+)", text, re.M)
         assert match, f"{name}: QUICK_FLOOR with its measured range (worst-best) in a comment"
@@ -110,24 +110,3 @@ def test_quick_floors_sit_far_below_what_was_measured():
         assert worst <= best and floor <= worst - 0.1, f"{name}: floor {floor} not 10 points below {worst}"
         # check_accuracy's other bar, the most common class's share (11 of 102 images) + 0.05
         assert 11 / 102 + 0.05 <= worst - 0.1, f"{name}: the worst run {worst} is too close to chance"
-
-
-def _lesson2_settings(*argv):
-    lesson2_steps = pytest.importorskip("lesson2_steps", reason="lesson2.py's settings moved out of lesson2_steps.py")
-    parser = common.add_common_args(argparse.ArgumentParser(), out="lesson2", auto_batch=True)
-    lesson2_steps.add_lesson2_args(parser)
-    return lesson2_steps.settings_for(parser.parse_args(list(argv)))
-
-
-def test_lesson2_settings_pretrained_body_keeps_bn_statistics_and_ratio_10():
-    cpu = _lesson2_settings()
-    assert (cpu["arch"], cpu["lr_ratio"], cpu["bn_freeze"]) == ("simple_resnet", 3, False)  # starts random
-    for argv in (["--full"], ["--arch", "efficientnet_lite0"], ["--quick", "--arch", "resnet18"]):
-        settings = _lesson2_settings(*argv)
-        assert (settings["lr_ratio"], settings["bn_freeze"]) == (10, True), argv
-    assert _lesson2_settings("--full", "--lr-ratio", "3")["lr_ratio"] == 3  # the command line wins
-
-
-def test_lesson2_settings_refuse_shrinking_images():
-    with pytest.raises(SystemExit, match="small to big"):
-        _lesson2_settings("--size", "20", "--small-size", "28")

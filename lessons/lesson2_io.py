@@ -1,0 +1,259 @@
+"""Input and output of lessons/lesson2.py, kept out of its way: the command line, loading and
+splitting the images, the pretrained body's cache, the figures, report.md and results.json.
+The recipe itself (every step, every choice) is in lesson2.py; read that first.
+"""
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from common import add_common_args, float_above, int_in, out_folder
+from minicnn.augment import resize
+from minicnn.checkpoint import load_checked, save_checked
+from minicnn.data import (Batches, load_fashion_mnist, load_image_folder, stratified_subset,
+                          train_valid_split)
+from minicnn.models import PRETRAINED_ARCHS
+from minicnn.plots import plot_augmented, plot_confusion, plot_losses, plot_lr_find, plot_schedule, plot_top_losses
+from minicnn.precompute import data_hash
+
+BODY_FORMAT = "minicnn-lesson2-body-1"
+N_FASHION_TRAIN = 60_000
+
+
+def parse_args(argv):
+    """lesson2.py's options, every one checked (alone and together) before any work -> args.
+
+    args.mode is "quick", "accuracy", "full" or "cpu" (the default)."""
+    parser = add_common_args(argparse.ArgumentParser(description="Lesson 2 end to end: the fast.ai recipe's "
+                                                     "8 steps"), out="lesson2", auto_batch=True)
+    parser.add_argument("--accuracy", action="store_true",
+                        help="from scratch on all 50,000 images and 10 classes (the accuracy run)")
+    parser.add_argument("--full", action="store_true", help="the GPU setting of --accuracy: a wider network")
+    parser.add_argument("--labelled", type=int_in(10), default=None,
+                        help="labelled training images of the new task (default 1,000; --quick 200)")
+    parser.add_argument("--data", type=Path, default=None, help="an image folder: train/<class>/*, valid/<class>/*")
+    parser.add_argument("--arch", choices=("simple_resnet",) + PRETRAINED_ARCHS, default=None,
+                        help="the body: simple_resnet pretrained on 5 classes (Fashion-MNIST's default), or an "
+                             "ImageNet one (--data's default: efficientnet_lite0)")
+    parser.add_argument("--size", type=int_in(8, 1024), default=None, help="image size (no progressive resizing)")
+    parser.add_argument("--cycles", type=int_in(1, 8), default=None, help="SGDR cycles in step 8 (1, 2, 4, ... epochs)")
+    parser.add_argument("--preset", choices=("side_on", "top_down"), default="side_on",
+                        help="augmentation: side_on (photos from the side), top_down (from above: all 8 flips)")
+    parser.add_argument("--lr-ratio", type=float_above(1, or_equal=True), default=None,
+                        help="LR ratio between layer groups (>= 1; simple_resnet 3, an ImageNet body 10)")
+    parser.add_argument("--cache", type=out_folder, default=None,
+                        help="folder for the pretrained body and the activations (default: OUT/cache)")
+    args = parser.parse_args(argv)
+    modes = [name for name in ("quick", "accuracy", "full") if getattr(args, name)]
+    if len(modes) > 1:
+        parser.error(f"--{' and --'.join(modes)}: choose one mode")
+    args.mode = modes[0] if modes else "cpu"
+    args.cache = args.cache or args.out / "cache"
+    if args.limit is not None:
+        parser.error("argument --limit: lesson2.py counts labelled images with --labelled")
+    if args.data is not None:
+        if not args.data.is_dir():
+            parser.error(f"argument --data: {args.data} is not a folder (it should hold train/<class>/* and "
+                         "valid/<class>/*)")
+        if args.mode in ("accuracy", "full"):
+            parser.error(f"argument --data: --{args.mode} trains Fashion-MNIST from scratch; leave it out")
+        if args.arch == "simple_resnet":
+            parser.error("argument --arch: with --data the body is an ImageNet one (its source classes are "
+                         "Fashion-MNIST's); choose one of " + ", ".join(PRETRAINED_ARCHS))
+    elif args.arch not in (None, "simple_resnet") and args.mode in ("accuracy", "full"):
+        parser.error(f"argument --arch: --{args.mode} trains simple_resnet from scratch")
+    if args.labelled is not None and args.mode in ("accuracy", "full"):
+        parser.error(f"argument --labelled: --{args.mode} uses all 50,000 training images")
+    if args.labelled is not None and args.data is None and args.labelled > N_FASHION_TRAIN // 2 - 1000:
+        parser.error(f"argument --labelled: {args.labelled} is more than the {N_FASHION_TRAIN // 2 - 1000:,} "
+                     "images of the 5 new classes left after the validation images")
+    return args
+
+
+def classes_of(x, y, classes):
+    """The images of the given classes, labelled 0..len(classes)-1 in that order."""
+    keep = torch.isin(y, torch.tensor(classes))
+    new_label = torch.full((int(y.max()) + 1,), -1, dtype=torch.long)
+    new_label[torch.tensor(classes)] = torch.arange(len(classes))
+    return x[keep], new_label[y[keep]]
+
+
+def load_data(args, *, transfer, source, target, n_labelled, n_valid):
+    """-> dict(train, valid, test: (x uint8 (N, C, H, W), y), source: (x, y) or None, classes, name).
+
+    Fashion-MNIST with transfer: the source classes' images (for step 0), and of the target
+    classes a stratified sample of n_labelled + n_valid labelled images, split into train and
+    valid; test = every test image of the target classes (a stratified 1,000 with --quick).
+    Without transfer: all 10 classes, n_valid held out of the 60,000. An image folder: train/
+    split into train and a tenth for valid; its valid/ is the test set."""
+    if args.data is not None:
+        folder = load_image_folder(args.data, args.size or 128)
+        n_valid = max(len(folder.train[1]) // 10, len(folder.classes))
+        train, valid = train_valid_split(*folder.train, n_valid, seed=args.seed)
+        return dict(train=train, valid=valid, test=folder.valid, source=None, classes=folder.classes,
+                    name=str(args.data))
+    (x_all, y_all), (x_test, y_test), names = load_fashion_mnist()
+    if not transfer:
+        train, valid = train_valid_split(x_all, y_all, n_valid, seed=args.seed)
+        return dict(train=train, valid=valid, test=(x_test, y_test), source=None, classes=names,
+                    name="Fashion-MNIST")
+    x_source, y_source = classes_of(x_all, y_all, source)
+    labelled = stratified_subset(*classes_of(x_all, y_all, target), n_labelled + n_valid, seed=args.seed)
+    train, valid = train_valid_split(*labelled, n_valid, seed=args.seed)
+    test = classes_of(x_test, y_test, target)
+    if args.mode == "quick":  # seconds, not minutes
+        x_source, y_source = stratified_subset(x_source, y_source, 2000, seed=args.seed)
+        test = stratified_subset(*test, 500, seed=args.seed)
+    return dict(train=train, valid=valid, test=test, source=(x_source, y_source),
+                classes=[names[c] for c in target], name="Fashion-MNIST, 5 new classes")
+
+
+def at_size(x, size):
+    """uint8 images (N, C, H, W) at size x size (resized once, 4,096 at a time)."""
+    if x.shape[-2:] == (size, size):
+        return x
+    return torch.cat([resize(x[i:i + 4096], size) for i in range(0, len(x), 4096)])
+
+
+def batches_at(data, size, batch_size, args):
+    """Batches of every split at one size; the training order depends on the seed only, so the
+    images at each size are visited in the same order. Training drops its last short batch."""
+    def make(x, y, b, shuffle):
+        return Batches(at_size(x, size), y, b, shuffle=shuffle, drop_last=shuffle, device=args.device,
+                       generator=torch.Generator().manual_seed(args.seed))
+    x_train, y_train = data["train"]
+    if len(x_train) < batch_size:
+        raise SystemExit(f"--batch-size {batch_size} is more than the {len(x_train)} training images; "
+                         "give a smaller one")
+    # a training sample for the eval-mode training loss (diagnose): 2,000, or half of few images
+    sample = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed))[:min(2000, len(x_train) // 2)]
+    return dict(train=make(x_train, y_train, batch_size, True), valid=make(*data["valid"], 512, False),
+                test=make(*data["test"], 512, False), train_eval=make(x_train[sample], y_train[sample], 512, False))
+
+
+class BodyCache:
+    """Where the body pretrained in step 0 is kept: a file named by everything it depends on."""
+
+    def __init__(self, path):
+        self.path, self.loaded = path, False
+
+
+def body_cache(args, x_source, classes, widths, epochs, lr, size):
+    settings = f"{classes} {widths} {epochs} {lr} {size} {args.seed} {data_hash(x_source)}"
+    return BodyCache(Path(args.cache) / f"body-{hashlib.blake2b(settings.encode(), digest_size=8).hexdigest()}.pt")
+
+
+def load_body(model, cache):
+    """The cached weights into model -> True; False when there are none yet (a damaged file: said)."""
+    if not cache.path.is_file():
+        return False
+    try:
+        model.load_state_dict(load_checked(cache.path, BODY_FORMAT, "pretrained body"))
+    except ValueError as error:
+        print(f"not using the cached body: {error}; training it again")
+        return False
+    cache.loaded = True
+    return True
+
+
+def save_body(model, cache):
+    save_checked(cache.path, BODY_FORMAT, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+
+def plot_augmentation(valid, preset, args):
+    sample = next(iter(valid))[0][:8].cpu()  # (8, C, H, W) in [0, 1]
+    draw = preset(generator=torch.Generator().manual_seed(1))
+    plot_augmented({"original": sample, **{f"{args.preset} #{i}": draw(sample) for i in (1, 2, 3)}},
+                   args.out / "augmentation.png", title=f"{args.preset} augmentation")
+
+
+def figures(out, history, test, test_probs, classes):
+    plot_losses(history, Path(out) / "losses.png", title="step 8: the whole network, SGDR cycle_mult=2")
+    plot_schedule([lrs[-1] for lrs in history.batch_lr], Path(out) / "schedule.png",
+                  title="step 8: the last group's LR, as used")
+    plot_confusion(test.y, test_probs.argmax(1), classes, Path(out) / "confusion.png")
+    plot_top_losses(test.x.float() / 255, test.y, test_probs, classes, Path(out) / "top_losses.png")
+
+
+FIGURES = ("augmentation", "lr_find_head", "lr_find_unfrozen", "schedule", "losses", "confusion", "top_losses")
+
+
+class Report:
+    """report.md and results.json: a row per step (what, seconds, validation accuracy before and
+    after), the predictions, the from-scratch comparison, the diagnosis."""
+
+    def __init__(self, out, mode, settings):
+        self.out, self.mode, self.settings = Path(out), mode, settings
+        self.rows, self.begun, self.last_accuracy = [], time.perf_counter(), None
+        self.results, self.scratch = {}, None
+
+    def step(self, number, what, started, before=None, after=None):
+        seconds = time.perf_counter() - started
+        self.rows.append(dict(step=number, what=what, seconds=seconds, before=before, after=after))
+        self.last_accuracy = after if after is not None else self.last_accuracy
+        change = "" if after is None else f", validation accuracy {'' if before is None else f'{before:.4f} -> '}{after:.4f}"
+        print(f"[step {number}] {what}: {seconds:.0f}s{change}", flush=True)
+
+    def seconds_since(self, step):
+        return sum(row["seconds"] for row in self.rows if row["step"] >= step)
+
+    def gain(self, step):
+        return sum(row["after"] - row["before"] for row in self.rows
+                   if row["step"] == step and row["after"] is not None and row["before"] is not None)
+
+    def predictions(self, results, chosen, seconds):
+        self.results, self.chosen, self.prediction_seconds = results, chosen, seconds
+
+    def comparison(self, recipe_seconds, recipe_test, seconds, epochs, lr, results, chosen):
+        self.scratch = dict(recipe_seconds=recipe_seconds, recipe_test=recipe_test, seconds=seconds, epochs=epochs,
+                            lr=lr, results=results, chosen=chosen, test=results[chosen]["test"])
+        print(f"[from scratch] {epochs} epochs at lr {lr:.2g} in {seconds:.0f}s: test {self.scratch['test']:.4f} "
+              f"({chosen}); the recipe: {recipe_test:.4f} in {recipe_seconds:.0f}s", flush=True)
+
+    def _comparison_lines(self):
+        s = self.scratch
+        won = ("neither (a tie)" if abs(s["recipe_test"] - s["test"]) < 0.0005 else
+               "the pretrained recipe" if s["recipe_test"] > s["test"] else "training from scratch")
+        lines = ["## From scratch, on the same labelled images for the same time", "",
+                 "| | seconds | validation accuracy | test accuracy |", "|---|---|---|---|",
+                 f"| the recipe (steps 1-8, {self.chosen}) | {s['recipe_seconds']:.0f} | "
+                 f"{self.results[self.chosen]['valid']:.4f} | {s['recipe_test']:.4f} |"]
+        lines += [f"| from scratch: {s['epochs']} epochs, one cosine from lr {s['lr']:.2g}, {way} | {s['seconds']:.0f} | "
+                  f"{r['valid']:.4f} | {r['test']:.4f} |" for way, r in s["results"].items()]
+        gap = abs(s["recipe_test"] - s["test"])
+        return lines + ["", f"Won: **{won}**, by {gap * 100:.1f} points of test accuracy "
+                            f"({s['recipe_test']:.4f} against {s['test']:.4f}).", ""]
+
+    def finish(self, verdict, stopped, chosen, results):
+        """Write report.md and results.json, print the tables -> the chosen way's test accuracy."""
+        total = time.perf_counter() - self.begun
+        test = results[chosen]["test"]
+        acc = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+        lines = ["# Lesson 2 report", "", f"Mode: {self.mode}. Settings: `{self.settings}`", "",
+                 "| step | what was done | seconds | validation accuracy before | after |", "|---|---|---|---|---|"]
+        lines += [f"| {r['step']} | {r['what']} | {r['seconds']:.0f} | {acc(r['before'])} | {acc(r['after'])} |"
+                  for r in self.rows]
+        lines += ["", "| predictions | validation accuracy | test accuracy |", "|---|---|---|"]
+        lines += [f"| {name}{' (chosen on validation)' if name == chosen else ''} | {r['valid']:.4f} | "
+                  f"{r['test']:.4f} |" for name, r in results.items()]
+        lines += ["", f"Predicting took {self.prediction_seconds:.0f}s (each snapshot predicts each split once, "
+                      "plain and with TTA; an ensemble is a mean of those).", ""]
+        if self.scratch:
+            lines += self._comparison_lines()
+        lines += [f"Diagnosis of step 8: **{verdict.verdict}**: {verdict.advice} (training loss measured as "
+                  f"{verdict.train_source}).", ""]
+        if stopped:
+            lines += [stopped, ""]
+        lines += [f"Test accuracy: **{test:.4f}** ({chosen}); total time {total:.0f}s.", ""]
+        lines += [f"![{name}]({name}.png)" for name in FIGURES if (self.out / f"{name}.png").is_file()]
+        (self.out / "report.md").write_text("\n".join(lines) + "\n")
+        (self.out / "results.json").write_text(json.dumps(dict(
+            mode=self.mode, settings={k: repr(v) for k, v in self.settings.items()}, steps=self.rows,
+            predictions=results, chosen=chosen, test=test, scratch=self.scratch, seconds=total,
+            diagnosis=verdict.verdict), indent=1))
+        print("\n".join(lines[4:-len(FIGURES) - 1]))
+        print(f"test accuracy {test:.4f} ({chosen}), total {total:.0f}s; report in {self.out / 'report.md'}")
+        return test
