@@ -14,11 +14,13 @@ Run:
     python lessons/lesson2.py --quick       # a smoke run, seconds
     python lessons/lesson2.py --data PATH   # your images (train/<class>/*, valid/<class>/*),
                                             # on EfficientNet-Lite0's ImageNet body
+    torchrun --standalone --nproc_per_node=2 lessons/lesson2.py --quick   # 2 processes (docs/distributed.md)
 Everything lands in --out (default runs/lesson2): report.md, results.json and the figures.
 The `# %%` lines are cells: the file opens as a notebook in VS Code or Jupyter (jupytext).
 """
 # %% Settings: plain constants; the modes change the values beside them
 import functools
+import os
 import sys
 import time
 
@@ -26,6 +28,7 @@ import torch
 
 import lesson2_io as io  # input and output only: loading, the body's cache, figures, report.md
 from common import check, check_accuracy, setup, threads_note
+import minicnn.distributed as distributed
 from minicnn.augment import side_on, top_down
 from minicnn.data import Batches
 from minicnn.diagnose import diagnose
@@ -40,6 +43,10 @@ from minicnn.train import accuracy, evaluate, fit, join_histories, predict
 from minicnn.tta import predict_tta
 
 args = io.parse_args(sys.argv[1:] if __name__ == "__main__" else [])
+me = distributed.setup()  # under torchrun: this process's rank and device; else one process
+if me.world_size > 1:  # each process its share of the cores and its own GPU
+    args.device = str(me.device)
+    args.threads = args.threads or max(1, os.cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", me.world_size)))
 MODE = args.mode  # "cpu" (the default), "quick", "accuracy" or "full"
 
 
@@ -82,23 +89,31 @@ LR_FIND_STEPS = by_mode(100, quick=50)
 WEIGHT_DECAY = 5e-4
 TTA_VIEWS = by_mode(4, quick=2)
 AUGMENT = top_down if args.preset == "top_down" else side_on
+# bf16 autocast and channels_last: on CUDA, and on a CPU that computes bf16 itself (avx512_bf16 or
+# AMX), where together they made a training step 1.8x faster (docs/speed.md); elsewhere off.
+BF16 = args.device.startswith("cuda") or io.cpu_computes_bf16()
 # Floors of the closing self-check, well below what was measured (another CPU or thread count gives
 # other numbers): the CPU default 0.8716 (seed 0); --accuracy and --full: see docs/recipe.md.
 QUICK_FLOOR = 0.55  # --quick test accuracy, seeds 0-2 x 1 and 2 threads: 0.736-0.824
 EXPECTED_TEST = by_mode(0.83, quick=QUICK_FLOOR, accuracy=0.91, full=0.95)
 setup(args)
 hyper = dict(momentum=0.9, weight_decay=WEIGHT_DECAY)
-report = io.Report(args.out, MODE, settings={k: v for k, v in globals().items() if k.isupper()})
+fast = dict(mixed_precision=BF16, channels_last=BF16)  # for fit on images
+report = io.Report(args.out, MODE, settings={k: v for k, v in globals().items() if k.isupper()},
+                   main=distributed.is_main())  # rank 0 alone prints and writes
 
 # %% The data: uint8 images (N, C, H, W), labels 0..n-1; valid is held out of the labelled images
 data = io.load_data(args, transfer=TRANSFER, source=SOURCE_CLASSES, target=TARGET_CLASSES,
                     n_labelled=N_LABELLED, n_valid=N_VALID)
 n_classes, channels = len(data["classes"]), data["train"][0].shape[1]
-print(f"{data['name']}: {len(data['train'][0])} labelled training, {len(data['valid'][0])} validation, "
-      f"{len(data['test'][0])} test images of {n_classes} classes; {ARCH} on {args.device} ({threads_note()})")
-batches = {size: io.batches_at(data, size, BATCH_SIZE, args) for size in SIZES}  # train/valid/test/train_eval
+report.say(f"{data['name']}: {len(data['train'][0])} labelled training, {len(data['valid'][0])} validation, "
+           f"{len(data['test'][0])} test images of {n_classes} classes; {ARCH} on {args.device} ({threads_note()}"
+           f"{f', {me.world_size} processes' if me.world_size > 1 else ''})")
+# train: this rank's share of each global batch (fit); global_train: the whole batches (lr_find);
+# valid, test, train_eval: this rank's part (fit and evaluate add the parts' sums up)
+batches = {size: io.batches_at(data, size, BATCH_SIZE, args) for size in SIZES}
 small, full = batches[SIZES[0]], batches[SIZES[-1]]
-aug_generator = torch.Generator().manual_seed(args.seed)
+aug_generator = torch.Generator().manual_seed(args.seed + me.rank)  # each rank its own augmentations
 augment = AUGMENT(generator=aug_generator)
 # The SGDR cycle unit ("an epoch"): a whole number of epochs, at least MIN_CYCLE_STEPS steps.
 steps_per_epoch = -(-MIN_CYCLE_STEPS // len(small["train"])) * len(small["train"])
@@ -109,13 +124,17 @@ if ARCH == "simple_resnet" and TRANSFER:
     # A small ResNet trained on the 5 source classes, whose first two layer groups become the body.
     pretrained = simple_resnet(len(SOURCE_CLASSES), channels, WIDTHS)
     cache = io.body_cache(args, data["source"][0], SOURCE_CLASSES, WIDTHS, PRETRAIN_EPOCHS, PRETRAIN_LR, SIZES[-1])
-    if not io.load_body(pretrained, cache):
-        source = Batches(*data["source"], 128, shuffle=True, drop_last=True, device=args.device,
-                         generator=torch.Generator().manual_seed(args.seed))
+    if distributed.run_on_main(io.load_body, pretrained, cache):  # rank 0 reads it, then sends it
+        distributed.broadcast_weights(pretrained)
+        cache.loaded = True
+    else:
+        source = distributed.Shard(Batches(*data["source"], 128, shuffle=True, drop_last=True, device=args.device,
+                                           generator=torch.Generator().manual_seed(args.seed)))
         opt = SGD(pretrained.parameters(), PRETRAIN_LR, **hyper)
         lr_at = functools.partial(cosine_lr, total_steps=PRETRAIN_EPOCHS * len(source), lr_max=PRETRAIN_LR)
-        fit(pretrained.to(args.device), source, None, opt, lr_at, PRETRAIN_EPOCHS, augment=augment, verbose=False)
-        io.save_body(pretrained, cache)
+        fit(pretrained.to(args.device), source, None, opt, lr_at, PRETRAIN_EPOCHS, augment=augment, verbose=False,
+            **fast)
+        distributed.run_on_main(io.save_body, pretrained, cache)
     model = simple_resnet(n_classes, channels, WIDTHS)  # a new head (pool, linear) for the new classes
     model.layer_groups[:2].load_state_dict(pretrained.layer_groups[:2].state_dict())
     what = (f"body pretrained on {len(data['source'][0])} images of the source classes, {PRETRAIN_EPOCHS} "
@@ -126,40 +145,38 @@ elif TRANSFER:
 else:
     model = simple_resnet(n_classes, channels, WIDTHS)  # random weights: steps 1-6 have no body to keep
     what = f"no pretrained body: {ARCH} from random weights, so steps 1-6 (a body to keep) do not apply"
-model = model.to(args.device)
+model = distributed.broadcast_weights(model.to(args.device))  # the new head: rank 0's on every rank
 report.step(0, what, started)
 
 if TRANSFER:
     # %% Step 1: augmentation; the frozen body's activations computed once
     started = time.perf_counter()
-    io.plot_augmentation(small["valid"], AUGMENT, args)
+    distributed.run_on_main(io.plot_augmentation, small["valid"], AUGMENT, args)
     freeze(model, train_bn=False)  # the body is a fixed function (BatchNorm on its statistics)
     body, head = body_and_head(model)
-    features = {split: precompute_features(body, data[split][0] if SIZES[-1] == data[split][0].shape[-1]
-                                           else io.at_size(data[split][0], SIZES[-1]), batch_size=256,
-                                           cache=args.cache, arch=ARCH, device=args.device)
-                for split in ("train", "valid")}
-    head_train = Batches(features["train"], data["train"][1], BATCH_SIZE, shuffle=True, drop_last=True,
-                         generator=torch.Generator().manual_seed(args.seed), device=args.device)
-    head_valid = Batches(features["valid"], data["valid"][1], 512, shuffle=False, device=args.device)
+    features = {split: precompute_features(body, io.at_size(data[split][0], SIZES[-1]), batch_size=256,
+                                           cache=args.cache if me.rank == 0 else None, arch=ARCH, device=args.device)
+                for split in ("train", "valid")}  # every rank computes them; rank 0 alone caches them
+    on_features = io.feature_batches(features, data, BATCH_SIZE, args)  # train, global_train, valid
     report.step(1, f"{args.preset} augmentation; the body's activations precomputed "
                    f"({tuple(features['train'].shape[1:])} per image)", started)
 
     # %% Step 2: LR range test on the head, over the activations
     started = time.perf_counter()
     head_opt = SGD(head.parameters(), FALLBACK_LR, **hyper)
-    found = lr_find(head, head_train, head_opt, num_iter=LR_FIND_STEPS, end_lr=10.0)
+    found = distributed.run_on_main(lr_find, head, on_features["global_train"], head_opt, num_iter=LR_FIND_STEPS,
+                                    end_lr=10.0)  # rank 0 sweeps (and puts everything back); all get the result
     lr, why = choose_lr(found)
-    io.plot_lr_find(found, args.out / "lr_find_head.png")
+    distributed.run_on_main(io.plot_lr_find, found, args.out / "lr_find_head.png")
     report.step(2, f"LR range test on the head: lr {lr:.2g} ({why})", started)
 
     # %% Step 3: the body frozen, the head trained on the activations (one SGDR cycle)
-    started, before = time.perf_counter(), evaluate(head, head_valid)[1]
-    head_steps = HEAD_EPOCHS * len(head_train)
-    fit(head, head_train, None, head_opt, functools.partial(sgdr_lr, steps_per_cycle=head_steps, lr_max=lr),
+    started, before = time.perf_counter(), evaluate(head, on_features["valid"])[1]
+    head_steps = HEAD_EPOCHS * len(on_features["train"])
+    fit(head, on_features["train"], None, head_opt, functools.partial(sgdr_lr, steps_per_cycle=head_steps, lr_max=lr),
         HEAD_EPOCHS, verbose=False)
     report.step(3, f"head trained {HEAD_EPOCHS} epochs on the activations at lr {lr:.2g}", started,
-                before, evaluate(model, small["valid"])[1])  # the head is the model's own: check on images
+                before, evaluate(model, small["valid"], mixed_precision=BF16)[1])  # the model's own head, on images
 
     # %% Step 4: precompute off: the head again, on augmented images, SGDR with cycle_len=1
     # The body stays frozen but its BatchNorm layers now train (fastai 2's train_bn): their statistics
@@ -170,10 +187,10 @@ if TRANSFER:
     opt = SGD(param_groups(model, lr, **hyper), lr, **hyper)  # one group per layer group, frozen ones too
     frozen_steps = total_steps(FROZEN_CYCLES, steps_per_cycle=steps_per_epoch)
     fit(model, small["train"], None, opt, functools.partial(sgdr_lr, steps_per_cycle=steps_per_epoch, lr_max=lr),
-        frozen_steps // len(small["train"]), augment=augment, verbose=False)
+        frozen_steps // len(small["train"]), augment=augment, verbose=False, **fast)
     report.step(4, f"frozen body (its BatchNorm trains), augmented images: {FROZEN_CYCLES} SGDR cycles of 1 "
                    f"epoch at lr {lr:.2g}",
-                started, before, evaluate(model, small["valid"])[1])
+                started, before, evaluate(model, small["valid"], mixed_precision=BF16)[1])
 
     # %% Steps 5 and 6: unfreeze every layer group; differential learning rates
     unfreeze(model)
@@ -191,8 +208,8 @@ else:
 # %% Step 7: LR range test on the whole network, the groups keeping their ratios
 started = time.perf_counter()
 opt = SGD(param_groups(model, lrs, **hyper), lrs[-1], **hyper)
-found = lr_find(model, small["train"], opt, num_iter=LR_FIND_STEPS, end_lr=10.0)
-io.plot_lr_find(found, args.out / "lr_find_unfrozen.png")
+found = distributed.run_on_main(lr_find, model, small["global_train"], opt, num_iter=LR_FIND_STEPS, end_lr=10.0)
+distributed.run_on_main(io.plot_lr_find, found, args.out / "lr_find_unfrozen.png")
 if head_lr:  # the course keeps the head's rate for the last group; the range test checks that it is
     # safe: the loss must not blow up within a decade above it (Smith: a tenth of the blow-up rate)
     blew_up = found.lrs[-1] if len(found.lrs) < LR_FIND_STEPS else None  # the sweep stopped early there
@@ -217,7 +234,7 @@ for cycle in range(CYCLES):
     first = ends[cycle - 1] + 1 if cycle else 0  # the step after the previous cycle's last
     history = fit(model, stage["train"], stage["valid"], opt, lr_at, (ends[cycle] + 1) // len(stage["train"]),
                   start_step=first, augment=augment, cycle_ends=ends, on_cycle_end=snapshots,
-                  train_eval=stage["train_eval"], verbose=MODE != "quick")
+                  train_eval=stage["train_eval"], verbose=MODE != "quick" and distributed.is_main(), **fast)
     histories.append(history)
     size = SIZES[-1] if stage is full else SIZES[0]
     report.step(8, f"cycle {cycle + 1}/{CYCLES}: {(ends[cycle] + 1 - first) // len(stage['train'])} epoch(s) at "
@@ -236,9 +253,11 @@ def tta(m, b):  # a new seeded generator each call: every snapshot sees the same
     return predict_tta(m, b, augment=AUGMENT(generator=torch.Generator().manual_seed(args.seed)), n_aug=TTA_VIEWS)
 
 
-each = {(split, name): predict_each(model, snapshots, full[split], predict_fn=fn)  # one (N, C) per snapshot
-        for split in ("valid", "test") for name, fn in (("plain", predict), ("tta", tta))}
-y = {split: full[split].y for split in ("valid", "test")}
+plain = functools.partial(predict, mixed_precision=BF16)
+# each snapshot's probabilities (N, C) on each split; each rank predicts its part, gather joins them
+each = {(split, name): [distributed.gather(p) for p in predict_each(model, snapshots, full[split], predict_fn=fn)]
+        for split in ("valid", "test") for name, fn in (("plain", plain), ("tta", tta))}
+y = {split: distributed.gather(full[split].y) for split in ("valid", "test")}
 sizes = range(2, len(snapshots) + 1) or [1]
 m = max(sizes, key=lambda k: accuracy(sum(each["valid", "plain"][-k:]) / k, y["valid"]))  # ensemble size
 ways = {"last weights": (1, "plain"), f"TTA ({TTA_VIEWS} views + plain)": (1, "tta"),
@@ -257,23 +276,27 @@ if TRANSFER:
     torch.manual_seed(args.seed)
     scratch = simple_resnet(n_classes, channels, WIDTHS).to(args.device)
     opt = SGD(scratch.parameters(), FALLBACK_LR, **hyper)
-    found = lr_find(scratch, small["train"], opt, num_iter=LR_FIND_STEPS, end_lr=10.0)
+    found = distributed.run_on_main(lr_find, scratch, small["global_train"], opt, num_iter=LR_FIND_STEPS, end_lr=10.0)
     scratch_lr = choose_lr(found)[0]
     seconds_per_epoch = sum(history.seconds) / len(history.seconds)  # step 8's epochs: same images, same net
-    epochs = max(1, round((recipe_seconds - (time.perf_counter() - started)) / seconds_per_epoch))
+    # the epochs that fill the recipe's seconds, as rank 0 measured them (every rank must train as long)
+    epochs = distributed.run_on_main(lambda: max(1, round((recipe_seconds - (time.perf_counter() - started))
+                                                          / seconds_per_epoch)))
     lr_at = functools.partial(cosine_lr, total_steps=epochs * len(small["train"]), lr_max=scratch_lr)
     scratch_history = fit(scratch, small["train"], small["valid"], opt, lr_at, epochs, augment=augment,
-                          train_eval=small["train_eval"], verbose=False)  # evaluated as often as step 8
-    scratch_results = {way: {split: accuracy(fn(scratch, full[split]), y[split]) for split in ("valid", "test")}
-                       for way, fn in (("last weights", predict), (f"TTA ({TTA_VIEWS} views + plain)", tta))}
+                          train_eval=small["train_eval"], verbose=False, **fast)  # evaluated as often as step 8
+    scratch_results = {way: {split: accuracy(distributed.gather(fn(scratch, full[split])), y[split])
+                             for split in ("valid", "test")}
+                       for way, fn in (("last weights", plain), (f"TTA ({TTA_VIEWS} views + plain)", tta))}
     scratch_chosen = max(scratch_results, key=lambda way: scratch_results[way]["valid"])
     report.comparison(recipe_seconds, results[chosen]["test"], time.perf_counter() - started, epochs,
                       scratch_lr, scratch_results, scratch_chosen)
 
 # %% The report, the figures, and a self-check that a degenerate result cannot pass
-io.figures(args.out, history, full["test"], test_probs, data["classes"])
-test_acc = report.finish(verdict, stopped, chosen, results)
-check_accuracy(test_acc, full["test"].y, floor=EXPECTED_TEST, n_classes=n_classes,
-               what=f"test accuracy ({chosen})")
-if TRANSFER and MODE == "cpu":
-    check(report.gain(3) > 0.2, f"step 3 (the head on the pretrained activations) gained {report.gain(3):.3f} > 0.2")
+if distributed.is_main():
+    io.figures(args.out, history, io.at_size(data["test"][0], SIZES[-1]), y["test"], test_probs, data["classes"])
+    test_acc = report.finish(verdict, stopped, chosen, results)
+    check_accuracy(test_acc, y["test"], floor=EXPECTED_TEST, n_classes=n_classes, what=f"test accuracy ({chosen})")
+    if TRANSFER and MODE == "cpu":
+        check(report.gain(3) > 0.2, f"step 3 (the head on the pretrained activations) gained {report.gain(3):.3f} > 0.2")
+distributed.teardown()

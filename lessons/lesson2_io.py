@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from common import add_common_args, float_above, int_in, out_folder
+import minicnn.distributed as distributed
 from minicnn.augment import resize
 from minicnn.checkpoint import load_checked, save_checked
 from minicnn.data import (Batches, load_fashion_mnist, load_image_folder, stratified_subset,
@@ -73,6 +74,12 @@ def parse_args(argv):
     return args
 
 
+def cpu_computes_bf16():
+    """True where the CPU has bf16 arithmetic (avx512_bf16 or AMX); elsewhere torch emulates it, slowly."""
+    cpu = torch.cpu
+    return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def classes_of(x, y, classes):
     """The images of the given classes, labelled 0..len(classes)-1 in that order."""
     keep = torch.isin(y, torch.tensor(classes))
@@ -119,8 +126,10 @@ def at_size(x, size):
 
 
 def batches_at(data, size, batch_size, args):
-    """Batches of every split at one size; the training order depends on the seed only, so the
-    images at each size are visited in the same order. Training drops its last short batch."""
+    """Batches of every split at one size -> dict(train: this rank's share of each global batch,
+    global_train: the whole batches (for lr_find on rank 0), valid, test, train_eval: this rank's
+    part). The training order depends on the seed only, so every size and every rank visits the
+    images in the same order; training drops its last short batch. One process: all of each."""
     def make(x, y, b, shuffle):
         return Batches(at_size(x, size), y, b, shuffle=shuffle, drop_last=shuffle, device=args.device,
                        generator=torch.Generator().manual_seed(args.seed))
@@ -130,8 +139,22 @@ def batches_at(data, size, batch_size, args):
                          "give a smaller one")
     # a training sample for the eval-mode training loss (diagnose): 2,000, or half of few images
     sample = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed))[:min(2000, len(x_train) // 2)]
-    return dict(train=make(x_train, y_train, batch_size, True), valid=make(*data["valid"], 512, False),
-                test=make(*data["test"], 512, False), train_eval=make(x_train[sample], y_train[sample], 512, False))
+
+    def part(x, y):  # this rank's part of an evaluation set
+        s = distributed.rank_slice(len(y))
+        return make(x[s], y[s], 512, False)
+    train = make(x_train, y_train, batch_size, True)
+    return dict(train=distributed.Shard(train), global_train=train, valid=part(*data["valid"]),
+                test=part(*data["test"]), train_eval=part(x_train[sample], y_train[sample]))
+
+
+def feature_batches(features, data, batch_size, args):
+    """The body's activations as batches for the head: dict(train: this rank's share, global_train, valid: part)."""
+    train = Batches(features["train"], data["train"][1], batch_size, shuffle=True, drop_last=True,
+                    generator=torch.Generator().manual_seed(args.seed), device=args.device)
+    s = distributed.rank_slice(len(data["valid"][1]))
+    return dict(train=distributed.Shard(train), global_train=train,
+                valid=Batches(features["valid"][s], data["valid"][1][s], 512, shuffle=False, device=args.device))
 
 
 class BodyCache:
@@ -170,12 +193,12 @@ def plot_augmentation(valid, preset, args):
                    args.out / "augmentation.png", title=f"{args.preset} augmentation")
 
 
-def figures(out, history, test, test_probs, classes):
+def figures(out, history, x_test, y_test, test_probs, classes):
     plot_losses(history, Path(out) / "losses.png", title="step 8: the whole network, SGDR cycle_mult=2")
     plot_schedule([lrs[-1] for lrs in history.batch_lr], Path(out) / "schedule.png",
                   title="step 8: the last group's LR, as used")
-    plot_confusion(test.y, test_probs.argmax(1), classes, Path(out) / "confusion.png")
-    plot_top_losses(test.x.float() / 255, test.y, test_probs, classes, Path(out) / "top_losses.png")
+    plot_confusion(y_test, test_probs.argmax(1), classes, Path(out) / "confusion.png")
+    plot_top_losses(x_test.float() / 255, y_test, test_probs, classes, Path(out) / "top_losses.png")
 
 
 FIGURES = ("augmentation", "lr_find_head", "lr_find_unfrozen", "schedule", "losses", "confusion", "top_losses")
@@ -185,17 +208,21 @@ class Report:
     """report.md and results.json: a row per step (what, seconds, validation accuracy before and
     after), the predictions, the from-scratch comparison, the diagnosis."""
 
-    def __init__(self, out, mode, settings):
-        self.out, self.mode, self.settings = Path(out), mode, settings
+    def __init__(self, out, mode, settings, *, main=True):
+        self.out, self.mode, self.settings, self.main = Path(out), mode, settings, main
         self.rows, self.begun, self.last_accuracy = [], time.perf_counter(), None
         self.results, self.scratch = {}, None
+
+    def say(self, text):
+        if self.main:  # under torchrun, rank 0 alone
+            print(text, flush=True)
 
     def step(self, number, what, started, before=None, after=None):
         seconds = time.perf_counter() - started
         self.rows.append(dict(step=number, what=what, seconds=seconds, before=before, after=after))
         self.last_accuracy = after if after is not None else self.last_accuracy
         change = "" if after is None else f", validation accuracy {'' if before is None else f'{before:.4f} -> '}{after:.4f}"
-        print(f"[step {number}] {what}: {seconds:.0f}s{change}", flush=True)
+        self.say(f"[step {number}] {what}: {seconds:.0f}s{change}")
 
     def seconds_since(self, step):
         return sum(row["seconds"] for row in self.rows if row["step"] >= step)
@@ -210,8 +237,8 @@ class Report:
     def comparison(self, recipe_seconds, recipe_test, seconds, epochs, lr, results, chosen):
         self.scratch = dict(recipe_seconds=recipe_seconds, recipe_test=recipe_test, seconds=seconds, epochs=epochs,
                             lr=lr, results=results, chosen=chosen, test=results[chosen]["test"])
-        print(f"[from scratch] {epochs} epochs at lr {lr:.2g} in {seconds:.0f}s: test {self.scratch['test']:.4f} "
-              f"({chosen}); the recipe: {recipe_test:.4f} in {recipe_seconds:.0f}s", flush=True)
+        self.say(f"[from scratch] {epochs} epochs at lr {lr:.2g} in {seconds:.0f}s: test {self.scratch['test']:.4f} "
+              f"({chosen}); the recipe: {recipe_test:.4f} in {recipe_seconds:.0f}s")
 
     def _comparison_lines(self):
         s = self.scratch

@@ -4,6 +4,7 @@ catches a broken lesson and a self-check that only held on one machine. Each wri
 into a temporary folder and ends with its self-check, whose failure makes the script exit
 non-zero. The helpers the self-checks rest on are tested here too."""
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -110,3 +111,21 @@ def test_quick_floors_sit_far_below_what_was_measured():
         assert worst <= best and floor <= worst - 0.1, f"{name}: floor {floor} not 10 points below {worst}"
         # check_accuracy's other bar, the most common class's share (11 of 102 images) + 0.05
         assert 11 / 102 + 0.05 <= worst - 0.1, f"{name}: the worst run {worst} is too close to chance"
+
+
+@pytest.mark.slow
+@needs_data
+def test_lesson2_quick_under_torchrun_with_two_processes_writes_one_report(tmp_path):
+    """2 processes (gloo): rank 0 alone prints and writes report.md, and the run's test accuracy
+    is within noise of one process's (both quick runs measured 0.74-0.82 over seeds and threads)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(ROOT / "lessons" / "lesson2.py"),
+                             "--quick", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env={**os.environ, "MPLBACKEND": "Agg", "OMP_WAIT_POLICY": "PASSIVE"})
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert "2 processes" in result.stdout and result.stdout.count("[step 0]") == 1  # printed once
+    test = json.loads((tmp_path / "results.json").read_text())["test"]
+    assert 0.55 <= test <= 0.95, test
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(
+        ["augmentation.png", "confusion.png", "losses.png", "lr_find_head.png", "lr_find_unfrozen.png",
+         "schedule.png", "top_losses.png"])
