@@ -244,6 +244,7 @@ for cycle in range(CYCLES):
         break
 history = join_histories(histories)  # per step: the losses and LRs of the whole of step 8
 recipe_seconds = report.seconds_since(1 if TRANSFER else 7)
+report.curve(recipe_seconds - sum(history.seconds), history)  # validation accuracy against seconds
 
 # %% Predictions: the last weights, TTA, the ensemble of the last M snapshots, both; chosen on validation
 started = time.perf_counter()

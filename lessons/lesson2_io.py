@@ -231,6 +231,11 @@ class Report:
         return sum(row["after"] - row["before"] for row in self.rows
                    if row["step"] == step and row["after"] is not None and row["before"] is not None)
 
+    def curve(self, offset, history):
+        """(seconds since the recipe's training began, validation accuracy) after each epoch of step 8."""
+        elapsed = [offset + sum(history.seconds[:k + 1]) for k in range(len(history.seconds))]
+        self.valid_curve = list(zip(elapsed, history.valid_acc))
+
     def predictions(self, results, chosen, seconds):
         self.results, self.chosen, self.prediction_seconds = results, chosen, seconds
 
@@ -280,6 +285,7 @@ class Report:
         (self.out / "results.json").write_text(json.dumps(dict(
             mode=self.mode, settings={k: repr(v) for k, v in self.settings.items()}, steps=self.rows,
             predictions=results, chosen=chosen, test=test, scratch=self.scratch, seconds=total,
+            valid_curve=getattr(self, "valid_curve", []),
             diagnosis=verdict.verdict), indent=1))
         print("\n".join(lines[4:-len(FIGURES) - 1]))
         print(f"test accuracy {test:.4f} ({chosen}), total {total:.0f}s; report in {self.out / 'report.md'}")
