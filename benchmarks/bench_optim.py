@@ -7,7 +7,7 @@ Setting: torchvision's resnet18 parameter list (62 tensors, 11.7 M numbers), mom
 Nesterov, weight decay 5e-4, fixed random gradients. Four optimizers, each on its own copy of
 the parameters, are stepped in turn (A B C D A B C D ...) so that a slow patch of a shared
 machine hits all of them alike; the median over --steps rounds is reported, with the ratio of
-each to torch's foreach and single-tensor paths. Target of issue 3: minicnn's default (foreach
+each to torch's foreach and single-tensor paths. Target: minicnn's default (foreach
 on CUDA, the loop on the CPU) <= 1.2x torch foreach.
 """
 import argparse

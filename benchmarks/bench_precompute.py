@@ -9,7 +9,7 @@ train.fit, the same SGD settings and the same dropout masks, so their
 losses agree; the frozen arm runs the body (eval-mode BatchNorm,
 train_bn=False) in every step, the precomputed arm reads its output from a tensor. The
 one-off cost of precomputing is printed too, with the number of epochs after which it has
-paid for itself. The ratio is the per-epoch speed-up; the issue's target is >= 30x.
+paid for itself. The ratio is the per-epoch speed-up; the target is >= 30x.
 
 The ratio grows with the image size: the body's cost grows with H x W, the head's does not
 (it sees 2560 numbers an image whatever the size). Measured on 2 shared CPU cores, 1,024

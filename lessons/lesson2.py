@@ -73,7 +73,7 @@ TRANSFER = MODE in ("cpu", "quick")   # --accuracy / --full train one network fr
 SOURCE_CLASSES = [0, 2, 5, 7, 8]      # T-shirt/top, Pullover, Sandal, Sneaker, Bag: the body's "ImageNet"
 TARGET_CLASSES = [1, 3, 4, 6, 9]      # Trouser, Dress, Coat, Shirt, Ankle boot: the new task
 ARCH = args.arch or ("efficientnet_lite0" if args.data else "simple_resnet")
-WIDTHS = by_mode((16, 32, 64), full=(64, 128, 256))      # simple_resnet's channels per stage
+WIDTHS = by_mode((16, 32, 64), accuracy=(32, 64, 128), full=(64, 128, 256))  # simple_resnet's channels per stage
 N_LABELLED = args.labelled or by_mode(250, quick=200, accuracy=50_000, full=50_000)
 N_VALID = by_mode(500, quick=200, accuracy=10_000, full=10_000)
 PRETRAIN_EPOCHS, PRETRAIN_LR = by_mode(4, quick=2), 0.2  # step 0, on the source classes (cached)
@@ -87,7 +87,8 @@ LR_RATIO = args.lr_ratio or (10 if ARCH != "simple_resnet" else 3)  # between la
 FALLBACK_LR = 0.01                    # when a range test shows no clear fall (said out loud)
 LR_FIND_STEPS = by_mode(100, quick=50)
 WEIGHT_DECAY = 5e-4
-TTA_VIEWS = by_mode(4, quick=2)
+TTA_VIEWS = by_mode(4, quick=2, accuracy=0, full=0)  # random views besides the plain one; 0: its mirror image
+TTA_NAME = f"TTA ({TTA_VIEWS} views + plain)" if TTA_VIEWS else "TTA (plain + mirror image)"
 AUGMENT = top_down if args.preset == "top_down" else side_on
 # bf16 autocast and channels_last: on CUDA, and on a CPU that computes bf16 itself (avx512_bf16 or
 # AMX), where together they made a training step 1.8x faster (docs/speed.md); elsewhere off.
@@ -251,7 +252,9 @@ started = time.perf_counter()
 
 
 def tta(m, b):  # a new seeded generator each call: every snapshot sees the same augmented views
-    return predict_tta(m, b, augment=AUGMENT(generator=torch.Generator().manual_seed(args.seed)), n_aug=TTA_VIEWS)
+    views = AUGMENT(generator=torch.Generator().manual_seed(args.seed)) if TTA_VIEWS else lambda x: x.flip(3)
+    with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=BF16):
+        return predict_tta(m, b, augment=views, n_aug=TTA_VIEWS or 1)  # the mirror: exact, no resampling
 
 
 plain = functools.partial(predict, mixed_precision=BF16)
@@ -261,7 +264,7 @@ each = {(split, name): [distributed.gather(p) for p in predict_each(model, snaps
 y = {split: distributed.gather(full[split].y) for split in ("valid", "test")}
 sizes = range(2, len(snapshots) + 1) or [1]
 m = max(sizes, key=lambda k: accuracy(sum(each["valid", "plain"][-k:]) / k, y["valid"]))  # ensemble size
-ways = {"last weights": (1, "plain"), f"TTA ({TTA_VIEWS} views + plain)": (1, "tta"),
+ways = {"last weights": (1, "plain"), TTA_NAME: (1, "tta"),
         f"ensemble of the last {m} snapshots": (m, "plain"), f"ensemble of the last {m} + TTA": (m, "tta")}
 results = {name: {split: accuracy(sum(each[split, views][-k:]) / k, y[split]) for split in ("valid", "test")}
            for name, (k, views) in ways.items()}
@@ -288,7 +291,7 @@ if TRANSFER:
                           train_eval=small["train_eval"], verbose=False, **fast)  # evaluated as often as step 8
     scratch_results = {way: {split: accuracy(distributed.gather(fn(scratch, full[split])), y[split])
                              for split in ("valid", "test")}
-                       for way, fn in (("last weights", plain), (f"TTA ({TTA_VIEWS} views + plain)", tta))}
+                       for way, fn in (("last weights", plain), (TTA_NAME, tta))}
     scratch_chosen = max(scratch_results, key=lambda way: scratch_results[way]["valid"])
     report.comparison(recipe_seconds, results[chosen]["test"], time.perf_counter() - started, epochs,
                       scratch_lr, scratch_results, scratch_chosen)
