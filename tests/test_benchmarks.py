@@ -1,0 +1,126 @@
+"""The benchmarks CI runs, in their --quick forms: bench_time_to_accuracy.py prints its table with
+every arm (fastai possibly skipped, with the line that says how to install it), gpu_check.py runs
+its four parts on the CPU and prints their table; and the rules those tables rest on: the seconds
+to a threshold, lesson2's settings read from its source, the check that every arm had them."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minicnn.data import fashion_mnist_folders
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_time_to_accuracy import ARMS, THRESHOLDS, lesson2_setting, minicnn_result, seconds_to  # noqa: E402
+
+HAVE_DATA = any((Path(f) / "train-images-idx3-ubyte.gz").is_file() or (Path(f) / "train-images-idx3-ubyte").is_file()
+                for f in fashion_mnist_folders())
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST not installed (make test installs it)")
+# PASSIVE: OpenMP threads sleep instead of spinning when the cores are busy (as in test_lessons)
+ENV = {**os.environ, "MPLBACKEND": "Agg", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def run(script, *options, timeout=300):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *options], capture_output=True,
+                            text=True, timeout=timeout, cwd=ROOT, env=ENV)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def table_rows(text):
+    """The rows of a markdown table in text -> {first cell: [cells]}."""
+    return {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                          for line in text.splitlines() if line.startswith("| ") and "---" not in line)}
+
+
+# ---- seconds to a threshold ------------------------------------------------------------------------
+
+def test_seconds_to_is_the_first_epoch_at_or_above_the_threshold():
+    curve = [(10.0, 0.90), (20.0, 0.925), (30.0, 0.915), (40.0, 0.93), (50.0, 0.95)]
+    assert seconds_to(curve, 0.92) == 20.0   # the first epoch above, not the best one (50 s)
+    assert seconds_to(curve, 0.925) == 20.0  # at the threshold counts
+    assert seconds_to(curve, 0.93) == 40.0   # the dip at 30 s does not count as reaching 0.93
+    assert seconds_to(curve, 0.0) == 10.0
+
+
+def test_seconds_to_a_threshold_never_reached_is_none():
+    curve = [(10.0, 0.90), (20.0, 0.9299)]
+    assert seconds_to(curve, 0.93) is None
+    assert seconds_to([], 0.5) is None  # an arm that ran no epoch
+
+
+# ---- lesson2's settings, and the check that every arm had them ---------------------------------------
+
+def test_lesson2_setting_reads_the_mode_and_falls_back_to_the_cpu_default(tmp_path):
+    source = tmp_path / "lesson.py"
+    source.write_text("WIDTHS = by_mode((16, 32), full=(64, 128))\nBATCH = args.batch_size or by_mode(64, quick=32)\n"
+                      "PLAIN = 3\n")
+    assert lesson2_setting("WIDTHS", "full", path=source) == (64, 128)
+    assert lesson2_setting("WIDTHS", "accuracy", path=source) == (16, 32)  # not given: the CPU default's
+    assert lesson2_setting("BATCH", "quick", path=source) == 32           # inside `args.x or by_mode(...)`
+    for name in ("PLAIN", "MISSING"):
+        with pytest.raises(ValueError, match=name):
+            lesson2_setting(name, "quick", path=source)
+
+
+def test_the_real_lesson2_has_every_setting_the_benchmark_reads():
+    for mode in ("quick", "accuracy", "full"):
+        widths, batch, cycles = (lesson2_setting(n, mode) for n in ("WIDTHS", "BATCH_SIZE", "CYCLES"))
+        assert len(widths) >= 2 and batch >= 1 and cycles >= 1, mode
+
+
+def test_a_lesson2_run_with_another_network_is_refused():
+    s = dict(widths=[16, 32, 64], batch_size=128, bf16=False)
+    results = dict(settings=dict(WIDTHS="(16, 32, 64)", BATCH_SIZE="128", BF16="False"), valid_curve=[[5.0, 0.9]],
+                   test=0.9, chosen="last weights")
+    assert minicnn_result(results, s, source="test")["curve"] == [(5.0, 0.9)]
+    results["settings"]["WIDTHS"] = "(64, 128, 256)"
+    with pytest.raises(SystemExit, match="WIDTHS"):
+        minicnn_result(results, s, source="test")
+
+
+# ---- the scripts, end to end ------------------------------------------------------------------------
+
+@pytest.mark.slow
+@needs_data
+def test_time_to_accuracy_quick_prints_a_table_of_every_arm(tmp_path):
+    out = run("bench_time_to_accuracy.py", "--quick", "--threads", "1", "--out", str(tmp_path))
+    assert "| arm | epochs | " + " | ".join(f"seconds to {t}" for t in THRESHOLDS) in out
+    rows = table_rows(out)
+    column = {name: i for i, name in enumerate(rows["arm"])}  # the header row
+    assert set(ARMS) <= set(rows), f"arms missing from the table: {set(ARMS) - set(rows)}"
+    saved = json.loads((tmp_path / "time_to_accuracy.json").read_text())["results"]
+    for arm in ARMS:
+        if arm == "fastai" and "skipped" in saved[arm]:  # not installed: its own line says how to get it
+            assert 'fastai: skipped' in rows[arm][1] and 'pip install -e ".[bench]"' in out
+            continue
+        curve = saved[arm]["curve"]
+        assert curve and all(0 < s1 < s2 for (s1, _), (s2, _) in zip(curve, curve[1:])), (arm, curve)
+        assert all(0.0 <= acc <= 1.0 for _, acc in curve), (arm, curve)
+        test = float(rows[arm][column["test"]])
+        assert test == pytest.approx(saved[arm]["test"], abs=5e-5) and test > 0.3, (arm, test)  # 5 or 10 classes
+        assert rows[arm][column["epochs"]] == str(len(curve))  # one validation point an epoch
+    assert rows["plain"][column["epochs"]] == "2"  # --quick: 2 epochs
+    # the minicnn arm's curve is lesson2's own, as its results.json wrote it
+    lesson2 = json.loads((tmp_path / "minicnn_results.json").read_text())
+    assert [list(p) for p in saved["minicnn"]["curve"]] == lesson2["valid_curve"]
+    assert (tmp_path / "time_to_accuracy.md").read_text() in out
+
+
+@pytest.mark.slow
+@needs_data
+def test_gpu_check_runs_every_part_quick_on_the_cpu(tmp_path):
+    out = run("gpu_check.py", "--device", "cpu", "--threads", "1", "--out", str(tmp_path))
+    assert "every part in its --quick form" in out
+    parts = [line.split("|")[1].strip() for line in out.splitlines()
+             if re.match(r"\| (lesson2|time|bf16|oom) \|", line)]
+    assert parts[0] == "lesson2" and parts[-2:] == ["bf16", "oom"] and parts.count("time") == len(ARMS), parts
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| failed |" not in table
+    assert re.search(r"bf16 \+ channels_last [\d.]+ steps/s: [\d.]+x", table)
+    oom = next(line for line in table.splitlines() if line.startswith("| oom |"))
+    assert "found 64" in oom and "steps of fit at 64" in oom and "skipped on the CPU" in oom
