@@ -49,8 +49,8 @@ def parse_args(argv):
                         help="folder for the pretrained body and the activations (default: OUT/cache)")
     args = parser.parse_args(argv)
     modes = [name for name in ("quick", "accuracy", "full") if getattr(args, name)]
-    if len(modes) > 1:
-        parser.error(f"--{' and --'.join(modes)}: choose one mode")
+    if len(modes) > 1 and modes != ["quick", "accuracy"]:  # --accuracy --quick: its smoke run
+        parser.error(f"--{' and --'.join(modes)}: choose one mode (only --accuracy takes --quick too)")
     args.mode = modes[0] if modes else "cpu"
     args.cache = args.cache or args.out / "cache"
     if args.limit is not None:
@@ -105,8 +105,10 @@ def load_data(args, *, transfer, source, target, n_labelled, n_valid):
     (x_all, y_all), (x_test, y_test), names = load_fashion_mnist()
     if not transfer:
         train, valid = train_valid_split(x_all, y_all, n_valid, seed=args.seed)
-        return dict(train=train, valid=valid, test=(x_test, y_test), source=None, classes=names,
-                    name="Fashion-MNIST")
+        test = (x_test, y_test)
+        if args.mode == "quick":  # --accuracy --quick: a stratified slice of every split
+            train, test = stratified_subset(*train, n_labelled, seed=args.seed), stratified_subset(*test, 500, seed=args.seed)
+        return dict(train=train, valid=valid, test=test, source=None, classes=names, name="Fashion-MNIST")
     x_source, y_source = classes_of(x_all, y_all, source)
     labelled = stratified_subset(*classes_of(x_all, y_all, target), n_labelled + n_valid, seed=args.seed)
     train, valid = train_valid_split(*labelled, n_valid, seed=args.seed)

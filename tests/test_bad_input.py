@@ -227,7 +227,7 @@ LESSON2 = [
     (["--accuracy", "--labelled", "500"], "--labelled"), (["--accuracy", "--arch", "resnet18"], "--arch"),
     (["--size", "4"], "--size"), (["--batch-size", "abc"], "--batch-size"), (["--limit", "500"], "--limit"),
     (["--data", "/no/such/folder"], "--data"), (["--preset", "upside_down"], "--preset"),
-    (["--arch", "vgg16"], "--arch"), (["--quick", "--accuracy"], "choose one mode"),
+    (["--arch", "vgg16"], "--arch"), (["--quick", "--full"], "choose one mode"),
     (["--accuracy", "--full"], "choose one mode"),
 ]
 
@@ -253,6 +253,8 @@ def test_lesson2_data_with_a_from_scratch_mode_or_the_fashion_body(tmp_path, cap
 def test_lesson2_modes_and_defaults():
     io = importlib.import_module("lesson2_io")
     assert io.parse_args([]).mode == "cpu"
+    both = io.parse_args(["--accuracy", "--quick"])  # the accuracy run's smoke run
+    assert both.mode == "quick" and both.accuracy
     for mode in ("quick", "accuracy", "full"):
         args = io.parse_args([f"--{mode}", "--out", "runs/x"])
         assert args.mode == mode and args.cache == Path("runs/x/cache")
