@@ -2,7 +2,7 @@
 
 The course's setting is a body pretrained on many labelled images (ImageNet) and a new task
 with a few thousand labels. Here the body is a small ResNet pretrained on 5 Fashion-MNIST
-classes (step 0, cached), and the new task is the other 5 classes from 1,000 labelled images.
+classes (step 0, cached), and the new task is the other 5 classes from 250 labelled images.
 The same report trains a network from scratch on the same images for the same seconds and
 says which won. The test images are predicted once, at the end, and choose nothing.
 
@@ -56,19 +56,6 @@ def by_mode(cpu, *, quick=None, accuracy=None, full=None):
     return cpu if value is None else value
 
 
-def choose_lr(found, *, floor=0.0):
-    """The LR after a range test: the course's "highest rate where the loss is still clearly falling"
-    (lr_find's suggestion). A trained network's loss is flat until the rate is too high, and a short
-    run of noise on that flat part can look like a fall: a suggestion below `floor` is not taken.
-    Without a usable suggestion: a tenth of the rate where the loss blew up, else FALLBACK_LR."""
-    if found.loss_fell and found.suggested_lr >= floor:
-        return found.suggested_lr, found.reason
-    blew_up = len(found.lrs) < LR_FIND_STEPS  # the sweep stopped early: past that rate the loss diverged
-    lr = found.lrs[-1] / 10 if blew_up else FALLBACK_LR
-    return lr, f"no usable suggestion ({found.reason}); " + (
-        f"a tenth of the rate where the loss blew up: {lr:.2g}" if blew_up else f"{FALLBACK_LR} (FALLBACK_LR)")
-
-
 TRANSFER = MODE in ("cpu", "quick") and not args.accuracy  # --accuracy / --full: one network from scratch
 SOURCE_CLASSES = [0, 2, 5, 7, 8]      # T-shirt/top, Pullover, Sandal, Sneaker, Bag: the body's "ImageNet"
 TARGET_CLASSES = [1, 3, 4, 6, 9]      # Trouser, Dress, Coat, Shirt, Ankle boot: the new task
@@ -103,6 +90,20 @@ hyper = dict(momentum=0.9, weight_decay=WEIGHT_DECAY)
 fast = dict(mixed_precision=BF16, channels_last=BF16)  # for fit on images
 report = io.Report(args.out, MODE, settings={k: v for k, v in globals().items() if k.isupper()},
                    main=distributed.is_main())  # rank 0 alone prints and writes
+
+# %% How a learning rate is read off a range test (steps 2, 7 and the from-scratch arm)
+def choose_lr(found, *, floor=0.0):
+    """The LR after a range test: the course's "highest rate where the loss is still clearly falling"
+    (lr_find's suggestion). A trained network's loss is flat until the rate is too high, and a short
+    run of noise on that flat part can look like a fall: a suggestion below `floor` is not taken.
+    Without a usable suggestion: a tenth of the rate where the loss blew up, else FALLBACK_LR."""
+    if found.loss_fell and found.suggested_lr >= floor:
+        return found.suggested_lr, found.reason
+    blew_up = len(found.lrs) < LR_FIND_STEPS  # the sweep stopped early: past that rate the loss diverged
+    lr = found.lrs[-1] / 10 if blew_up else FALLBACK_LR
+    return lr, f"no usable suggestion ({found.reason}); " + (
+        f"a tenth of the rate where the loss blew up: {lr:.2g}" if blew_up else f"{FALLBACK_LR} (FALLBACK_LR)")
+
 
 # %% The data: uint8 images (N, C, H, W), labels 0..n-1; valid is held out of the labelled images
 data = io.load_data(args, transfer=TRANSFER, source=SOURCE_CLASSES, target=TARGET_CLASSES,
