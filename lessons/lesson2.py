@@ -244,7 +244,8 @@ for cycle in range(CYCLES):
     report.step(8, f"cycle {cycle + 1}/{CYCLES}: {(ends[cycle] + 1 - first) // len(stage['train'])} epoch(s) at "
                    f"{size}px, snapshot taken", started, before, history.valid_acc[-1])
     if cycle and history.valid_loss[-1] > histories[-2].valid_loss[-1]:
-        stopped = f"the validation loss rose at the end of cycle {cycle + 1}: stopped there (overfitting)"
+        stopped = f"the validation loss rose at the end of cycle {cycle + 1}" + (
+            ": stopped there (overfitting)" if cycle < CYCLES - 1 else ", the last: it has started to overfit")
         break
 history = join_histories(histories)  # per step: the losses and LRs of the whole of step 8
 recipe_seconds = report.seconds_since(1 if TRANSFER else 7)

@@ -7,8 +7,8 @@ of labels (labels.png, with the seconds each took): where the curves cross, the 
 body stops paying.
 
 Run:
-    python lessons/lesson2_labels.py           # CPU: 250, 1,000 and 4,000 labels, about 12 minutes
-    python lessons/lesson2_labels.py --full    # 100 to 25,000 labels, 8 points
+    python lessons/lesson2_labels.py           # CPU: 250, 1,000, 4,000 and 16,000 labels, minutes
+    python lessons/lesson2_labels.py --full    # 100 to 25,000 labels, 9 points
     python lessons/lesson2_labels.py --quick   # 2 tiny points, seconds
 Each point's own report is in --out (default runs/lesson2_labels)/n<labels>/report.md; the body is
 pretrained once and cached in --out/cache. Options: --seed, --threads, --device, --out.
@@ -28,7 +28,7 @@ from common import check, device, int_in, out_folder, threads_note
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--quick", action="store_true", help="2 tiny points (lesson2.py --quick), seconds")
-parser.add_argument("--full", action="store_true", help="8 points, 100 to 25,000 labels")
+parser.add_argument("--full", action="store_true", help="9 points, 100 to 25,000 labels")
 parser.add_argument("--out", type=out_folder, default=Path("runs/lesson2_labels"))
 parser.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0)
 parser.add_argument("--threads", type=int_in(1), default=None)
@@ -36,8 +36,8 @@ parser.add_argument("--device", type=device, default=None)
 args = parser.parse_args(sys.argv[1:] if __name__ == "__main__" else [])
 if args.quick and args.full:
     parser.error("--quick and --full: choose one")
-LABELLED = ((100, 200) if args.quick else (100, 250, 500, 1000, 2000, 4000, 10_000, 25_000) if args.full
-            else (250, 1000, 4000))
+LABELLED = ((100, 200) if args.quick else (100, 250, 500, 1000, 2000, 4000, 8000, 16_000, 25_000) if args.full
+            else (250, 1000, 4000, 16_000))
 LESSON = Path(__file__).resolve().parent / "lesson2.py"
 if args.threads:
     import torch
