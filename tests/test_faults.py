@@ -1,5 +1,5 @@
 """Faults while saving. A process saving checkpoints (or snapshots) in a loop is killed with SIGKILL at
-random moments, 25 times each; a save runs out of space (a file-size limit, as on a full disk). After
+random moments and inside the write, 25 times each; a save runs out of space (a file-size limit, as on a full disk). After
 each fault the previous file loads with the values it was saved with, the saved step never goes back,
 and no temporary file outlives the next good save.
 
@@ -75,8 +75,9 @@ CHILD = textwrap.dedent(r'''
             raise TimeoutError("the grandchild said nothing for 20 s")
         return os.read(fd, 1)
 
-    def trial(run, pause):
-        """Fork a grandchild that saves in a loop; kill it `pause` s into its m-th save; check the files."""
+    def trial(run, pause, in_write):
+        """Fork a grandchild that saves in a loop; kill it `pause` s into its m-th save (with `in_write`, as
+        soon as that save's temporary file exists, so the kill lands mid-write on any machine); check."""
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the grandchild: save, advance, save ... until killed
@@ -93,6 +94,9 @@ CHILD = textwrap.dedent(r'''
         m, said = rng.randint(1, 3), b""
         while said.count(b"s") < m:  # wait until the m-th save has begun
             said += read(r)
+        waited = time.perf_counter()
+        while in_write and not temporaries(run.folder) and time.perf_counter() - waited < 20:
+            time.sleep(0.0001)
         time.sleep(pause)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)  # reaped: its pid is free, so the next save knows its temporary is stale
@@ -138,7 +142,8 @@ CHILD = textwrap.dedent(r'''
         run.save()  # again, now that everything is imported: how long a save takes
         took = min(time.perf_counter() - started, 0.2)
         before = run.check()[0]
-        trials = [trial(run, rng.uniform(0, 1.5 * took)) for _ in range(kills)]
+        trials = [trial(run, rng.uniform(0, 1.5 * took), False) if i % 2 else trial(run, 0.0, True)
+                  for i in range(kills)]  # half at random moments, half inside the write
         results[name] = {"before": before, "trials": trials, "disk_full": disk_full(run)}
     print(json.dumps(results))
 ''')
