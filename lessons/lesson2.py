@@ -184,8 +184,8 @@ if TRANSFER:
 
     # %% Step 4: precompute off: the head again, on augmented images, SGDR with cycle_len=1
     # The body stays frozen but its BatchNorm layers now train (fastai 2's train_bn): their statistics
-    # and scales follow the new classes' images. Kept on the source's statistics, step 4 lost 1.8
-    # points instead of gaining 1.8 (docs/recipe.md).
+    # and scales follow the new classes' images. Kept on the source's statistics, step 4 lost 2.1
+    # points where it gained 1.8 with them training (docs/recipe.md).
     started, before = time.perf_counter(), report.last_accuracy
     freeze(model, train_bn=True)
     opt = SGD(param_groups(model, lr, **hyper), lr, **hyper)  # one group per layer group, frozen ones too
