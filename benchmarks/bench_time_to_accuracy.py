@@ -18,7 +18,7 @@ the 10,000 test images predicted once at the end, bf16 autocast + channels_last 
 lesson2 uses them (CUDA, or a CPU that computes bf16). Each arm's clock starts where its training
 starts, its LR range test included (the recipe's step 7, fastai's lr_find), and runs through every
 epoch's validation; loading the data and predicting the test set are outside it. The one-cycle
-arms train as many epochs as the recipe's cycles add up to (--epochs; 15 for --accuracy), so all
+arms train as many epochs as the recipe's cycles add up to (--epochs; 31 for --accuracy: cycles of 1+2+4+8+16), so all
 arms see the data as often. A one-cycle run peaks only as its budget ends, so its seconds to a
 threshold follow --epochs: run a shorter --epochs too before calling the plain loop slow.
 
@@ -375,7 +375,7 @@ def parse_args(argv=None):
     parser.add_argument("--order", default=",".join(ARMS), help="the arms to run, in this order (default "
                         f"{','.join(ARMS)}); rotate it between runs")
     parser.add_argument("--epochs", type=int, default=None, help="epochs of the one-cycle arms (default: the "
-                        "recipe's, 15 with --mode accuracy: the same passes over the data; --quick 2)")
+                        "recipe's, 31 with --mode accuracy: the same passes over the data; --quick 2)")
     parser.add_argument("--max-lr", default=str(MAX_LR), help=f"the plain loop's OneCycleLR max_lr (default {MAX_LR}: "
                         "what lesson2's range test picked), or 'find' (minicnn.lr_find, on the clock)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every arm (default: all)")
