@@ -18,7 +18,7 @@ import weakref
 import torch
 from torch import nn
 
-BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # Sync: after convert_sync_batchnorm
 # BN layer -> handle of its eval-mode forward pre-hook (torch's own extension point; nothing is
 # patched). A deep copy of a model keeps the hooks but not these entries: copy state_dicts.
 _hooks = weakref.WeakKeyDictionary()

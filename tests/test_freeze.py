@@ -36,7 +36,7 @@ def train_steps(model, opt, steps=4):
 
 
 def bn_layers(module):
-    return [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    return [m for m in module.modules() if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm))]
 
 
 def optimizers():
@@ -135,6 +135,21 @@ def test_bn_freeze_keeps_body_statistics_while_its_weights_train():
     model.train()
     model(tiny_data()[0])
     assert all(not torch.equal(a, b) for a, b in zip(stats, running_means(body)))
+
+
+def test_bn_freeze_and_train_bn_false_see_syncbatchnorm_layers():
+    # convert_sync_batchnorm (several GPUs, docs/distributed.md) swaps BatchNorm2d for SyncBatchNorm;
+    # in eval mode SyncBatchNorm uses its running statistics and talks to no other rank, so the CPU runs it
+    for freeze_body in (lambda m: (unfreeze(m), bn_freeze(m)), lambda m: freeze(m, train_bn=False)):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(tiny_model())
+        body = nn.Sequential(*model.layer_groups[:2])
+        assert bn_layers(body) and all(isinstance(bn, nn.SyncBatchNorm) for bn in bn_layers(body))
+        freeze_body(model)
+        stats = running_means(body)
+        model.train()
+        model(tiny_data()[0])  # would raise on the CPU if a SyncBatchNorm layer ran in train mode
+        assert all(not bn.training for bn in bn_layers(body))
+        assert all(torch.equal(a, b) for a, b in zip(stats, running_means(body)))
 
 
 def test_bn_freeze_off_keeps_what_freeze_to_froze():
