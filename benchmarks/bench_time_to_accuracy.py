@@ -268,8 +268,9 @@ def fastai_arm(data, s, args, device):
     curve = Curve(started)
     learn = Learner(DataLoaders(train, valid), model, loss_func=CrossEntropyLossFlat(), metrics=fastai_accuracy,
                     path=folder, cbs=[Bf16ChannelsLast()] if s["bf16"] else [])
-    lr = learn.lr_find(num_it=100 if not args.quick else 50, show_plot=False).valley
-    learn.fit_one_cycle(args.epochs, lr, cbs=[curve])
+    with learn.no_bar():  # its progress bar redraws itself into the log hundreds of times an epoch
+        lr = learn.lr_find(num_it=100 if not args.quick else 50, show_plot=False).valley
+        learn.fit_one_cycle(args.epochs, lr, cbs=[curve])
     shutil.rmtree(folder, ignore_errors=True)
     test, test_flip = test_accuracies(learn.model, data, s, device)
     return dict(curve=curve.curve, test=test, test_flip=test_flip, epochs=args.epochs, how="last weights",
