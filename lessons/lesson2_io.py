@@ -34,7 +34,7 @@ def parse_args(argv):
                         help="from scratch on all 50,000 images and 10 classes (the accuracy run)")
     parser.add_argument("--full", action="store_true", help="the GPU setting of --accuracy: a wider network")
     parser.add_argument("--labelled", type=int_in(10), default=None,
-                        help="labelled training images of the new task (default 1,000; --quick 200)")
+                        help="labelled training images of the new task (default 250; --quick 200)")
     parser.add_argument("--data", type=Path, default=None, help="an image folder: train/<class>/*, valid/<class>/*")
     parser.add_argument("--arch", choices=("simple_resnet",) + PRETRAINED_ARCHS, default=None,
                         help="the body: simple_resnet pretrained on 5 classes (Fashion-MNIST's default), or an "
@@ -259,7 +259,8 @@ class Report:
                   f"{r['valid']:.4f} | {r['test']:.4f} |" for way, r in s["results"].items()]
         gap = abs(s["recipe_test"] - s["test"])
         return lines + ["", f"Won: **{won}**, by {gap * 100:.1f} points of test accuracy "
-                            f"({s['recipe_test']:.4f} against {s['test']:.4f}).", ""]
+                            f"({s['recipe_test']:.4f} against {s['test']:.4f}). Seconds are training, "
+                            "range tests included, for both; predicting is not counted.", ""]
 
     def finish(self, verdict, stopped, chosen, results):
         """Write report.md and results.json, print the tables -> the chosen way's test accuracy."""
