@@ -18,8 +18,8 @@ the 10,000 test images predicted once at the end, bf16 autocast + channels_last 
 lesson2 uses them (CUDA, or a CPU that computes bf16). Each arm's clock starts where its training
 starts, its LR range test included (the recipe's step 7, fastai's lr_find), and runs through every
 epoch's validation; loading the data and predicting the test set are outside it. The one-cycle
-arms train as many epochs as the recipe's cycles add up to (--epochs; 31 for --accuracy: cycles of 1+2+4+8+16), so all
-arms see the data as often. A one-cycle run peaks only as its budget ends, so its seconds to a
+arms train as many epochs as the recipe's cycles add up to (--epochs; 31 for --accuracy: cycles
+of 1+2+4+8+16), so all arms see the data as often. A one-cycle run peaks only as its budget ends, so its seconds to a
 threshold follow --epochs: run a shorter --epochs too before calling the plain loop slow.
 
 One round, not alternating rounds: an arm takes as long as lesson2 --accuracy, 10 minutes or more

@@ -1,7 +1,7 @@
-"""Faults while saving. A process saving checkpoints (or snapshots) in a loop is killed with SIGKILL at
-random moments and inside the write, 25 times each; a save runs out of space (a file-size limit, as on a full disk). After
-each fault the previous file loads with the values it was saved with, the saved step never goes back,
-and no temporary file outlives the next good save.
+"""Faults while saving. A process saving checkpoints (or snapshots) in a loop is killed with SIGKILL,
+25 times each, at random moments and inside the write; a save runs out of space (a file-size limit,
+as on a full disk). After each fault the previous file loads with the values it was saved with, the
+saved step never goes back, and no temporary file outlives the next good save.
 
 One child process imports torch once and runs every trial; each trial forks a grandchild that saves
 until the child kills it, so a trial costs milliseconds, not an interpreter start."""
