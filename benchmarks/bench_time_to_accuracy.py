@@ -60,6 +60,7 @@ from minicnn.augment import side_on  # noqa: E402
 from minicnn.data import Batches, load_fashion_mnist, stratified_subset, train_valid_split  # noqa: E402
 from minicnn.lr_find import lr_find  # noqa: E402
 from minicnn.models import simple_resnet  # noqa: E402
+from minicnn.train import accuracy  # noqa: E402
 
 ARMS = ("minicnn", "plain", "fastai")
 THRESHOLDS = (0.92, 0.93)
@@ -131,10 +132,6 @@ def probabilities(model, x, s, device, *, flip=False):
                 xb = xb.contiguous(memory_format=torch.channels_last)
             out.append(torch.softmax(model(xb).float(), dim=1).cpu())
     return torch.cat(out)
-
-
-def accuracy(probs, y):
-    return (probs.argmax(1) == y).float().mean().item()
 
 
 def test_accuracies(model, data, s, device):

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_time_to_accuracy import THRESHOLDS, lesson2_setting, seconds_to  # noqa: E402
+from bench_time_to_accuracy import THRESHOLDS, lesson2_setting, seconds_to, synchronize  # noqa: E402
 from minicnn.batch_size import find_batch_size  # noqa: E402
 from minicnn.data import Batches  # noqa: E402
 from minicnn.models import simple_resnet  # noqa: E402
@@ -61,11 +61,6 @@ def cpu_computes_bf16():
     sys.path.insert(0, str(ROOT / "lessons"))
     import lesson2_io  # lesson2's own test (it imports matplotlib: only where needed)
     return lesson2_io.cpu_computes_bf16()
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 # ---- parts 3 and 4, each run in its own process (--part) ---------------------------------------------

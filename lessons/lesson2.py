@@ -127,9 +127,9 @@ if ARCH == "simple_resnet" and TRANSFER:
     # A small ResNet trained on the 5 source classes, whose first two layer groups become the body.
     pretrained = simple_resnet(len(SOURCE_CLASSES), channels, WIDTHS)
     cache = io.body_cache(args, data["source"][0], SOURCE_CLASSES, WIDTHS, PRETRAIN_EPOCHS, PRETRAIN_LR, SIZES[-1])
-    if distributed.run_on_main(io.load_body, pretrained, cache):  # rank 0 reads it, then sends it
+    cached = distributed.run_on_main(io.load_body, pretrained, cache)  # rank 0 reads it, then sends it
+    if cached:
         distributed.broadcast_weights(pretrained)
-        cache.loaded = True
     else:
         source = distributed.Shard(Batches(*data["source"], 128, shuffle=True, drop_last=True, device=args.device,
                                            generator=torch.Generator().manual_seed(args.seed)))
@@ -142,7 +142,7 @@ if ARCH == "simple_resnet" and TRANSFER:
     model = simple_resnet(n_classes, channels, WIDTHS)  # a new head (pool, linear) for the new classes
     model.layer_groups[:2].load_state_dict(pretrained.layer_groups[:2].state_dict())
     what = (f"body pretrained on {len(data['source'][0])} images of the source classes, {PRETRAIN_EPOCHS} "
-            f"epoch(s) ({'cached' if cache.loaded else 'trained now, then cached'})")
+            f"epoch(s) ({'cached' if cached else 'trained now, then cached'})")
 elif TRANSFER:
     model = pretrained_classifier(ARCH, n_classes, in_channels=channels)  # ImageNet weights, new head
     what = f"{ARCH} with its ImageNet weights, a new head"
@@ -291,8 +291,8 @@ if TRANSFER:
     epochs = distributed.run_on_main(lambda: max(1, round((recipe_seconds - (time.perf_counter() - started))
                                                           / seconds_per_epoch)))
     lr_at = functools.partial(cosine_lr, total_steps=epochs * len(small["train"]), lr_max=scratch_lr)
-    scratch_history = fit(scratch, small["train"], small["valid"], opt, lr_at, epochs, augment=augment,
-                          train_eval=small["train_eval"], verbose=False, **fast)  # evaluated as often as step 8
+    fit(scratch, small["train"], small["valid"], opt, lr_at, epochs, augment=augment,
+        train_eval=small["train_eval"], verbose=False, **fast)  # evaluated as often as step 8
     scratch_seconds = time.perf_counter() - started  # its range test and training: the recipe's seconds count the same
     scratch_results = {way: {split: accuracy(distributed.gather(fn(scratch, full[split])), y[split])
                              for split in ("valid", "test")}

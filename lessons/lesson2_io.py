@@ -159,33 +159,26 @@ def feature_batches(features, data, batch_size, args):
                 valid=Batches(features["valid"][s], data["valid"][1][s], 512, shuffle=False, device=args.device))
 
 
-class BodyCache:
-    """Where the body pretrained in step 0 is kept: a file named by everything it depends on."""
-
-    def __init__(self, path):
-        self.path, self.loaded = path, False
-
-
 def body_cache(args, x_source, classes, widths, epochs, lr, size):
+    """Where the body pretrained in step 0 is kept: a file named by everything it depends on."""
     settings = f"{classes} {widths} {epochs} {lr} {size} {args.seed} {data_hash(x_source)}"
-    return BodyCache(Path(args.cache) / f"body-{hashlib.blake2b(settings.encode(), digest_size=8).hexdigest()}.pt")
+    return Path(args.cache) / f"body-{hashlib.blake2b(settings.encode(), digest_size=8).hexdigest()}.pt"
 
 
-def load_body(model, cache):
+def load_body(model, path):
     """The cached weights into model -> True; False when there are none yet (a damaged file: said)."""
-    if not cache.path.is_file():
+    if not path.is_file():
         return False
     try:
-        model.load_state_dict(load_checked(cache.path, BODY_FORMAT, "pretrained body"))
+        model.load_state_dict(load_checked(path, BODY_FORMAT, "pretrained body"))
     except ValueError as error:
         print(f"not using the cached body: {error}; training it again")
         return False
-    cache.loaded = True
     return True
 
 
-def save_body(model, cache):
-    save_checked(cache.path, BODY_FORMAT, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+def save_body(model, path):
+    save_checked(path, BODY_FORMAT, {k: v.detach().cpu() for k, v in model.state_dict().items()})
 
 
 def plot_augmentation(valid, preset, args):

@@ -7,8 +7,8 @@ float images in [0, 1] and normalise them in their first layer.
     fastai head: concat(max-pool, avg-pool), BN, dropout 0.25, linear 512, ReLU, BN, dropout 0.5, linear
 
 Source: He et al. 2016, "Deep Residual Learning"; fast.ai 2018 lesson 2 (3 layer groups, the
-head). EfficientNet-Lite0 comes from minicnn/efficientnet.py (this file imports it); the
-torchvision ResNets need their weights downloaded once. More: docs/models.md.
+head). EfficientNet-Lite0 comes from minicnn/efficientnet.py, the one other module this file
+needs: copy both. The torchvision ResNets need their weights downloaded once. More: docs/models.md.
 """
 import math
 import numbers

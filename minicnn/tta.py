@@ -7,7 +7,8 @@ with p_v = softmax(model(view v)): probabilities, not logits (softmax of the mea
 a geometric mean, where one confident view vetoes a class the others agree on).
 
 Source: fast.ai 2018 lesson 2 (learn.TTA(): the plain view plus 4 augmented views); fastai 2's
-Learner.tta (n=4, beta=0.25). A preset given by name ("side_on") comes from minicnn/augment.py.
+Learner.tta (n=4, beta=0.25). Copied alone it works with any augment function; a preset given
+by name ("side_on") needs minicnn/augment.py too (imported only then).
 """
 import numbers
 
