@@ -132,31 +132,34 @@ def batches_at(data, size, batch_size, args):
     global_train: the whole batches (for lr_find on rank 0), valid, test, train_eval: this rank's
     part). The training order depends on the seed only, so every size and every rank visits the
     images in the same order; training drops its last short batch. One process: all of each."""
-    def make(x, y, b, shuffle):
-        return Batches(at_size(x, size), y, b, shuffle=shuffle, drop_last=shuffle, device=args.device,
-                       generator=torch.Generator().manual_seed(args.seed))
     x_train, y_train = data["train"]
     if len(x_train) < batch_size:
         raise SystemExit(f"--batch-size {batch_size} is more than the {len(x_train)} training images; "
                          "give a smaller one")
     # a training sample for the eval-mode training loss (diagnose): 2,000, or half of few images
     sample = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed))[:min(2000, len(x_train) // 2)]
-
-    def part(x, y):  # this rank's part of an evaluation set
-        s = distributed.rank_slice(len(y))
-        return make(x[s], y[s], 512, False)
-    train = make(x_train, y_train, batch_size, True)
-    return dict(train=distributed.Shard(train), global_train=train, valid=part(*data["valid"]),
-                test=part(*data["test"]), train_eval=part(x_train[sample], y_train[sample]))
+    train = _training_batches(at_size(x_train, size), y_train, batch_size, args)
+    return dict(train=distributed.Shard(train), global_train=train, valid=_rank_part(*data["valid"], args, size),
+                test=_rank_part(*data["test"], args, size),
+                train_eval=_rank_part(x_train[sample], y_train[sample], args, size))
 
 
 def feature_batches(features, data, batch_size, args):
     """The body's activations as batches for the head: dict(train: this rank's share, global_train, valid: part)."""
-    train = Batches(features["train"], data["train"][1], batch_size, shuffle=True, drop_last=True,
-                    generator=torch.Generator().manual_seed(args.seed), device=args.device)
-    s = distributed.rank_slice(len(data["valid"][1]))
-    return dict(train=distributed.Shard(train), global_train=train,
-                valid=Batches(features["valid"][s], data["valid"][1][s], 512, shuffle=False, device=args.device))
+    train = _training_batches(features["train"], data["train"][1], batch_size, args)
+    return dict(train=distributed.Shard(train), global_train=train, valid=_rank_part(features["valid"], data["valid"][1], args))
+
+
+def _training_batches(x, y, batch_size, args):
+    """Shuffled in the seed's order (the same at every size and on every rank), the last short batch dropped."""
+    return Batches(x, y, batch_size, shuffle=True, drop_last=True, device=args.device,
+                   generator=torch.Generator().manual_seed(args.seed))
+
+
+def _rank_part(x, y, args, size=None):
+    """This rank's part of an evaluation set, in order, 512 at a time (images resized to `size`)."""
+    s = distributed.rank_slice(len(y))
+    return Batches(x[s] if size is None else at_size(x[s], size), y[s], 512, shuffle=False, device=args.device)
 
 
 def body_cache(args, x_source, classes, widths, epochs, lr, size):
