@@ -45,7 +45,7 @@ from minicnn.freeze import bn_freeze, differential_lrs, freeze, param_groups, un
 from minicnn.lr_find import lr_find
 from minicnn.models import pretrained_classifier
 from minicnn.optim import SGD
-from minicnn.plots import plot_losses, plot_lr_find
+from minicnn.plots import plot_losses, plot_lr_find, save_png
 from minicnn.precompute import body_and_head, precompute_features
 from minicnn.schedule import sgdr_lrs, total_steps
 from minicnn.train import evaluate, fit
@@ -118,7 +118,7 @@ def plot_steps(results, epoch_seconds, path):
         right.text(i, value, f"{value:.1f}s", ha="center", va="bottom")
     right.set(xticks=range(len(names)), xticklabels=names, ylabel="seconds per epoch",
               ylim=(0, 1.15 * max(seconds)), title=f"a head epoch: {seconds[1] / seconds[0]:.0f}x\nfaster on features")
-    fig.savefig(path)
+    save_png(fig, path)
 
 
 def main(argv=None):

@@ -13,7 +13,7 @@ import torch
 from common import add_common_args, float_above, int_in, out_folder
 import minicnn.distributed as distributed
 from minicnn.augment import resize
-from minicnn.checkpoint import load_checked, save_checked
+from minicnn.checkpoint import atomic_write, load_checked, save_checked
 from minicnn.data import (Batches, load_fashion_mnist, load_image_folder, stratified_subset,
                           train_valid_split)
 from minicnn.models import PRETRAINED_ARCHS
@@ -280,8 +280,8 @@ class Report:
             lines += [stopped, ""]
         lines += [f"Test accuracy: **{test:.4f}** ({chosen}); total time {total:.0f}s.", ""]
         lines += [f"![{name}]({name}.png)" for name in FIGURES if (self.out / f"{name}.png").is_file()]
-        (self.out / "report.md").write_text("\n".join(lines) + "\n")
-        (self.out / "results.json").write_text(json.dumps(dict(
+        atomic_write(self.out / "report.md", "\n".join(lines) + "\n")
+        atomic_write(self.out / "results.json", json.dumps(dict(
             mode=self.mode, settings={k: repr(v) for k, v in self.settings.items()}, steps=self.rows,
             predictions=results, chosen=chosen, test=test, scratch=self.scratch, seconds=total,
             valid_curve=getattr(self, "valid_curve", []),

@@ -25,6 +25,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from common import check, device, int_in, out_folder, threads_note
+from minicnn.checkpoint import atomic_write
+from minicnn.plots import save_png
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--quick", action="store_true", help="2 tiny points (lesson2.py --quick), seconds")
@@ -77,12 +79,12 @@ ax.set_xlabel("labelled training images of the 5 new classes (log scale)")
 ax.set_ylabel("test accuracy")
 ax.set_title("Fashion-MNIST, 5 new classes: where does a pretrained body pay?", fontsize=9)
 ax.legend(fontsize=8)
-fig.savefig(args.out / "labels.png")
+save_png(fig, args.out / "labels.png")
 lines = ["| labelled images | the recipe: test | seconds | from scratch: test | seconds | gain |", "|---|---|---|---|---|---|"]
 lines += [f"| {n:,} | {results[n]['test']:.4f} | {results[n]['scratch']['recipe_seconds']:.0f} | "
           f"{results[n]['scratch']['test']:.4f} | {results[n]['scratch']['seconds']:.0f} | "
           f"{100 * (results[n]['test'] - results[n]['scratch']['test']):+.1f} points |" for n in LABELLED]
-(args.out / "labels.md").write_text("\n".join(lines) + "\n\n![labels](labels.png)\n")
+atomic_write(args.out / "labels.md", "\n".join(lines) + "\n\n![labels](labels.png)\n")
 print("\n".join(lines) + f"\nfigure: {args.out / 'labels.png'}")
 
 # %% Self-check: each point ran both arms with the labels asked for (lesson2.py checked each run's

@@ -27,6 +27,7 @@ import time
 import torch
 
 from common import check, check_accuracy, fashion_data, int_in, parse_args, threads_note
+from minicnn.checkpoint import atomic_write
 from minicnn.diagnose import diagnose
 from minicnn.lr_find import lr_find
 from minicnn.models import simple_resnet
@@ -111,7 +112,7 @@ def main(argv=None):
                   runs={name: dict(peak_lr=run_lr, **(vars(history) if history else {}),
                                    diagnosis=str(diagnosis) if diagnosis else "diverged")
                         for name, run_lr, history, diagnosis in rows})
-    (args.out / "report.json").write_text(json.dumps(report, indent=1))
+    atomic_write(args.out / "report.json", json.dumps(report, indent=1))
     print(f"\ntotal {time.perf_counter() - started:.0f}s; figures and report.json in {args.out}")
 
     # Self-check: the test left the model as it was and found a fall; its rate ends within a

@@ -32,6 +32,7 @@ from common import (check, check_accuracy, check_size, fashion_data, float_above
 from minicnn.data import Batches, stratified_subset
 from minicnn.models import simple_resnet
 from minicnn.optim import SGD
+from minicnn.plots import save_png
 from minicnn.schedule import cosine_lr, cycle_end_steps, linear_lr, sgdr_lr, step_decay_lr, total_steps
 from minicnn.train import evaluate, fit
 
@@ -74,7 +75,7 @@ def plot_paths(paths, path):
     ax.legend(fontsize=8)
     ax.set_title(f"{RAVINE_STEPS} steps of SGD, lr {RAVINE_LR}, on f(w) = (w0^2 + 20 w1^2) / 2", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    save_png(fig, path)
 
 
 def schedules(n_steps, steps_per_epoch, lr):
@@ -104,7 +105,7 @@ def plot_schedules(lrs, path, title):
         ax.set_ylabel("learning rate")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    save_png(fig, path)
 
 
 def plot_training(histories, path, window):
@@ -121,7 +122,7 @@ def plot_training(histories, path, window):
     bottom.set_yscale("log")
     top.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    save_png(fig, path)
 
 
 def check_options(args, error):

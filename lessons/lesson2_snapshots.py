@@ -43,7 +43,7 @@ from minicnn.checkpoint import load_checkpoint, save_checkpoint
 from minicnn.data import Batches, stratified_subset
 from minicnn.models import simple_resnet
 from minicnn.optim import SGD
-from minicnn.plots import plot_losses, plot_schedule
+from minicnn.plots import plot_losses, plot_schedule, save_png
 from minicnn.schedule import cycle_end_steps, sgdr_lr, total_steps
 from minicnn.snapshot import Snapshots, ensemble_predict, predict_each
 from minicnn.train import accuracy, fit
@@ -117,7 +117,7 @@ def plot_table(rows, path, n_aug):
     ax.set_xlabel("validation accuracy")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path)
+    save_png(fig, path)
 
 
 def plot_search(tried, fitted, found, path):
@@ -132,7 +132,7 @@ def plot_search(tried, fitted, found, path):
     ax.set_ylabel("batch size")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    save_png(fig, path)
 
 
 def main(argv=None):
@@ -170,7 +170,7 @@ def main(argv=None):
     fig.axes[0].plot(ends, [lrs[s] for s in ends], "o", color="red", label="snapshot")
     fig.axes[0].legend()
     fig.tight_layout()
-    fig.savefig(args.out / "schedule.png")
+    save_png(fig, args.out / "schedule.png")
     plot_losses(history, args.out / "losses.png", title=f"{sgdr}, side_on augmentation")
 
     # 2. the table: snapshots, the last, ensembles of the last M; plain and with TTA
@@ -204,7 +204,7 @@ def main(argv=None):
     fig.axes[0].lines[1].set(linestyle="none", marker=".", markersize=3)  # dots on the first run's line
     fig.axes[0].legend()
     fig.tight_layout()
-    fig.savefig(args.out / "resume.png")
+    save_png(fig, args.out / "resume.png")
 
     # 4. the largest batch that fits: try_step really trains, 3 steps at batch size b
     probe_augment = side_on(generator=torch.Generator().manual_seed(args.seed + 1))

@@ -120,19 +120,27 @@ def _fsync_folder(folder):
 def atomic_save(obj, path):
     """torch.save(obj) to `path` so that a crash leaves the old file or the new one, never half of one."""
     path = _file_path(path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)  # in memory first: torch's writer turns a full disk into "unexpected pos 704 vs 598"
+    return atomic_write(path, buffer.getbuffer())
+
+
+def atomic_write(path, data):
+    """Write bytes (or str, as UTF-8) to `path` so that a crash or a full disk leaves the old file or
+    the new one, never half of one (reports, figures: whatever was good before stays good)."""
+    path = _file_path(path)
+    data = data.encode() if isinstance(data, str) else data
     path.parent.mkdir(parents=True, exist_ok=True)
     for leftover in stale_temporaries(path.parent, re.escape(path.name)):  # a killed save left them: remove
         leftover.unlink(missing_ok=True)
     # the temporary file must be in the same folder: os.replace is atomic only within one file system
     # (not tempfile.mkstemp: its 0600 mode would survive the rename; here the umask applies, as for open())
     tmp = path.parent / f".{path.name}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)  # in memory first: torch's writer turns a full disk into "unexpected pos 704 vs 598"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             try:
-                f.write(buffer.getbuffer())
+                f.write(data)
                 f.flush()
             except OSError as error:  # a full disk, a size limit
                 raise OSError(error.errno, f"{error.strerror}: {path} was not written (the file there before, if "

@@ -1,16 +1,18 @@
 """The figures of the lessons: LR finder curve, schedules, losses, augmented samples, confusions.
 
 Each function builds a matplotlib Figure on the Agg canvas (no pyplot: no window, no global
-figure list to leak memory in long runs), saves it as a PNG when given a path (parent folders
-are created) and returns the Figure, so a test or notebook can look inside. Inputs are read
-by attribute (an LRFindResult, a History, or anything with the same fields), so this file
-imports nothing from minicnn. Images are float tensors (K, C, H, W) in [0, 1], C = 1 or 3.
+figure list to leak memory in long runs), saves it as a PNG when given a path (save_png:
+written aside, then renamed onto it) and returns the Figure, so a test or notebook can look
+inside. Inputs are read by attribute (an LRFindResult, a History, or anything with the same
+fields), so this file imports nothing from minicnn. Images are float tensors (K, C, H, W) in [0, 1], C = 1 or 3.
 
     top losses: loss_i = -log p_i(true class), worst first
 
 Source: the plots of fastai 0.7 (sched.plot, sched.plot_lr, most_by_uncertain), redrawn.
 """
+import io
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +27,26 @@ def _new_figure(width, height):
     return fig
 
 
+def save_png(fig, path):
+    """fig as a PNG at `path` (parent folders made); a kill or a full disk mid-write leaves the old file."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"plots are saved as PNG: give a path ending in .png, not {str(path)!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = io.BytesIO()
+    fig.savefig(image, format="png")  # drawn in memory, then written beside the path and renamed onto it
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(image.getbuffer())
+        os.replace(tmp, path)  # all or nothing
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def _save(fig, path):
     if path is not None:
-        path = Path(path)
-        if path.suffix.lower() != ".png":
-            raise ValueError(f"plots are saved as PNG: give a path ending in .png, not {str(path)!r}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png")
+        save_png(fig, path)
     return fig
 
 

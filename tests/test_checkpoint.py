@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from minicnn.checkpoint import load_checkpoint, save_checkpoint
+from minicnn.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from minicnn.data import Batches
 from minicnn.models import simple_resnet
 from minicnn.train import fit
@@ -441,3 +441,26 @@ def test_a_history_saved_as_the_error_advises_loads_back_equal(tmp_path):
     save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=8, extra={"history": dataclasses.asdict(history)})
     extra = load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt).extra
     assert extra["history"] == dataclasses.asdict(history) and len(extra["history"]["batch_loss"]) == 8
+
+
+def test_atomic_write_writes_text_and_bytes_and_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+    import io
+    report = tmp_path / "runs" / "report.md"
+    assert atomic_write(report, "# a report\n") == report  # the folder is made
+    assert report.read_text() == "# a report\n"
+    atomic_write(tmp_path / "b.bin", b"\x00\x01")
+    assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
+
+    class FullDisk(io.FileIO):  # half the bytes fit, then the disk is full
+        def write(self, data):
+            super().write(bytes(data)[:len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fdopen", FullDisk)
+    with pytest.raises(OSError, match=r"report.md was not written \(the file there before, if any, is unchanged\)"):
+        atomic_write(report, "# a longer report that does not fit\n" * 10)
+    monkeypatch.undo()
+    assert report.read_text() == "# a report\n"
+    assert [p.name for p in report.parent.iterdir()] == ["report.md"]
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        atomic_write(tmp_path, "x")

@@ -30,9 +30,9 @@ PUBLIC = {
     "snapshot": "Snapshots predict_each ensemble_predict",
     "diagnose": "diagnose Diagnosis",
     "batch_size": "find_batch_size",
-    "checkpoint": "save_checkpoint load_checkpoint atomic_save",
+    "checkpoint": "save_checkpoint load_checkpoint atomic_save atomic_write",
     "distributed": "setup teardown is_main Shard rank_slice gather average_gradients broadcast_weights run_on_main",
-    "plots": "plot_lr_find plot_schedule plot_losses plot_augmented plot_confusion plot_top_losses",
+    "plots": "save_png plot_lr_find plot_schedule plot_losses plot_augmented plot_confusion plot_top_losses",
 }
 
 

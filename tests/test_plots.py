@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minicnn.plots import (plot_augmented, plot_confusion, plot_losses, plot_lr_find,
-                           plot_schedule, plot_top_losses)
+                           plot_schedule, plot_top_losses, save_png)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -208,3 +208,25 @@ def test_plot_top_losses_worst_first(tmp_path):
 def test_path_must_be_png(tmp_path):
     with pytest.raises(ValueError, match=".png"):
         plot_schedule([0.1], tmp_path / "s.jpg")
+
+
+def test_a_full_disk_while_saving_a_figure_keeps_the_old_png(tmp_path, monkeypatch):
+    import errno
+    import pathlib
+    path = tmp_path / "s.png"
+    plot_schedule([0.1, 0.2], path)
+    old = path.read_bytes()
+    assert old[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def full_disk(self, data):  # half the bytes fit, then the disk is full
+        with open(self, "wb") as f:
+            f.write(bytes(data)[:len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(pathlib.Path, "write_bytes", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        plot_schedule([0.3, 0.1, 0.05], path)
+    monkeypatch.undo()
+    assert path.read_bytes() == old  # the figure there before, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["s.png"]  # no half-written temporary left
+    fig = plot_schedule([0.3, 0.1, 0.05])
+    assert save_png(fig, path) == path and path.read_bytes() != old  # the next save replaces it
