@@ -21,6 +21,8 @@ import torch
 from torchvision.transforms import InterpolationMode, v2
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout, no install
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "lessons"))
+from common import device as device_arg, int_in  # noqa: E402  (lessons/common.py: the argument checks)
 from minicnn.augment import side_on
 
 
@@ -44,10 +46,10 @@ def seconds(fn, x, device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=9, help="timed rounds per shape (median reported)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--device", default="cpu", help="device of minicnn's batch (torchvision runs on the CPU)")
+    parser.add_argument("--reps", type=int_in(1), default=9, help="timed rounds per shape (median reported)")
+    parser.add_argument("--batch-size", type=int_in(1), default=256)
+    parser.add_argument("--threads", type=int_in(1), default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", type=device_arg, default="cpu", help="device of minicnn's batch (torchvision runs on the CPU)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -29,6 +29,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lessons"))
+from common import int_in  # noqa: E402  (lessons/common.py: the argument checks)
 from minicnn import distributed  # noqa: E402
 from minicnn.data import Batches, load_fashion_mnist  # noqa: E402
 from minicnn.models import simple_resnet  # noqa: E402
@@ -114,10 +116,10 @@ def run_arm(name, settings):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny network, 1 round (seconds)")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per arm and round")
-    parser.add_argument("--batch", type=int, default=128, help="the global batch, the same in every arm")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of the 1-process arm")
+    parser.add_argument("--rounds", type=int_in(1), default=5)
+    parser.add_argument("--steps", type=int_in(1), default=20, help="timed steps per arm and round")
+    parser.add_argument("--batch", type=int_in(2, hint=" (split over 2 processes)"), default=128, help="the global batch, the same in every arm")
+    parser.add_argument("--threads", type=int_in(1), default=os.cpu_count(), help="threads of the 1-process arm")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
     if args.device == "cuda" and torch.cuda.device_count() < 2:

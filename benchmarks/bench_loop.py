@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lessons"))
+from common import device, int_in  # noqa: E402  (lessons/common.py: the argument checks)
 from minicnn.data import Batches, load_fashion_mnist  # noqa: E402
 from minicnn.models import simple_resnet  # noqa: E402
 from minicnn.train import fit  # noqa: E402
@@ -65,9 +67,9 @@ def alternate(initial, train, device, rounds):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=11)
-    parser.add_argument("--n", type=int, default=3200, help="training images per epoch")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int_in(1), default=11)
+    parser.add_argument("--n", type=int_in(128, hint=" (one batch of 128 at least)"), default=3200, help="training images per epoch")
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.manual_seed(0)
     (x, y), _, _ = load_fashion_mnist()

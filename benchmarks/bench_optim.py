@@ -20,15 +20,17 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout, no install
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "lessons"))
+from common import device, int_in  # noqa: E402  (lessons/common.py: the argument checks)
 from minicnn.optim import SGD
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200, help="timed rounds (after --warmup)")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed rounds first")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int_in(1), default=200, help="timed rounds (after --warmup)")
+    parser.add_argument("--warmup", type=int_in(0), default=10, help="untimed rounds first")
+    parser.add_argument("--threads", type=int_in(1), default=torch.get_num_threads())
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout, no install
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "lessons"))
+from common import int_in  # noqa: E402  (lessons/common.py: the argument checks)
 from minicnn.data import Batches, load_fashion_mnist  # noqa: E402
 from minicnn.freeze import freeze  # noqa: E402
 from minicnn.models import pretrained_classifier  # noqa: E402
@@ -48,10 +50,10 @@ def one_epoch(model, train, head):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=1024, help="training images")
-    parser.add_argument("--size", type=int, default=128, help="image side after resizing the 28x28 images")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--n", type=int_in(2), default=1024, help="training images")
+    parser.add_argument("--size", type=int_in(8, 1024), default=128, help="image side after resizing the 28x28 images")
+    parser.add_argument("--batch-size", type=int_in(1), default=128)
+    parser.add_argument("--threads", type=int_in(1), default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

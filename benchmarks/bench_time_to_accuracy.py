@@ -41,6 +41,7 @@ import argparse
 import ast
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -57,10 +58,12 @@ LESSON2 = ROOT / "lessons" / "lesson2.py"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "lessons"))
 from minicnn.augment import side_on  # noqa: E402
+from minicnn.checkpoint import atomic_write  # noqa: E402
 from minicnn.data import Batches, load_fashion_mnist, stratified_subset, train_valid_split  # noqa: E402
 from minicnn.lr_find import lr_find  # noqa: E402
 from minicnn.models import simple_resnet  # noqa: E402
 from minicnn.train import accuracy  # noqa: E402
+from common import device, float_above, int_in, out_folder  # noqa: E402  (lessons/common.py: the argument checks)
 
 ARMS = ("minicnn", "plain", "fastai")
 THRESHOLDS = (0.92, 0.93)
@@ -365,6 +368,22 @@ def table(results, s, args):
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
+def results_file(text):
+    """--minicnn-results: a lesson2 results.json that exists, with the validation curve the table needs."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{path}: no such file; give the results.json a lesson2 run wrote in its --out")
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise argparse.ArgumentTypeError(f"{path} cannot be read as JSON ({error}); give a lesson2 results.json") from None
+    missing = [key for key in ("valid_curve", "test", "chosen", "settings")
+               if not isinstance(results, dict) or key not in results]
+    if missing:
+        raise argparse.ArgumentTypeError(f"{path} is not a lesson2 results.json (no {', '.join(missing)})")
+    return path
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI smoke run: slices of the data, 2 epochs, seconds")
@@ -372,16 +391,16 @@ def parse_args(argv=None):
                         help="lesson2's mode, whose network and batch every arm uses (default accuracy)")
     parser.add_argument("--order", default=",".join(ARMS), help="the arms to run, in this order (default "
                         f"{','.join(ARMS)}); rotate it between runs")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs of the one-cycle arms (default: the "
+    parser.add_argument("--epochs", type=int_in(1), default=None, help="epochs of the one-cycle arms (default: the "
                         "recipe's, 31 with --mode accuracy: the same passes over the data; --quick 2)")
     parser.add_argument("--max-lr", default=str(MAX_LR), help=f"the plain loop's OneCycleLR max_lr (default {MAX_LR}: "
                         "what lesson2's range test picked), or 'find' (minicnn.lr_find, on the clock)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every arm (default: all)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_time_to_accuracy")
-    parser.add_argument("--arm-timeout", type=float, default=3600, help="seconds before an arm is stopped")
-    parser.add_argument("--minicnn-results", default=None, help="a lesson2 results.json of this machine to use as "
+    parser.add_argument("--threads", type=int_in(1), default=os.cpu_count(), help="torch threads of every arm (default: all)")
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int_in(0), default=0)
+    parser.add_argument("--out", type=out_folder, default=ROOT / "runs" / "bench_time_to_accuracy")
+    parser.add_argument("--arm-timeout", type=float_above(0), default=3600, help="seconds before an arm is stopped")
+    parser.add_argument("--minicnn-results", type=results_file, default=None, help="a lesson2 results.json of this machine to use as "
                         "the minicnn arm instead of running lesson2 (gpu_check.py: its --full run)")
     parser.add_argument("--run-arm", choices=ARMS[1:], help=argparse.SUPPRESS)  # internal: one arm, in its process
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -395,10 +414,8 @@ def parse_args(argv=None):
             args.max_lr = float(args.max_lr)
         except ValueError:
             parser.error(f"--max-lr {args.max_lr!r}: give a number > 0 or 'find'")
-        if not args.max_lr > 0:
-            parser.error(f"--max-lr {args.max_lr}: must be > 0")
-    if args.threads < 1 or (args.epochs is not None and args.epochs < 1):
-        parser.error("--threads and --epochs must be >= 1")
+        if not (math.isfinite(args.max_lr) and args.max_lr > 0):
+            parser.error(f"--max-lr {args.max_lr}: must be a finite number > 0")
     return args
 
 
@@ -423,9 +440,9 @@ def main(argv=None):
                                     f"best validation {max(a for _, a in r['curve']):.4f}, test {r['test']:.4f}")
         print(f"[{name}] {said} ({time.perf_counter() - started:.0f}s in all)", flush=True)
     text = table(results, s, args)
-    (args.out / "time_to_accuracy.md").write_text(text)
-    (args.out / "time_to_accuracy.json").write_text(json.dumps(dict(settings=s, order=args.order, results=results),
-                                                               indent=1))
+    atomic_write(args.out / "time_to_accuracy.md", text)
+    atomic_write(args.out / "time_to_accuracy.json", json.dumps(dict(settings=s, order=args.order, results=results),
+                                                                 indent=1))
     print(text + f"written to {args.out / 'time_to_accuracy.md'}")
     if any("failed" in r for r in results.values()):
         sys.exit(1)

@@ -25,6 +25,7 @@ Writes OUT/gpu_check.md (the table), OUT/lesson2/ (part 1's report) and OUT/time
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -39,11 +40,14 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "lessons"))
 from bench_time_to_accuracy import THRESHOLDS, lesson2_setting, seconds_to, synchronize  # noqa: E402
 from minicnn.batch_size import find_batch_size  # noqa: E402
+from minicnn.checkpoint import atomic_write  # noqa: E402
 from minicnn.data import Batches  # noqa: E402
 from minicnn.models import simple_resnet  # noqa: E402
 from minicnn.train import fit  # noqa: E402
+from common import device, float_above, int_in, out_folder  # noqa: E402  (lessons/common.py: the argument checks)
 
 PARTS = ("lesson2", "time", "bf16", "oom")
 LIMITS = (240, 135, 45, 60)  # seconds per part on CUDA: 8 minutes in all at most
@@ -58,7 +62,6 @@ def network(args):
 
 
 def cpu_computes_bf16():
-    sys.path.insert(0, str(ROOT / "lessons"))
     import lesson2_io  # lesson2's own test (it imports matplotlib: only where needed)
     return lesson2_io.cpu_computes_bf16()
 
@@ -237,10 +240,10 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="every part's quick form (the default without CUDA)")
     parser.add_argument("--limits", default=",".join(map(str, LIMITS)),
                         help=f"seconds for parts {', '.join(PARTS)}, comma-separated (default {LIMITS})")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--headroom-gib", type=float, default=2.0, help="GPU memory part 4 leaves free (GiB)")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu_check")
+    parser.add_argument("--threads", type=int_in(1), default=os.cpu_count())
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--headroom-gib", type=float_above(0), default=2.0, help="GPU memory part 4 leaves free (GiB)")
+    parser.add_argument("--out", type=out_folder, default=ROOT / "runs" / "gpu_check")
     parser.add_argument("--part", choices=PARTS[2:], help=argparse.SUPPRESS)  # internal: one part, in its process
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -248,10 +251,8 @@ def parse_args(argv=None):
         args.limits = [float(x) for x in args.limits.split(",")]
     except ValueError:
         parser.error(f"--limits {args.limits!r}: give {len(PARTS)} numbers of seconds, comma-separated")
-    if len(args.limits) != len(PARTS) or min(args.limits) <= 0:
-        parser.error(f"--limits: give {len(PARTS)} numbers of seconds > 0, for {', '.join(PARTS)}")
-    if args.headroom_gib <= 0 or args.threads < 1:
-        parser.error("--headroom-gib must be > 0 and --threads >= 1")
+    if len(args.limits) != len(PARTS) or not all(math.isfinite(x) and x > 0 for x in args.limits):
+        parser.error(f"--limits: give {len(PARTS)} finite numbers of seconds > 0, for {', '.join(PARTS)}")
     args.cpu_only = not args.device.startswith("cuda")
     args.quick = args.quick or args.cpu_only  # the full forms are for a GPU
     return args
@@ -275,7 +276,7 @@ def main(argv=None):
     lines += ["", f"On {where}; " + ("quick forms: smoke checks, not measurements." if args.quick else
                                      f"limits {args.limits} s.")]
     text = "\n".join(lines) + "\n"
-    (args.out / "gpu_check.md").write_text(text)
+    atomic_write(args.out / "gpu_check.md", text)
     print(text + f"written to {args.out / 'gpu_check.md'}")
     if any(status == "failed" for *_, status in rows):
         sys.exit(1)

@@ -83,6 +83,47 @@ def test_a_lesson2_run_with_another_network_is_refused():
         minicnn_result(results, s, source="test")
 
 
+# ---- bad arguments: refused by name before any work ---------------------------------------------------
+
+BAD_ARGUMENTS = [
+    ("bench_time_to_accuracy.py", ["--arm-timeout", "-5"], "--arm-timeout: -5 is out of range"),
+    ("bench_time_to_accuracy.py", ["--epochs", "0"], "--epochs: 0 is out of range"),
+    ("bench_time_to_accuracy.py", ["--max-lr", "inf"], "--max-lr inf: must be a finite number > 0"),
+    ("bench_time_to_accuracy.py", ["--order", "plain,foo"], "--order plain,foo: give each of"),
+    ("bench_time_to_accuracy.py", ["--minicnn-results", "no/such.json"], "--minicnn-results: no/such.json: no such"),
+    ("bench_time_to_accuracy.py", ["--out", "README.md/x"], "--out: README.md is a file"),
+    ("bench_loop.py", ["--repeats", "0"], "--repeats: 0 is out of range"),
+    ("bench_loop.py", ["--device", "foo"], "--device: 'foo' is not a device"),
+    ("bench_distributed.py", ["--rounds", "0"], "--rounds: 0 is out of range"),
+    ("bench_optim.py", ["--steps", "0"], "--steps: 0 is out of range"),
+    ("bench_augment.py", ["--reps", "0"], "--reps: 0 is out of range"),
+    ("bench_precompute.py", ["--n", "0"], "--n: 0 is out of range"),
+    ("gpu_check.py", ["--threads", "0"], "--threads: 0 is out of range"),
+    ("gpu_check.py", ["--limits", "1,2,3,inf"], "--limits: give 4 finite numbers"),
+    ("gpu_check.py", ["--headroom-gib", "0"], "--headroom-gib: 0 is out of range"),
+]
+
+
+@pytest.mark.parametrize("script, options, message", BAD_ARGUMENTS, ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_a_bad_argument_is_refused_by_name_before_any_work(script, options, message, monkeypatch, capsys):
+    """In-process: main() exits with argparse's status 2 and names the argument, before loading data
+    (a stub in place of load_fashion_mnist fails the test if it is reached)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"_bench_{script[:-3]}", ROOT / "benchmarks" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def reached(*args, **kwargs):
+        raise AssertionError("the data was loaded before the arguments were checked")
+    monkeypatch.setattr(module, "load_fashion_mnist", reached, raising=False)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", [script, *options])
+    with pytest.raises(SystemExit) as exit_:
+        module.main(options) if script == "bench_time_to_accuracy.py" else module.main()
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 # ---- the scripts, end to end ------------------------------------------------------------------------
 
 @pytest.mark.slow
