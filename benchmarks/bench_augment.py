@@ -49,7 +49,8 @@ def main():
     parser.add_argument("--reps", type=int_in(1), default=9, help="timed rounds per shape (median reported)")
     parser.add_argument("--batch-size", type=int_in(1), default=256)
     parser.add_argument("--threads", type=int_in(1), default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--device", type=device_arg, default="cpu", help="device of minicnn's batch (torchvision runs on the CPU)")
+    parser.add_argument("--device", type=device_arg, default="cpu",
+                        help="device of minicnn's batch (torchvision runs on the CPU)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

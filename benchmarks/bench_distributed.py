@@ -118,7 +118,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny network, 1 round (seconds)")
     parser.add_argument("--rounds", type=int_in(1), default=5)
     parser.add_argument("--steps", type=int_in(1), default=20, help="timed steps per arm and round")
-    parser.add_argument("--batch", type=int_in(2, hint=" (split over 2 processes)"), default=128, help="the global batch, the same in every arm")
+    parser.add_argument("--batch", type=int_in(2, hint=" (split over 2 processes)"), default=128,
+                        help="the global batch, the same in every arm")
     parser.add_argument("--threads", type=int_in(1), default=os.cpu_count(), help="threads of the 1-process arm")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()

@@ -68,7 +68,8 @@ def alternate(initial, train, device, rounds):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int_in(1), default=11)
-    parser.add_argument("--n", type=int_in(128, hint=" (one batch of 128 at least)"), default=3200, help="training images per epoch")
+    parser.add_argument("--n", type=int_in(128, hint=" (one batch of 128 at least)"), default=3200,
+                        help="training images per epoch")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -372,11 +372,13 @@ def results_file(text):
     """--minicnn-results: a lesson2 results.json that exists, with the validation curve the table needs."""
     path = Path(text)
     if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{path}: no such file; give the results.json a lesson2 run wrote in its --out")
+        raise argparse.ArgumentTypeError(f"{path}: no such file; give the results.json a lesson2 run wrote "
+                                         "in its --out")
     try:
         results = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise argparse.ArgumentTypeError(f"{path} cannot be read as JSON ({error}); give a lesson2 results.json") from None
+        raise argparse.ArgumentTypeError(f"{path} cannot be read as JSON ({error}); "
+                                         "give a lesson2 results.json") from None
     missing = [key for key in ("valid_curve", "test", "chosen", "settings")
                if not isinstance(results, dict) or key not in results]
     if missing:
@@ -395,12 +397,14 @@ def parse_args(argv=None):
                         "recipe's, 31 with --mode accuracy: the same passes over the data; --quick 2)")
     parser.add_argument("--max-lr", default=str(MAX_LR), help=f"the plain loop's OneCycleLR max_lr (default {MAX_LR}: "
                         "what lesson2's range test picked), or 'find' (minicnn.lr_find, on the clock)")
-    parser.add_argument("--threads", type=int_in(1), default=os.cpu_count(), help="torch threads of every arm (default: all)")
+    parser.add_argument("--threads", type=int_in(1), default=os.cpu_count(),
+                        help="torch threads of every arm (default: all)")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int_in(0), default=0)
     parser.add_argument("--out", type=out_folder, default=ROOT / "runs" / "bench_time_to_accuracy")
     parser.add_argument("--arm-timeout", type=float_above(0), default=3600, help="seconds before an arm is stopped")
-    parser.add_argument("--minicnn-results", type=results_file, default=None, help="a lesson2 results.json of this machine to use as "
+    parser.add_argument("--minicnn-results", type=results_file, default=None,
+                        help="a lesson2 results.json of this machine to use as "
                         "the minicnn arm instead of running lesson2 (gpu_check.py: its --full run)")
     parser.add_argument("--run-arm", choices=ARMS[1:], help=argparse.SUPPRESS)  # internal: one arm, in its process
     parser.add_argument("--result", help=argparse.SUPPRESS)

@@ -147,7 +147,8 @@ def batches_at(data, size, batch_size, args):
 def feature_batches(features, data, batch_size, args):
     """The body's activations as batches for the head: dict(train: this rank's share, global_train, valid: part)."""
     train = _training_batches(features["train"], data["train"][1], batch_size, args)
-    return dict(train=distributed.Shard(train), global_train=train, valid=_rank_part(features["valid"], data["valid"][1], args))
+    return dict(train=distributed.Shard(train), global_train=train,
+                valid=_rank_part(features["valid"], data["valid"][1], args))
 
 
 def _training_batches(x, y, batch_size, args):

@@ -104,7 +104,8 @@ BAD_ARGUMENTS = [
 ]
 
 
-@pytest.mark.parametrize("script, options, message", BAD_ARGUMENTS, ids=lambda v: v if isinstance(v, str) else " ".join(v))
+@pytest.mark.parametrize("script, options, message", BAD_ARGUMENTS,
+                         ids=lambda v: v if isinstance(v, str) else " ".join(v))
 def test_a_bad_argument_is_refused_by_name_before_any_work(script, options, message, monkeypatch, capsys):
     """In-process: main() exits with argparse's status 2 and names the argument, before loading data
     (a stub in place of load_fashion_mnist fails the test if it is reached)."""
