@@ -28,15 +28,15 @@ $(STAMP): setup.py
 # Fashion-MNIST: the local copy if there is one; else Debian's package where apt-get
 # can be used; else torchvision's download into ~/.cache/minicnn; else say how.
 data: $(STAMP)
-	@if $(PYTHON) -m minicnn.data 2>/dev/null; then exit 0; fi; \
+	@if $(PYTHON) -m minicnn.fashion_mnist 2>/dev/null; then exit 0; fi; \
 	if command -v apt-get >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo -n"; fi; \
 	  echo "Installing Debian's dataset-fashion-mnist"; \
 	  ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || true; \
 	fi; \
-	if $(PYTHON) -m minicnn.data 2>/dev/null; then exit 0; fi; \
+	if $(PYTHON) -m minicnn.fashion_mnist 2>/dev/null; then exit 0; fi; \
 	echo "Downloading Fashion-MNIST through torchvision"; \
-	$(PYTHON) -m minicnn.data --download || { \
+	$(PYTHON) -m minicnn.fashion_mnist --download || { \
 	  echo "Could not get Fashion-MNIST. Install Debian's dataset-fashion-mnist, or put the four IDX"; \
 	  echo "files (train-images-idx3-ubyte.gz, ...) in a folder and set MINICNN_DATA=that/folder."; exit 1; }
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lessons"))
 from common import device, int_in  # noqa: E402  (lessons/common.py: the argument checks)
-from minicnn.data import Batches, load_fashion_mnist  # noqa: E402
+from minicnn.data import Batches  # noqa: E402
+from minicnn.fashion_mnist import load_fashion_mnist  # noqa: E402
 from minicnn.models import simple_resnet  # noqa: E402
 from minicnn.train import fit  # noqa: E402
 

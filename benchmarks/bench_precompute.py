@@ -29,7 +29,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "lessons"))
 from common import int_in  # noqa: E402  (lessons/common.py: the argument checks)
-from minicnn.data import Batches, load_fashion_mnist  # noqa: E402
+from minicnn.data import Batches  # noqa: E402
+from minicnn.fashion_mnist import load_fashion_mnist  # noqa: E402
 from minicnn.freeze import freeze  # noqa: E402
 from minicnn.models import pretrained_classifier  # noqa: E402
 from minicnn.precompute import body_and_head, precompute_features  # noqa: E402

@@ -59,7 +59,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "lessons"))
 from minicnn.augment import side_on  # noqa: E402
 from minicnn.checkpoint import atomic_write  # noqa: E402
-from minicnn.data import Batches, load_fashion_mnist, stratified_subset, train_valid_split  # noqa: E402
+from minicnn.data import Batches, stratified_subset, train_valid_split  # noqa: E402
+from minicnn.fashion_mnist import load_fashion_mnist  # noqa: E402
 from minicnn.lr_find import lr_find  # noqa: E402
 from minicnn.models import simple_resnet  # noqa: E402
 from minicnn.train import accuracy  # noqa: E402

@@ -17,7 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from minicnn.data import Batches, load_fashion_mnist, stratified_subset, train_valid_split  # noqa: E402
+from minicnn.data import Batches, stratified_subset, train_valid_split  # noqa: E402
+from minicnn.fashion_mnist import load_fashion_mnist  # noqa: E402
 
 N_VALID = 10_000  # held out of the 60,000 training images; the test set is never used to choose
 N_CLASSES, N_FASHION_TRAIN, N_FASHION_TEST = 10, 60_000, 10_000

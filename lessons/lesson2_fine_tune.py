@@ -40,7 +40,8 @@ from matplotlib.figure import Figure
 from common import (N_FASHION_TEST, check, check_accuracy, check_size, fashion_data, float_above, int_in, parse_args,
                     split_sizes, threads_note)
 from minicnn.augment import resize, side_on
-from minicnn.data import Batches, load_fashion_mnist, stratified_subset
+from minicnn.data import Batches, stratified_subset
+from minicnn.fashion_mnist import load_fashion_mnist
 from minicnn.freeze import bn_freeze, differential_lrs, freeze, param_groups, unfreeze
 from minicnn.lr_find import lr_find
 from minicnn.models import pretrained_classifier

@@ -14,8 +14,9 @@ from common import add_common_args, float_above, int_in, out_folder
 import minicnn.distributed as distributed
 from minicnn.augment import resize
 from minicnn.checkpoint import atomic_write, load_checked, save_checked
-from minicnn.data import (Batches, load_fashion_mnist, load_image_folder, stratified_subset,
-                          train_valid_split)
+from minicnn.data import Batches, stratified_subset, train_valid_split
+from minicnn.fashion_mnist import load_fashion_mnist
+from minicnn.image_folder import load_image_folder
 from minicnn.models import PRETRAINED_ARCHS
 from minicnn.plots import plot_augmented, plot_confusion, plot_losses, plot_lr_find, plot_schedule, plot_top_losses
 from minicnn.precompute import data_hash

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from minicnn.data import fashion_mnist_folders
+from minicnn.fashion_mnist import fashion_mnist_folders
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -14,8 +14,10 @@ from hypothesis import strategies as st
 import PIL.features
 from PIL import Image
 
-from minicnn import data
-from minicnn.data import Batches, load_fashion_mnist, load_image_folder, normalize, read_idx
+from minicnn import data, fashion_mnist, image_folder
+from minicnn.data import Batches, normalize
+from minicnn.fashion_mnist import load_fashion_mnist, read_idx
+from minicnn.image_folder import load_image_folder
 
 
 def idx_bytes(array):
@@ -76,7 +78,7 @@ def test_labels_out_of_range_are_refused(tmp_path):
 
 
 def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "fashion_mnist_folders", lambda root=None: [tmp_path])
+    monkeypatch.setattr(fashion_mnist, "fashion_mnist_folders", lambda root=None: [tmp_path])
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         load_fashion_mnist()
 
@@ -85,8 +87,8 @@ def test_search_order_root_then_environment(tmp_path, monkeypatch):
     # a folder that is named (root=, else $MINICNN_DATA) is the only place looked in
     monkeypatch.setenv("MINICNN_DATA", str(tmp_path / "env"))
     root = tmp_path / "root"
-    assert data.fashion_mnist_folders(root) == [root, root / "FashionMNIST" / "raw"]
-    assert data.fashion_mnist_folders() == [tmp_path / "env", tmp_path / "env" / "FashionMNIST" / "raw"]
+    assert fashion_mnist.fashion_mnist_folders(root) == [root, root / "FashionMNIST" / "raw"]
+    assert fashion_mnist.fashion_mnist_folders() == [tmp_path / "env", tmp_path / "env" / "FashionMNIST" / "raw"]
     (tmp_path / "env").mkdir()
     write_fashion(tmp_path / "env", n_train=3)
     assert len(load_fashion_mnist()[0][0]) == 3  # found through $MINICNN_DATA
@@ -94,7 +96,7 @@ def test_search_order_root_then_environment(tmp_path, monkeypatch):
     write_fashion(root, n_train=5)
     assert len(load_fashion_mnist(root)[0][0]) == 5  # root= before $MINICNN_DATA
     monkeypatch.setenv("MINICNN_DATA", "")  # set but empty counts as unset
-    assert data.fashion_mnist_folders()[0] == data.Path(data.DEBIAN_FASHION_MNIST)
+    assert fashion_mnist.fashion_mnist_folders()[0] == fashion_mnist.Path(fashion_mnist.DEBIAN_FASHION_MNIST)
 
 
 @pytest.fixture
@@ -102,7 +104,7 @@ def system_copy(tmp_path, monkeypatch):
     """A complete Fashion-MNIST of 7 training images where Debian's would be, and no $MINICNN_DATA."""
     (tmp_path / "system").mkdir()
     write_fashion(tmp_path / "system", n_train=7)
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", str(tmp_path / "system"))
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_FASHION_MNIST", str(tmp_path / "system"))
     monkeypatch.delenv("MINICNN_DATA", raising=False)
     assert len(load_fashion_mnist()[0][0]) == 7  # found when nothing is named
     return tmp_path / "system"
@@ -147,16 +149,16 @@ def test_empty_idx_files_are_refused(tmp_path):
 def test_python_m_minicnn_data_says_found_or_why_not(tmp_path, monkeypatch, capsys):
     # `make data` runs it: exit 0 when the data is there, else a message (no traceback) and exit 1
     write_fashion(tmp_path, n_train=3)
-    found = subprocess.run([sys.executable, "-m", "minicnn.data"], capture_output=True, text=True, timeout=120,
+    found = subprocess.run([sys.executable, "-m", "minicnn.fashion_mnist"], capture_output=True, text=True, timeout=120,
                            env={**os.environ, "MINICNN_DATA": str(tmp_path)})
     assert found.returncode == 0 and "3 training and 4 test images" in found.stdout
     monkeypatch.setenv("MINICNN_DATA", str(tmp_path))
     (tmp_path / "t10k-images-idx3-ubyte.gz").unlink()
     with pytest.raises(SystemExit) as missing:
-        data.main([])
+        fashion_mnist.main([])
     assert f"MINICNN_DATA={tmp_path}" in str(missing.value.code) and "t10k-images-idx3-ubyte" in str(missing.value.code)
     with pytest.raises(SystemExit) as misspelt:
-        data.main(["--downlaod"])  # a misspelt option is not ignored
+        fashion_mnist.main(["--downlaod"])  # a misspelt option is not ignored
     assert misspelt.value.code == 2 and "unrecognized arguments: --downlaod" in capsys.readouterr().err
 
 
@@ -317,13 +319,13 @@ def test_a_read_error_is_named_without_torchvisions_source_line(tmp_path, monkey
 
 def test_a_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
     make_folder(tmp_path)
-    locked, iterdir = tmp_path / "train" / "dog", data.Path.iterdir
+    locked, iterdir = tmp_path / "train" / "dog", image_folder.Path.iterdir
 
     def refuse(self):
         if self == locked:
             raise PermissionError(13, "Permission denied", str(self))
         return iterdir(self)
-    monkeypatch.setattr(data.Path, "iterdir", refuse)
+    monkeypatch.setattr(image_folder.Path, "iterdir", refuse)
     with pytest.raises(ValueError, match=r"train/dog: cannot list it \(Permission denied\)"):
         load_image_folder(tmp_path, 8)
 
@@ -680,11 +682,25 @@ def test_normalize_refuses_what_is_not_float_images():
         normalize([[0.5]], (0.5,), (0.5,))
 
 
-@pytest.mark.skipif(not os.path.isdir(data.DEBIAN_FASHION_MNIST), reason="dataset-fashion-mnist not installed")
+@pytest.mark.skipif(not os.path.isdir(fashion_mnist.DEBIAN_FASHION_MNIST), reason="dataset-fashion-mnist not installed")
 def test_real_fashion_mnist_statistics():
     (x_train, y_train), (x_test, _), _ = load_fashion_mnist()
     assert len(x_train) == 60_000 and len(x_test) == 10_000
     assert torch.bincount(y_train).tolist() == [6000] * 10
     pixels = x_train.float() / 255
-    assert abs(pixels.mean() - data.FASHION_MNIST_MEAN[0]) < 1e-3
-    assert abs(pixels.std() - data.FASHION_MNIST_STD[0]) < 1e-3
+    assert abs(pixels.mean() - fashion_mnist.FASHION_MNIST_MEAN[0]) < 1e-3
+    assert abs(pixels.std() - fashion_mnist.FASHION_MNIST_STD[0]) < 1e-3
+
+
+def test_the_names_that_moved_out_of_data_still_work_with_a_warning():
+    import minicnn.fashion_mnist as fm
+    import minicnn.image_folder as imf
+    for name, module in (("load_fashion_mnist", fm), ("read_idx", fm), ("FASHION_MNIST_CLASSES", fm),
+                         ("load_image_folder", imf), ("ImageFolder", imf)):
+        with pytest.warns(DeprecationWarning, match=f"minicnn.data.{name} moved to {module.__name__}.{name}"):
+            assert getattr(data, name) is getattr(module, name)
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        data.no_such_name
+    with pytest.warns(DeprecationWarning):
+        from minicnn.data import load_fashion_mnist as old  # the from-import form goes through the same path
+    assert old is fm.load_fashion_mnist

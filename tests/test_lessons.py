@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minicnn.data import fashion_mnist_folders
+from minicnn.fashion_mnist import fashion_mnist_folders
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "lessons"))

@@ -17,7 +17,9 @@ import minicnn
 PACKAGE = Path(minicnn.__file__).parent
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
 PUBLIC = {
-    "data": "load_fashion_mnist load_image_folder Batches normalize train_valid_split stratified_subset",
+    "data": "Batches normalize train_valid_split stratified_subset",
+    "fashion_mnist": "load_fashion_mnist read_idx fashion_mnist_folders download_fashion_mnist",
+    "image_folder": "load_image_folder ImageFolder",
     "models": "simple_resnet pretrained_classifier",
     "optim": "SGD",
     "schedule": "sgdr_lr sgdr_lrs cycle_position total_steps cycle_end_steps cosine_lr linear_lr step_decay_lr",
