@@ -159,9 +159,12 @@ def _training_batches(x, y, batch_size, args):
 
 
 def _rank_part(x, y, args, size=None):
-    """This rank's part of an evaluation set, in order, 512 at a time (images resized to `size`)."""
+    """This rank's part of an evaluation set, in order, 512 at a time (images resized to `size`).
+    Seeded like the training batches: a Batches without a generator draws its seed from torch's
+    global RNG, which would move every later random number (the network's initial weights)."""
     s = distributed.rank_slice(len(y))
-    return Batches(x[s] if size is None else at_size(x[s], size), y[s], 512, shuffle=False, device=args.device)
+    return Batches(x[s] if size is None else at_size(x[s], size), y[s], 512, shuffle=False, device=args.device,
+                   generator=torch.Generator().manual_seed(args.seed))
 
 
 def body_cache(args, x_source, classes, widths, epochs, lr, size):

@@ -129,3 +129,20 @@ def test_lesson2_quick_under_torchrun_with_two_processes_writes_one_report(tmp_p
     assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(
         ["augmentation.png", "confusion.png", "losses.png", "lr_find_head.png", "lr_find_unfrozen.png",
          "schedule.png", "top_losses.png"])
+
+
+def test_lesson2s_batches_leave_torchs_global_random_numbers_alone():
+    """Every Batches lesson2 builds is seeded from --seed: one built without a generator draws its seed
+    from torch's global RNG, which moved the network's initial weights and every number after them
+    (a refactor once left the evaluation sets unseeded and lesson 2's report changed)."""
+    import lesson2_io
+    args = argparse.Namespace(device="cpu", seed=3)
+    x, y = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8), torch.arange(40) % 4
+    data = {"train": (x, y), "valid": (x[:8], y[:8]), "test": (x[8:16], y[8:16])}
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    parts = lesson2_io.batches_at(data, 20, 8, args)
+    lesson2_io.feature_batches({"train": x.float(), "valid": x[:8].float()}, data, 8, args)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert sorted(parts) == ["global_train", "test", "train", "train_eval", "valid"]
+    assert next(iter(parts["valid"]))[0].shape == (8, 1, 20, 20)
