@@ -4,7 +4,8 @@ Each function builds a matplotlib Figure on the Agg canvas (no pyplot: no window
 figure list to leak memory in long runs), saves it as a PNG when given a path (save_png:
 written aside, then renamed onto it) and returns the Figure, so a test or notebook can look
 inside. Inputs are read by attribute (an LRFindResult, a History, or anything with the same
-fields), so this file imports nothing from minicnn. Images are float tensors (K, C, H, W) in [0, 1], C = 1 or 3.
+fields), so this file imports nothing from minicnn. Images are float tensors (K, C, H, W) in
+[0, 1], C = 1 or 3.
 
     top losses: loss_i = -log p_i(true class), worst first
 
