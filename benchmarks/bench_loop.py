@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lessons"))
-from common import device, int_in  # noqa: E402  (lessons/common.py: the argument checks)
+from common import device, int_in, load_or_exit  # noqa: E402  (lessons/common.py: the argument and data checks)
 from minicnn.data import Batches  # noqa: E402
 from minicnn.fashion_mnist import load_fashion_mnist  # noqa: E402
 from minicnn.models import simple_resnet  # noqa: E402
@@ -74,7 +74,7 @@ def main():
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.manual_seed(0)
-    (x, y), _, _ = load_fashion_mnist()
+    (x, y), _, _ = load_or_exit(load_fashion_mnist)
     train = Batches(x[:args.n], y[:args.n], 128, shuffle=True, device=args.device,
                     generator=torch.Generator().manual_seed(0))
     times = alternate(simple_resnet(10).to(args.device), train, args.device, args.repeats)

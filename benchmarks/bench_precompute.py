@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "lessons"))
-from common import int_in  # noqa: E402  (lessons/common.py: the argument checks)
+from common import int_in, load_or_exit  # noqa: E402  (lessons/common.py: the argument and data checks)
 from minicnn.data import Batches  # noqa: E402
 from minicnn.fashion_mnist import load_fashion_mnist  # noqa: E402
 from minicnn.freeze import freeze  # noqa: E402
@@ -59,7 +59,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    (x, y), _, _ = load_fashion_mnist()
+    (x, y), _, _ = load_or_exit(load_fashion_mnist)
     x = F.interpolate(x[:args.n].float(), size=args.size, mode="bilinear").round().clamp(0, 255).to(torch.uint8)
     y = y[:args.n]
     model = pretrained_classifier("efficientnet_lite0", 10, in_channels=1)

@@ -64,7 +64,7 @@ from minicnn.fashion_mnist import load_fashion_mnist  # noqa: E402
 from minicnn.lr_find import lr_find  # noqa: E402
 from minicnn.models import simple_resnet  # noqa: E402
 from minicnn.train import accuracy  # noqa: E402
-from common import device, float_above, int_in, out_folder  # noqa: E402  (lessons/common.py: the argument checks)
+from common import device, float_above, int_in, load_or_exit, out_folder  # noqa: E402  (lessons/common.py)
 
 ARMS = ("minicnn", "plain", "fastai")
 THRESHOLDS = (0.92, 0.93)
@@ -116,7 +116,7 @@ def shared_settings(args):
 
 def load_data(args):
     """-> dict(train, valid, test: (x uint8 (N, 1, 28, 28), y)): lesson2 --accuracy's split, or slices."""
-    (x_all, y_all), test, _ = load_fashion_mnist()
+    (x_all, y_all), test, _ = load_or_exit(load_fashion_mnist)
     train, valid = train_valid_split(x_all, y_all, N_VALID, seed=args.seed)
     data = dict(train=train, valid=valid, test=test)
     if args.quick:

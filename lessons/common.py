@@ -163,6 +163,18 @@ def check_size(error, name, value, *, low=N_CLASSES, high, what):
               f"at least {low} so that every class is in it)")
 
 
+def load_or_exit(load, *args, argument=None, **kwargs):
+    """load(*args, **kwargs), or exit 1 with its message and no traceback.
+
+    A missing or damaged dataset is the user's to fix, and the loaders' messages say how (the
+    package to install, the file to replace); a traceback above them hides that. `argument`
+    (e.g. "--data") is named first when the data came from one."""
+    try:
+        return load(*args, **kwargs)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"argument {argument}: {error}" if argument else str(error)) from None
+
+
 def fashion_data(args, *, batch_size=None):
     """Fashion-MNIST split into train / valid (held out of train) / test Batches on args.device.
 
@@ -172,7 +184,7 @@ def fashion_data(args, *, batch_size=None):
     tensors on the CPU; classes).
     """
     batch_size = batch_size or args.batch_size
-    (x_all, y_all), (x_test, y_test), classes = load_fashion_mnist()
+    (x_all, y_all), (x_test, y_test), classes = load_or_exit(load_fashion_mnist)
     sizes = split_sizes(args)
     if args.limit:  # a slice x[:n] of class-sorted images would hold few classes
         x_all, y_all = stratified_subset(x_all, y_all, sizes["train"] + sizes["valid"], seed=args.seed)

@@ -37,8 +37,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from common import (N_FASHION_TEST, check, check_accuracy, check_size, fashion_data, float_above, int_in, parse_args,
-                    split_sizes, threads_note)
+from common import (N_FASHION_TEST, check, check_accuracy, check_size, fashion_data, float_above, int_in, load_or_exit,
+                    parse_args, split_sizes, threads_note)
 from minicnn.augment import resize, side_on
 from minicnn.data import Batches, stratified_subset
 from minicnn.fashion_mnist import load_fashion_mnist
@@ -126,7 +126,7 @@ def main(argv=None):
     args = parse_args(__doc__.splitlines()[0], out="lesson2_fine_tune", argv=argv, extra=options,
                       check_options=check_options, batch_size=None)  # RUN_SETTINGS gives it
     data = fashion_data(args)
-    _, (x_test, y_test), _ = load_fashion_mnist()
+    _, (x_test, y_test), _ = load_or_exit(load_fashion_mnist)
     x_test, y_test = stratified_subset(x_test, y_test, args.n_test, seed=args.seed)  # never used to choose anything
     x_train, y_train = stratified_subset(data["x_train"], data["y_train"], args.n_train or len(data["x_train"]),
                                          seed=args.seed)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from common import add_common_args, float_above, int_in, out_folder
+from common import add_common_args, float_above, int_in, load_or_exit, out_folder
 import minicnn.distributed as distributed
 from minicnn.augment import resize
 from minicnn.checkpoint import atomic_write, load_checked, save_checked
@@ -98,12 +98,12 @@ def load_data(args, *, transfer, source, target, n_labelled, n_valid):
     Without transfer: all 10 classes, n_valid held out of the 60,000. An image folder: train/
     split into train and a tenth for valid; its valid/ is the test set."""
     if args.data is not None:
-        folder = load_image_folder(args.data, args.size or 128)
+        folder = load_or_exit(load_image_folder, args.data, args.size or 128, argument="--data")
         n_valid = max(len(folder.train[1]) // 10, len(folder.classes))
         train, valid = train_valid_split(*folder.train, n_valid, seed=args.seed)
         return dict(train=train, valid=valid, test=folder.valid, source=None, classes=folder.classes,
                     name=str(args.data))
-    (x_all, y_all), (x_test, y_test), names = load_fashion_mnist()
+    (x_all, y_all), (x_test, y_test), names = load_or_exit(load_fashion_mnist)
     if not transfer:
         train, valid = train_valid_split(x_all, y_all, n_valid, seed=args.seed)
         test = (x_test, y_test)

@@ -146,3 +146,50 @@ def test_lesson2s_batches_leave_torchs_global_random_numbers_alone():
     assert torch.equal(torch.get_rng_state(), state)
     assert sorted(parts) == ["global_train", "test", "train", "train_eval", "valid"]
     assert next(iter(parts["valid"]))[0].shape == (8, 1, 20, 20)
+
+
+def test_load_or_exit_gives_the_loaders_message_and_exits_1_without_a_traceback():
+    def missing():
+        raise FileNotFoundError("Fashion-MNIST not found in /nowhere; apt-get install dataset-fashion-mnist")
+
+    def damaged(path):
+        raise ValueError(f"{path}: 1 image(s) cannot be decoded")
+
+    def buggy():
+        raise TypeError("a bug, not bad data")
+
+    with pytest.raises(SystemExit) as exit_:
+        common.load_or_exit(missing)
+    assert exit_.value.code == "Fashion-MNIST not found in /nowhere; apt-get install dataset-fashion-mnist"
+    assert exit_.value.__suppress_context__  # `from None`: the loader's traceback is not printed
+    with pytest.raises(SystemExit) as exit_:
+        common.load_or_exit(damaged, "pets", argument="--data")
+    assert exit_.value.code == "argument --data: pets: 1 image(s) cannot be decoded"
+    with pytest.raises(TypeError, match="a bug"):  # only the loaders' data errors become an exit
+        common.load_or_exit(buggy)
+    assert common.load_or_exit(lambda a, *, b: (a, b), 1, b=2) == (1, 2)
+
+
+@pytest.mark.parametrize("case", ["one class", "no Fashion-MNIST"])
+def test_a_lesson_with_bad_data_says_what_is_wrong_without_a_traceback(case, tmp_path):
+    """A learner's first run with a bad --data folder (or no Fashion-MNIST) gets the loader's message
+    and exit status 1 before any work, not a traceback ending in it."""
+    env = {**os.environ, "MINICNN_DATA": str(tmp_path / "empty")}
+    (tmp_path / "empty").mkdir()
+    if case == "one class":
+        from PIL import Image
+        for split in ("train", "valid"):
+            (tmp_path / "pets" / split / "cat").mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "pets" / split / "cat" / f"{i}.png")
+        argv = ["lesson2.py", "--quick", "--data", str(tmp_path / "pets")]
+        expected = ["argument --data: ", "pets: cannot load this image folder", "at least 2 classes"]
+    else:
+        argv = ["lesson1_baseline.py", "--quick"]
+        expected = [f"MINICNN_DATA={tmp_path / 'empty'}", "lacks train-images-idx3-ubyte"]
+    result = subprocess.run([sys.executable, str(ROOT / "lessons" / argv[0]), *argv[1:], "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    for text in expected:
+        assert text in result.stderr, (text, result.stderr)
