@@ -99,6 +99,11 @@ def load_data(args, *, transfer, source, target, n_labelled, n_valid):
     split into train and a tenth for valid; its valid/ is the test set."""
     if args.data is not None:
         folder = load_or_exit(load_image_folder, args.data, args.size or 128, argument="--data")
+        counts = torch.bincount(folder.train[1], minlength=len(folder.classes)).tolist()
+        few = [f"{Path(args.data) / 'train' / c} ({n})" for c, n in zip(folder.classes, counts) if n < 2]
+        if few:  # the split below holds one image of every class out for validation
+            raise SystemExit(f"argument --data: every class needs at least 2 images in train/, one to train on and "
+                             f"one held out for validation; too few in: {', '.join(few)}")
         n_valid = max(len(folder.train[1]) // 10, len(folder.classes))
         train, valid = train_valid_split(*folder.train, n_valid, seed=args.seed)
         return dict(train=train, valid=valid, test=folder.valid, source=None, classes=folder.classes,

@@ -170,20 +170,24 @@ def test_load_or_exit_gives_the_loaders_message_and_exits_1_without_a_traceback(
     assert common.load_or_exit(lambda a, *, b: (a, b), 1, b=2) == (1, 2)
 
 
-@pytest.mark.parametrize("case", ["one class", "no Fashion-MNIST"])
+@pytest.mark.parametrize("case", ["one class", "a class of one image", "no Fashion-MNIST"])
 def test_a_lesson_with_bad_data_says_what_is_wrong_without_a_traceback(case, tmp_path):
-    """A learner's first run with a bad --data folder (or no Fashion-MNIST) gets the loader's message
-    and exit status 1 before any work, not a traceback ending in it."""
+    """A learner's first run with a bad --data folder (or no Fashion-MNIST) gets a message that says
+    what to fix and exit status 1 before any work, not a traceback ending in it."""
     env = {**os.environ, "MINICNN_DATA": str(tmp_path / "empty")}
     (tmp_path / "empty").mkdir()
-    if case == "one class":
+    if case != "no Fashion-MNIST":
         from PIL import Image
+        counts = {"cat": 3} if case == "one class" else {"cat": 3, "dog": 1}
         for split in ("train", "valid"):
-            (tmp_path / "pets" / split / "cat").mkdir(parents=True)
-            for i in range(3):
-                Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "pets" / split / "cat" / f"{i}.png")
+            for name, n in counts.items():
+                (tmp_path / "pets" / split / name).mkdir(parents=True)
+                for i in range(n):
+                    Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "pets" / split / name / f"{i}.png")
         argv = ["lesson2.py", "--quick", "--data", str(tmp_path / "pets")]
-        expected = ["argument --data: ", "pets: cannot load this image folder", "at least 2 classes"]
+        expected = (["argument --data: ", "pets: cannot load this image folder", "at least 2 classes"] if case == "one class"
+                    else ["argument --data: every class needs at least 2 images in train/",
+                          f"too few in: {tmp_path / 'pets' / 'train' / 'dog'} (1)"])
     else:
         argv = ["lesson1_baseline.py", "--quick"]
         expected = [f"MINICNN_DATA={tmp_path / 'empty'}", "lacks train-images-idx3-ubyte"]
