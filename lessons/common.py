@@ -25,6 +25,7 @@ N_CLASSES, N_FASHION_TRAIN, N_FASHION_TEST = 10, 60_000, 10_000
 QUICK_LIMIT = 1024  # --quick's --limit
 MIN_LIMIT = 100  # a tenth of --limit is held out for validation and must hold all 10 classes
 MAX_LIMIT = N_FASHION_TRAIN * 10 // 11  # --limit plus the tenth held out fit in the 60,000 (54,545)
+CHANCE = 0.01  # check_accuracy: an accuracy that guessing reaches this often or more fails
 
 
 # ---- Argument types. argparse turns an ArgumentTypeError into "argument --x: <message>", exit 2,
@@ -209,10 +210,25 @@ def check(condition, message):
     print(f"self-check passed: {message}")
 
 
-def check_accuracy(acc, y, *, floor, what, n_classes=N_CLASSES, margin=0.05):
-    """Self-check an accuracy measured on labels y: every class is in y, and the accuracy beats
-    both `floor` and, by `margin`, what always answering y's most common class would score
-    (on a one-class test set that is 1.0: a degenerate result cannot pass)."""
+def chance_of_at_least(k, n, p):
+    """P(X >= k) for X ~ Binomial(n, p): how often a guess that is right with probability p on each
+    image gets k or more of n right. Summed in logs (lgamma), so exact for a test set of any size."""
+    if k <= 0 or p >= 1:
+        return 1.0
+    if k > n or p <= 0:
+        return 0.0
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
+            for i in range(k, n + 1)]  # log of C(n, i) p^i (1-p)^(n-i)
+    top = max(logs)
+    return math.exp(top) * sum(math.exp(x - top) for x in logs)
+
+
+def check_accuracy(acc, y, *, floor, what, n_classes=N_CLASSES, margin=0.05, chance=CHANCE):
+    """Self-check an accuracy measured on labels y: every class is in y; the accuracy beats both
+    `floor` and, by `margin`, what always answering y's most common class would score (on a
+    one-class test set that is 1.0); and a guess right as often as that class is common would
+    score it with probability under `chance` (on 6 images 4 right is luck one time in three):
+    a degenerate result cannot pass."""
     counts = torch.bincount(y.cpu(), minlength=n_classes)
     check(bool((counts > 0).all()), f"{what}: all {n_classes} classes among its {len(y)} images "
                                     f"(images per class {counts.tolist()})")
@@ -220,6 +236,11 @@ def check_accuracy(acc, y, *, floor, what, n_classes=N_CLASSES, margin=0.05):
     bar = max(floor, majority + margin)
     check(acc >= bar, f"{what} {acc:.4f} >= {bar:.3f}: the floor {floor} and the most common "
                       f"class's share {majority:.3f} + {margin}")
+    luck = chance_of_at_least(round(acc * len(y)), len(y), majority)
+    too_few = chance_of_at_least(len(y), len(y), majority) >= chance  # even all right could be luck
+    check(luck < chance, f"{what}: {round(acc * len(y))} of {len(y)} right by guessing at the most common class's "
+                         f"share {majority:.3f} has probability {luck:.2g} < {chance}"
+                         + ("; too few images to tell any accuracy from luck: add images" if too_few else ""))
 
 
 def threads_note():

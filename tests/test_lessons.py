@@ -5,6 +5,7 @@ into a temporary folder and ends with its self-check, whose failure makes the sc
 non-zero. The helpers the self-checks rest on are tested here too."""
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -88,7 +89,7 @@ def test_check_accuracy_refuses_a_test_set_without_every_class(capsys):
 
 
 def test_check_accuracy_judges_against_the_most_common_class():
-    y = torch.cat([torch.zeros(55, dtype=torch.long), torch.arange(1, 10).repeat(5)])  # class 0: 55%
+    y = torch.cat([torch.zeros(550, dtype=torch.long), torch.arange(1, 10).repeat(50)])  # class 0: 55%
     with pytest.raises(SystemExit):  # above the floor, but hardly better than always answering class 0
         common.check_accuracy(0.58, y, floor=0.2, what="accuracy")
     common.check_accuracy(0.61, y, floor=0.2, what="accuracy")
@@ -98,19 +99,49 @@ def test_check_accuracy_judges_against_the_most_common_class():
     common.check_accuracy(0.31, balanced, floor=0.3, what="accuracy")
 
 
+def test_chance_of_at_least_is_the_binomial_tail():
+    assert common.chance_of_at_least(4, 6, 0.5) == pytest.approx(22 / 64)  # (15 + 6 + 1) / 2^6
+    assert common.chance_of_at_least(6, 6, 0.5) == pytest.approx(1 / 64)
+    assert common.chance_of_at_least(0, 6, 0.5) == 1.0 and common.chance_of_at_least(7, 6, 0.5) == 0.0
+    assert common.chance_of_at_least(3, 5, 1.0) == 1.0 and common.chance_of_at_least(1, 5, 0.0) == 0.0
+    k, n, p = 1200, 10_000, 0.1  # 6.7 standard deviations above the mean: about 1e-11, no overflow
+    assert 1e-13 < common.chance_of_at_least(k, n, p) < 1e-9
+    exact = sum(math.comb(40, i) * 0.3**i * 0.7**(40 - i) for i in range(19, 41))
+    assert common.chance_of_at_least(19, 40, 0.3) == pytest.approx(exact, rel=1e-9)
+
+
+def test_check_accuracy_refuses_what_guessing_scores_on_a_small_test_set(capsys):
+    """The probe that found it: 2 classes of random-noise images, 3 test images each; the lesson
+    scored 4 of 6, above the floor 0.55 and the majority's 0.5 + 0.05, and its self-check passed."""
+    six = torch.tensor([0, 0, 0, 1, 1, 1])
+    with pytest.raises(SystemExit):
+        common.check_accuracy(4 / 6, six, floor=0.55, n_classes=2, what="test accuracy")
+    assert "4 of 6 right by guessing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # even 6 of 6 happens by luck 1 time in 64 on 6 images
+        common.check_accuracy(1.0, six, floor=0.55, n_classes=2, what="test accuracy")
+    assert "too few images to tell any accuracy from luck" in capsys.readouterr().err
+    forty = torch.arange(2).repeat(20)
+    with pytest.raises(SystemExit):  # 26 of 40: luck 4 times in 100
+        common.check_accuracy(26 / 40, forty, floor=0.55, n_classes=2, what="test accuracy")
+    common.check_accuracy(30 / 40, forty, floor=0.55, n_classes=2, what="test accuracy")  # luck 0.1%
+    assert "self-check passed: test accuracy: 30 of 40 right" in capsys.readouterr().out
+
+
 def test_quick_floors_sit_far_below_what_was_measured():
     """Each lesson's QUICK_FLOOR carries, in its comment, the range (worst-best) that its quick run
     gave over seeds 0-2 and 1 and 2 threads, and sits at least 10 points below the worst, as does
-    check_accuracy's chance bar: the same seed gives other numbers on another processor or thread
-    count."""
+    check_accuracy's most-common-class bar (its luck bar at least 5): the same seed gives other
+    numbers on another processor or thread count."""
     for name in set(LESSONS) - {"lesson2_labels.py"}:  # its quick self-check checks mechanics only
         text = (ROOT / "lessons" / name).read_text()
         match = re.search(r"^QUICK_FLOOR = ([0-9.]+)\s*#.*?(0\.\d+)-(0\.\d+)", text, re.M)
         assert match, f"{name}: QUICK_FLOOR with its measured range (worst-best) in a comment"
         floor, worst, best = map(float, match.groups())
         assert worst <= best and floor <= worst - 0.1, f"{name}: floor {floor} not 10 points below {worst}"
-        # check_accuracy's other bar, the most common class's share (11 of 102 images) + 0.05
+        # check_accuracy's other bars on a quick run's 102 images (11 of the most common class):
         assert 11 / 102 + 0.05 <= worst - 0.1, f"{name}: the worst run {worst} is too close to chance"
+        luck_bar = next(k for k in range(103) if common.chance_of_at_least(k, 102, 11 / 102) < common.CHANCE) / 102
+        assert luck_bar <= worst - 0.05, f"{name}: the worst run {worst} is within 5 points of luck ({luck_bar:.3f})"
 
 
 @pytest.mark.slow
