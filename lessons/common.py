@@ -238,8 +238,8 @@ def check_accuracy(acc, y, *, floor, what, n_classes=N_CLASSES, margin=0.05, cha
                       f"class's share {majority:.3f} + {margin}")
     luck = chance_of_at_least(round(acc * len(y)), len(y), majority)
     too_few = chance_of_at_least(len(y), len(y), majority) >= chance  # even all right could be luck
-    check(luck < chance, f"{what}: {round(acc * len(y))} of {len(y)} right by guessing at the most common class's "
-                         f"share {majority:.3f} has probability {luck:.2g} < {chance}"
+    check(luck < chance, f"{what}: a guess right {majority:.3f} of the time (the most common class's share) gets "
+                         f"{round(acc * len(y))} of {len(y)} with probability {luck:.2g} < {chance}"
                          + ("; too few images to tell any accuracy from luck: add images" if too_few else ""))
 
 

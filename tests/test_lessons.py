@@ -116,7 +116,7 @@ def test_check_accuracy_refuses_what_guessing_scores_on_a_small_test_set(capsys)
     six = torch.tensor([0, 0, 0, 1, 1, 1])
     with pytest.raises(SystemExit):
         common.check_accuracy(4 / 6, six, floor=0.55, n_classes=2, what="test accuracy")
-    assert "4 of 6 right by guessing" in capsys.readouterr().err
+    assert "gets 4 of 6 with probability 0.34" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # even 6 of 6 happens by luck 1 time in 64 on 6 images
         common.check_accuracy(1.0, six, floor=0.55, n_classes=2, what="test accuracy")
     assert "too few images to tell any accuracy from luck" in capsys.readouterr().err
@@ -124,7 +124,7 @@ def test_check_accuracy_refuses_what_guessing_scores_on_a_small_test_set(capsys)
     with pytest.raises(SystemExit):  # 26 of 40: luck 4 times in 100
         common.check_accuracy(26 / 40, forty, floor=0.55, n_classes=2, what="test accuracy")
     common.check_accuracy(30 / 40, forty, floor=0.55, n_classes=2, what="test accuracy")  # luck 0.1%
-    assert "self-check passed: test accuracy: 30 of 40 right" in capsys.readouterr().out
+    assert "self-check passed: test accuracy: a guess right 0.500 of the time" in capsys.readouterr().out
 
 
 def test_quick_floors_sit_far_below_what_was_measured():
