@@ -299,7 +299,7 @@ if TRANSFER:
                        for way, fn in (("last weights", plain), (TTA_NAME, tta))}
     scratch_chosen = max(scratch_results, key=lambda way: scratch_results[way]["valid"])
     report.comparison(recipe_seconds, results[chosen]["test"], scratch_seconds, epochs,
-                      scratch_lr, scratch_results, scratch_chosen)
+                      scratch_lr, scratch_results, scratch_chosen, len(y["test"]))
 
 # %% The report, the figures, and a self-check that a degenerate result cannot pass
 if distributed.is_main():

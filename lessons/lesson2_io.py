@@ -5,6 +5,7 @@ The recipe itself (every step, every choice) is in lesson2.py; read that first.
 import argparse
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -247,15 +248,19 @@ class Report:
     def predictions(self, results, chosen, seconds):
         self.results, self.chosen, self.prediction_seconds = results, chosen, seconds
 
-    def comparison(self, recipe_seconds, recipe_test, seconds, epochs, lr, results, chosen):
+    def comparison(self, recipe_seconds, recipe_test, seconds, epochs, lr, results, chosen, n_test):
         self.scratch = dict(recipe_seconds=recipe_seconds, recipe_test=recipe_test, seconds=seconds, epochs=epochs,
-                            lr=lr, results=results, chosen=chosen, test=results[chosen]["test"])
+                            lr=lr, results=results, chosen=chosen, test=results[chosen]["test"], n_test=n_test)
         self.say(f"[from scratch] {epochs} epochs at lr {lr:.2g} in {seconds:.0f}s: test {self.scratch['test']:.4f} "
               f"({chosen}); the recipe: {recipe_test:.4f} in {recipe_seconds:.0f}s")
 
     def _comparison_lines(self):
         s = self.scratch
-        won = ("neither (a tie)" if abs(s["recipe_test"] - s["test"]) < 0.0005 else
+        gap, n = abs(s["recipe_test"] - s["test"]), s["n_test"]
+        # 2 standard errors of a difference of two accuracies p1, p2 on n images: 2 sqrt((p1 q1 + p2 q2) / n),
+        # taken as if the two were independent (the same images make it smaller: this errs towards "neither")
+        noise = 2 * math.sqrt((s["recipe_test"] * (1 - s["recipe_test"]) + s["test"] * (1 - s["test"])) / n)
+        won = ("neither: the gap is within the noise" if gap <= noise else
                "the pretrained recipe" if s["recipe_test"] > s["test"] else "training from scratch")
         lines = ["## From scratch, on the same labelled images for the same time", "",
                  "| | seconds | validation accuracy | test accuracy |", "|---|---|---|---|",
@@ -263,10 +268,10 @@ class Report:
                  f"{self.results[self.chosen]['valid']:.4f} | {s['recipe_test']:.4f} |"]
         lines += [f"| from scratch: {s['epochs']} epochs, one cosine from lr {s['lr']:.2g}, {way} | {s['seconds']:.0f} | "
                   f"{r['valid']:.4f} | {r['test']:.4f} |" for way, r in s["results"].items()]
-        gap = abs(s["recipe_test"] - s["test"])
-        return lines + ["", f"Won: **{won}**, by {gap * 100:.1f} points of test accuracy "
-                            f"({s['recipe_test']:.4f} against {s['test']:.4f}). Seconds are training, "
-                            "range tests included, for both; predicting is not counted.", ""]
+        return lines + ["", f"Won: **{won}**, {gap * 100:.1f} points of test accuracy apart "
+                            f"({s['recipe_test']:.4f} against {s['test']:.4f}; the noise of {n:,} test images, 2 "
+                            f"standard errors: {noise * 100:.1f} points). Seconds are training, range tests "
+                            "included, for both; predicting is not counted.", ""]
 
     def finish(self, verdict, stopped, chosen, results):
         """Write report.md and results.json, print the tables -> the chosen way's test accuracy."""

@@ -228,3 +228,19 @@ def test_a_lesson_with_bad_data_says_what_is_wrong_without_a_traceback(case, tmp
     assert "Traceback" not in result.stderr, result.stderr
     for text in expected:
         assert text in result.stderr, (text, result.stderr)
+
+
+@pytest.mark.parametrize("recipe, scratch, n, won", [
+    (0.8720, 0.8454, 5000, "the pretrained recipe"),   # make lesson's run: 2.7 points, the noise 1.4
+    (0.7800, 0.7600, 500, "neither: the gap is within the noise"),  # 2 points on 500 images: noise 5.3
+    (0.8400, 0.8700, 10000, "training from scratch"),
+    (0.8000, 0.8000, 1000, "neither: the gap is within the noise")])
+def test_lesson2s_report_names_a_winner_only_beyond_the_noise_of_its_test_set(recipe, scratch, n, won, tmp_path):
+    import lesson2_io
+    report = lesson2_io.Report(tmp_path, "cpu", {}, main=False)
+    report.chosen, report.results = "last", {"last": {"valid": 0.8, "test": recipe}}
+    report.comparison(19.0, recipe, 19.0, 79, 0.14, {"plain": {"valid": 0.8, "test": scratch}}, "plain", n)
+    line = report._comparison_lines()[-2]
+    assert line.startswith(f"Won: **{won}**, {abs(recipe - scratch) * 100:.1f} points of test accuracy apart")
+    noise = 2 * math.sqrt((recipe * (1 - recipe) + scratch * (1 - scratch)) / n)
+    assert f"the noise of {n:,} test images, 2 standard errors: {noise * 100:.1f} points" in line
