@@ -12,6 +12,7 @@ max_zoom=1.1); fastai 2's aug_transforms (one matrix an image, one grid_sample a
 """
 import inspect
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,8 @@ def _check_size(size, name="size"):
 
 
 def _check_range(name, value, low, high=math.inf):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in [{low}, {high}], got {value!r}")
     if not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
 
@@ -154,6 +157,7 @@ def _lighting(x, generator, max_brightness, max_contrast, p):
 
 
 def _preset(dihedral, generator, max_rotate, max_zoom, max_lighting, p, padding):
+    _check_range("p", p, 0, 1)  # by the name the caller gave it (it becomes p_affine and lighting's p)
     geometry = dict(flip=0.0 if dihedral else 0.5, dihedral=dihedral, max_rotate=max_rotate,
                     max_zoom=max_zoom, max_translate=0.0, p_affine=p, padding=padding)
     light = dict(max_brightness=max_lighting, max_contrast=max_lighting, p=p)

@@ -243,6 +243,12 @@ def test_cuda_batch_stays_on_cuda_and_matches_the_cpu_result():
     (lambda: lighting(torch.rand(1, 1, 4, 4), generator=None, max_brightness=2), ValueError, "max_brightness"),
     (lambda: lighting(torch.rand(1, 1, 4, 4), generator=None, p=-0.1), ValueError, "p must"),
     (lambda: side_on(max_zoom=0.5), ValueError, "max_zoom"),
+    (lambda: side_on(p=2.0), ValueError, "p must be in [0, 1], got 2.0"),   # not p_affine: the caller wrote p
+    (lambda: top_down(p=-0.5), ValueError, "p must be in [0, 1], got -0.5"),
+    (lambda: side_on(max_zoom="big"), TypeError, "max_zoom must be a number in [1, 10], got 'big'"),
+    (lambda: side_on(p=None), TypeError, "p must be a number in [0, 1], got None"),
+    # flip is a probability: True would have meant "always", where a reader means "random flips"
+    (lambda: random_affine(torch.rand(1, 1, 4, 4), generator=None, flip=True), TypeError, "flip must be a number"),
     (lambda: top_down(padding="nope"), ValueError, "padding"),
     (lambda: augment(torch.rand(1, 1, 4, 4), None, "sideways"), ValueError, "side_on"),
     (lambda: augment(torch.rand(1, 1, 4, 4), None, lambda x: x.flip(-1)), TypeError, "must take generator="),
