@@ -120,8 +120,9 @@ def efficientnet_lite0(pretrained=True, *, n_classes=1000, bn_momentum=BN_MOMENT
     """
     if not isinstance(pretrained, bool):
         raise TypeError(f"pretrained must be True or False, got {pretrained!r}")
-    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1:
-        raise ValueError(f"n_classes={n_classes!r} must be an int >= 1")
+    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
+        raise ValueError(f"n_classes={n_classes!r} must be an int >= 2 (with 1 output cross_entropy is 0 "
+                         "whatever the image)")
     if isinstance(bn_momentum, bool) or not isinstance(bn_momentum, (int, float)) or not 0 <= bn_momentum <= 1:
         raise ValueError(f"bn_momentum={bn_momentum!r} must be in [0, 1] (torch's convention: 0.1 is its default)")
     if pretrained and n_classes != 1000:

@@ -112,8 +112,8 @@ def test_a_custom_head_replaces_fastais():
     (dict(arch="vgg16", n_classes=10), ValueError, "choose one of"),
     (dict(arch="efficientnet_lite0", n_classes=10, in_channels=2), ValueError, "in_channels=2"),
     (dict(arch="resnet18", n_classes=0), ValueError, "n_classes=0"),
-    (dict(arch="efficientnet_lite0", n_classes="10"), ValueError, "n_classes='10' must be an int >= 1"),
-    (dict(arch="efficientnet_lite0", n_classes=2.5), ValueError, "n_classes=2.5 must be an int >= 1"),
+    (dict(arch="efficientnet_lite0", n_classes="10"), ValueError, "n_classes='10' must be an int >= 2"),
+    (dict(arch="efficientnet_lite0", n_classes=2.5), ValueError, "n_classes=2.5 must be an int >= 2"),
     (dict(arch="efficientnet_lite0", n_classes=10, in_channels=True), ValueError, "in_channels=True"),
     (dict(arch="efficientnet_lite0", n_classes=10, head=3), TypeError, "head must be a module"),
     (dict(arch="efficientnet_lite0", n_classes=10, hidden=0), ValueError, "hidden=0 must be an int >= 1"),
@@ -127,7 +127,8 @@ def test_pretrained_classifier_rejects_bad_arguments(kwargs, error, match):
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(pretrained=False, n_classes=0), ValueError, "n_classes=0 must be an int >= 1"),
+    (dict(pretrained=False, n_classes=0), ValueError, "n_classes=0 must be an int >= 2"),
+    (dict(pretrained=False, n_classes=1), ValueError, "n_classes=1 must be an int >= 2"),
     (dict(pretrained=False, n_classes=10.0), ValueError, "n_classes=10.0"),
     (dict(pretrained=False, bn_momentum=1.5), ValueError, "bn_momentum=1.5 must be in"),
     (dict(pretrained="no"), TypeError, "pretrained must be True or False")])

