@@ -26,7 +26,7 @@ def _check_count(name, value, low=1, why=""):
         raise ValueError(f"{name}={value!r} must be an int >= {low}{why}")
 
 
-N_CLASSES_WHY = ": with 1 output cross_entropy is 0 whatever the image (for 2 classes give 2)"
+_N_CLASSES_WHY = ": with 1 output cross_entropy is 0 whatever the image (for 2 classes give 2)"
 
 
 def _check_statistics(mean, std, channels):
@@ -90,7 +90,7 @@ def simple_resnet(n_classes, in_channels=1, widths=(16, 32, 64), *, mean=None, s
     Groups: [normalise, stem, stage 1], [stages 2..], [pool, linear]. mean/std default to
     Fashion-MNIST's for 1 channel and ImageNet's for 3.
     """
-    _check_count("n_classes", n_classes, 2, N_CLASSES_WHY)
+    _check_count("n_classes", n_classes, 2, _N_CLASSES_WHY)
     _check_count("in_channels", in_channels)
     if (mean is None) != (std is None):
         raise ValueError("pass mean= and std= together (or neither, for the defaults)")
@@ -127,7 +127,7 @@ def fastai_head(n_features, n_classes, *, hidden=512, dropout=(0.25, 0.5)):
     output after them, and trains the rest of this Sequential on those features.
     """
     _check_count("n_features", n_features)
-    _check_count("n_classes", n_classes, 2, N_CLASSES_WHY)
+    _check_count("n_classes", n_classes, 2, _N_CLASSES_WHY)
     _check_head(hidden, dropout)
     return nn.Sequential(ConcatPool(), nn.Flatten(),
                          nn.BatchNorm1d(2 * n_features), nn.Dropout(dropout[0]), nn.Linear(2 * n_features, hidden),
@@ -202,7 +202,7 @@ def pretrained_classifier(arch, n_classes, *, pretrained=True, in_channels=3, he
         raise ValueError(f"arch={arch!r}: choose one of {', '.join(PRETRAINED_ARCHS)}")
     if isinstance(in_channels, bool) or in_channels not in (1, 3):
         raise ValueError(f"in_channels={in_channels!r}: the pretrained stem takes 3 (RGB) or 1 (grey)")
-    _check_count("n_classes", n_classes, 2, N_CLASSES_WHY)
+    _check_count("n_classes", n_classes, 2, _N_CLASSES_WHY)
     if head is None:
         _check_head(hidden, dropout)
     elif not isinstance(head, nn.Module):
