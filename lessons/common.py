@@ -236,10 +236,11 @@ def check_accuracy(acc, y, *, floor, what, n_classes=N_CLASSES, margin=0.05, cha
     bar = max(floor, majority + margin)
     check(acc >= bar, f"{what} {acc:.4f} >= {bar:.3f}: the floor {floor} and the most common "
                       f"class's share {majority:.3f} + {margin}")
-    luck = chance_of_at_least(round(acc * len(y)), len(y), majority)
+    right = round(acc * len(y))
+    luck = chance_of_at_least(right, len(y), majority)
     too_few = chance_of_at_least(len(y), len(y), majority) >= chance  # even all right could be luck
     check(luck < chance, f"{what}: a guess right {majority:.3f} of the time (the most common class's share) gets "
-                         f"{round(acc * len(y))} of {len(y)} with probability {luck:.2g} < {chance}"
+                         f"{right} of {len(y)} with probability {luck:.2g} < {chance}"
                          + ("; too few images to tell any accuracy from luck: add images" if too_few else ""))
 
 

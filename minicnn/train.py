@@ -190,7 +190,7 @@ def fit(model, train, valid, opt, lr_at, end_epoch=None, *, loss_fn=F.cross_entr
     """
     end_epoch = end_epoch_from(end_epoch, epochs)
     steps_per_epoch, cycle_ends = check_fit(model, train, valid, opt, lr_at, end_epoch, start_step,
-                                             train_eval, cycle_ends, on_cycle_end)
+                                            train_eval, cycle_ends, on_cycle_end)
     device = torch.device(device) if device is not None else _model_device(model)
     use_channels_last = _use_cuda_tricks(device, channels_last)
     model.to(device, memory_format=torch.channels_last if use_channels_last else torch.preserve_format)
@@ -222,7 +222,7 @@ def fit(model, train, valid, opt, lr_at, end_epoch=None, *, loss_fn=F.cross_entr
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise FloatingPointError(not_finite(loss_value, step, epoch, lrs, x, y, logits, model,
-                                                     loss_fn, history.batch_loss, step == start_step))
+                                                    loss_fn, history.batch_loss, step == start_step))
             # backward; average the gradients over the ranks (torchrun only); step
             loss.backward()
             if world_size > 1:
