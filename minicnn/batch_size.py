@@ -23,10 +23,10 @@ OOM_MESSAGES = ("out of memory",                                  # CUDA, MPS: "
 # oneDNN (the CPU's convolution library) says exactly this when memory runs out while it builds
 # a kernel ("... primitive descriptor ..." means unsupported: another error).
 ONEDNN_OOM = "could not create a primitive"
-ONEDNN_ADVICE = ("oneDNN (CPU convolutions) ran out of memory while building a kernel and keeps the "
-                 "failed kernel in its cache: new batch sizes would fail in this process whatever the "
-                 "memory, so the search stops. Start a fresh process; on the CPU bound the search by "
-                 "`limit` rather than by memory.")
+ONEDNN_ADVICE = ("oneDNN (CPU convolutions) ran out of memory while building a kernel and keeps "
+                 "the failed kernel in its cache: new batch sizes would fail in this process "
+                 "whatever the memory, so the search stops. Start a fresh process; on the CPU "
+                 "bound the search by `limit` rather than by memory.")
 
 
 def is_out_of_memory(error):
@@ -38,7 +38,8 @@ def is_out_of_memory(error):
 
 def _short(error):
     """'RuntimeError: DefaultCPUAllocator: ...' without the C++ source location, one line."""
-    text = re.sub(r"^\[enforce fail at [^\]]*\][^.]*\.\s*", "", str(error).strip())  # "[...] err == 0. "
+    # without the C++ location "[enforce fail at ...] err == 0. "
+    text = re.sub(r"^\[enforce fail at [^\]]*\][^.]*\.\s*", "", str(error).strip())
     return type(error).__name__ + (f": {text.splitlines()[0][:120]}" if text else "")
 
 
@@ -66,7 +67,8 @@ def _out_of_memory(try_step, batch_size, device, verbose):
         _free_memory(device)
     if verbose:
         outcome = "fits" if message is None else f"out of memory ({message})"
-        print(f"  batch size {batch_size:6d}: {outcome} ({time.perf_counter() - started:.2f}s)", flush=True)
+        print(f"  batch size {batch_size:6d}: {outcome} "
+              f"({time.perf_counter() - started:.2f}s)", flush=True)
     return message
 
 
@@ -81,8 +83,8 @@ def _cpu_copy(obj):
     return obj
 
 
-def find_batch_size(try_step, *, start=2, limit, margin=0.9, device=None, model=None, optimizer=None,
-                    verbose=False):
+def find_batch_size(try_step, *, start=2, limit, margin=0.9, device=None, model=None,
+                    optimizer=None, verbose=False):
     """The largest batch size b <= limit with try_step(b) not running out of memory, times margin.
 
     try_step(batch_size): a few real training steps at that size (3 is plenty: the first
@@ -95,24 +97,29 @@ def find_batch_size(try_step, *, start=2, limit, margin=0.9, device=None, model=
     Raises MemoryError when even `start` does not fit; any other error of try_step is re-raised.
     """
     if not callable(try_step):
-        raise TypeError(f"try_step must be a function batch_size -> None, got {type(try_step).__name__}")
+        raise TypeError("try_step must be a function batch_size -> None, "
+                        f"got {type(try_step).__name__}")
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError(f"limit must be a positive int (the dataset's size), got {limit!r}")
     if isinstance(start, bool) or not isinstance(start, int) or not 1 <= start <= limit:
         raise ValueError(f"start must be an int between 1 and limit={limit}, got {start!r}")
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin <= 1:
         raise ValueError(f"margin must be in (0, 1], got {margin!r}; 0.9 keeps 10% headroom")
-    if model is not None and (not isinstance(model, torch.nn.Module) or not any(True for _ in model.parameters())):
-        raise TypeError(f"model must be a torch.nn.Module with parameters (it is put back afterwards), got "
-                        f"{type(model).__name__}")
-    if optimizer is not None and not all(hasattr(optimizer, a) for a in ("state_dict", "load_state_dict")):
-        raise TypeError(f"optimizer must have state_dict() and load_state_dict(), got {type(optimizer).__name__}")
+    if model is not None and (not isinstance(model, torch.nn.Module)
+                              or not any(True for _ in model.parameters())):
+        raise TypeError("model must be a torch.nn.Module with parameters (it is put back "
+                        f"afterwards), got {type(model).__name__}")
+    if optimizer is not None and not all(hasattr(optimizer, a)
+                                         for a in ("state_dict", "load_state_dict")):
+        raise TypeError("optimizer must have state_dict() and load_state_dict(), "
+                        f"got {type(optimizer).__name__}")
     if device is None:
         device = next(model.parameters()).device if model is not None else torch.device("cpu")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={device!r} is not a device; give 'cpu', 'cuda', 'cuda:1' or a torch.device") from e
+        raise ValueError(f"device={device!r} is not a device; "
+                         "give 'cpu', 'cuda', 'cuda:1' or a torch.device") from e
     # what to put back afterwards
     model_state = _cpu_copy(model.state_dict()) if model is not None else None
     modes = [(m, m.training) for m in model.modules()] if model is not None else []
@@ -134,8 +141,9 @@ def find_batch_size(try_step, *, start=2, limit, margin=0.9, device=None, model=
                 break
             size = min(2 * size, limit)  # b <- min(2b, limit)
         if good == 0:
-            raise MemoryError(f"even batch size {start} does not fit in memory on {device} ({failure}); "
-                              "try start=1, a smaller model or smaller images, or mixed precision")
+            raise MemoryError(f"even batch size {start} does not fit in memory on {device} "
+                              f"({failure}); try start=1, a smaller model or smaller images, "
+                              "or mixed precision")
         # bisection between the last size that fit and the first that did not
         while bad is not None and bad - good > 1:
             mid = (good + bad) // 2  # good or bad <- mid, until they are neighbours

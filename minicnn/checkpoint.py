@@ -24,7 +24,8 @@ import torch
 
 FORMAT = "minicnn-checkpoint-2"  # 1: no checksum, no optimizer class
 Resumed = namedtuple("Resumed", "step extra")
-HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"  # no dots: the name parses
+# this host's name without dots, so that a temporary file's name parses
+HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
 PLAIN = "None, bool, int, float, str, bytes, list, tuple, dict, torch.Tensor"
 HINTS = {"PosixPath": "str(path)", "WindowsPath": "str(path)", "set": "sorted(values)",
          "History": "dataclasses.asdict(history)", "ndarray": "torch.from_numpy(array)"}
@@ -50,20 +51,24 @@ def _feed(h, value, where):
             _feed(h, value._metadata, f"{where}._metadata")
     elif kind is torch.dtype:
         h.update(f"dtype:{value}".encode())
-    elif kind in (torch.Tensor, torch.nn.Parameter) and value.layout == torch.strided and not value.is_meta:
+    elif (kind in (torch.Tensor, torch.nn.Parameter) and value.layout == torch.strided
+          and not value.is_meta):
         t = value.detach().cpu().resolve_conj().resolve_neg().contiguous()
         h.update(f"tensor:{t.dtype}:{tuple(t.shape)}:".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes of the values
     else:
-        hint = HINTS.get(kind.__name__, "value.item() or float(value)" if kind.__module__ == "numpy" else
+        hint = HINTS.get(kind.__name__,
+                         "value.item() or float(value)" if kind.__module__ == "numpy" else
                          "dataclasses.asdict(value)" if hasattr(value, "__dataclass_fields__") else
                          "value._asdict()" if hasattr(value, "_asdict") else "a plain equivalent")
-        raise TypeError(f"{where} is a {kind.__module__}.{kind.__qualname__}, which torch.load(weights_only=True) "
-                        f"cannot read back; store plain data ({PLAIN}): use {hint}")
+        raise TypeError(f"{where} is a {kind.__module__}.{kind.__qualname__}, which "
+                        "torch.load(weights_only=True) cannot read back; store plain data "
+                        f"({PLAIN}): use {hint}")
 
 
 def checksum(contents):
-    """sha256 (hex) of a dict of plain data, {name: value}; TypeError naming the first value that is not plain."""
+    """sha256 (hex) of a dict of plain data, {name: value}; TypeError naming the first value
+    that is not plain."""
     h = hashlib.sha256()
     for name, value in contents.items():
         _feed(h, name, "a name")
@@ -74,16 +79,17 @@ def checksum(contents):
 def _file_path(path):
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; give the path of a file in it, e.g. {path / 'ckpt.pt'}")
+        raise IsADirectoryError(f"{path} is a folder; give the path of a file in it, "
+                                f"e.g. {path / 'ckpt.pt'}")
     if path.parent.exists() and not path.parent.is_dir():
-        raise NotADirectoryError(f"{path.parent} is a file, so {path.name} cannot be written inside it; "
-                                 "choose another folder")
+        raise NotADirectoryError(f"{path.parent} is a file, so {path.name} cannot be written "
+                                 "inside it; choose another folder")
     return path
 
 
 def _dead(pid):
     """True if no process has this id (on this host); on Windows nobody can tell: False."""
-    if os.name == "nt" or pid == os.getpid():  # Windows: os.kill(pid, 0) would terminate the process
+    if os.name == "nt" or pid == os.getpid():  # Windows: os.kill(pid, 0) would end the process
         return False
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
@@ -95,10 +101,12 @@ def _dead(pid):
 
 
 def stale_temporaries(folder, names):
-    """Temporary files that atomic_save left in `folder` for targets whose name matches the regex `names`
-    when its process was killed (that process is gone, so nobody will finish or remove them)."""
+    """Temporary files that atomic_save left in `folder` for targets whose name matches the
+    regex `names` when its process was killed (that process is gone, so nobody will finish or
+    remove them)."""
+    # .{name}.{host}.{pid}.{token}.tmp (no host: older versions)
     pattern = re.compile(r"\.(?:" + names + r")\.(?:(?P<host>[A-Za-z0-9-]+)\.)?(?P<pid>\d+)"
-                         r"\.[0-9a-f]{8}\.tmp")  # .{name}.{host}.{pid}.{token}.tmp (no host: older versions)
+                         r"\.[0-9a-f]{8}\.tmp")
     found = []
     for entry in os.scandir(folder) if Path(folder).is_dir() else ():
         m = pattern.fullmatch(entry.name)
@@ -118,23 +126,27 @@ def _fsync_folder(folder):
 
 
 def atomic_save(obj, path):
-    """torch.save(obj) to `path` so that a crash leaves the old file or the new one, never half of one."""
+    """torch.save(obj) to `path` so that a crash leaves the old file or the new one, never half
+    of one."""
     path = _file_path(path)
     buffer = io.BytesIO()
-    torch.save(obj, buffer)  # in memory first: torch's writer turns a full disk into "unexpected pos 704 vs 598"
+    # in memory first: torch's writer turns a full disk into "unexpected pos 704 vs 598"
+    torch.save(obj, buffer)
     return atomic_write(path, buffer.getbuffer())
 
 
 def atomic_write(path, data):
-    """Write bytes (or str, as UTF-8) to `path` so that a crash or a full disk leaves the old file or
-    the new one, never half of one (reports, figures: whatever was good before stays good)."""
+    """Write bytes (or str, as UTF-8) to `path` so that a crash or a full disk leaves the old file
+    or the new one, never half of one (reports, figures: whatever was good before stays good)."""
     path = _file_path(path)
     data = data.encode() if isinstance(data, str) else data
     path.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in stale_temporaries(path.parent, re.escape(path.name)):  # a killed save left them: remove
+    # a killed save left them: remove
+    for leftover in stale_temporaries(path.parent, re.escape(path.name)):
         leftover.unlink(missing_ok=True)
-    # the temporary file must be in the same folder: os.replace is atomic only within one file system
-    # (not tempfile.mkstemp: its 0600 mode would survive the rename; here the umask applies, as for open())
+    # the temporary file must be in the same folder: os.replace is atomic only within one file
+    # system (not tempfile.mkstemp: its 0600 mode would survive the rename; here the umask
+    # applies, as for open())
     tmp = path.parent / f".{path.name}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
@@ -143,8 +155,9 @@ def atomic_write(path, data):
                 f.write(data)
                 f.flush()
             except OSError as error:  # a full disk, a size limit
-                raise OSError(error.errno, f"{error.strerror}: {path} was not written (the file there before, if "
-                              "any, is unchanged); free some space and save again") from error
+                raise OSError(error.errno, f"{error.strerror}: {path} was not written (the file "
+                              "there before, if any, is unchanged); free some space and save "
+                              "again") from error
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)  # a rename: all or nothing
     except BaseException:  # a full disk, a Ctrl-C: the old file stays, the temporary goes
@@ -155,12 +168,14 @@ def atomic_write(path, data):
 
 
 def save_checked(path, fmt, contents):
-    """atomic_save {format, sha256, contents}; contents is checked to be plain data before anything is written."""
+    """atomic_save {format, sha256, contents}; contents is checked to be plain data before
+    anything is written."""
     return atomic_save({"format": fmt, "sha256": checksum(contents), "contents": contents}, path)
 
 
 def load_checked(path, fmt, what):
-    """The contents save_checked wrote, or a clear error: missing, a folder, unreadable, foreign, or damaged."""
+    """The contents save_checked wrote, or a clear error: missing, a folder, unreadable, foreign,
+    or damaged."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder, not a {what} file; give the file's path")
@@ -170,34 +185,39 @@ def load_checked(path, fmt, what):
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, zero bytes, flipped bits, not torch.save's
-        raise ValueError(f"{path} cannot be read as a {what}: it is damaged (truncated, empty, bits flipped) or not "
-                         f"written by torch.save ({type(error).__name__}: {str(error)[:200]}). {advice}") from error
-    if not isinstance(saved, dict) or saved.get("format") != fmt or set(saved) != {"format", "sha256", "contents"}:
-        raise ValueError(f"{path} is not a minicnn {what} of format {fmt}, or it is damaged; files of older "
-                         "versions have no checksum and cannot be checked (for bare weights use "
-                         f"model.load_state_dict(torch.load(path))). {advice}")
+        raise ValueError(f"{path} cannot be read as a {what}: it is damaged (truncated, empty, "
+                         f"bits flipped) or not written by torch.save ({type(error).__name__}: "
+                         f"{str(error)[:200]}). {advice}") from error
+    if (not isinstance(saved, dict) or saved.get("format") != fmt
+            or set(saved) != {"format", "sha256", "contents"}):
+        raise ValueError(f"{path} is not a minicnn {what} of format {fmt}, or it is damaged; "
+                         "files of older versions have no checksum and cannot be checked (for bare "
+                         f"weights use model.load_state_dict(torch.load(path))). {advice}")
     try:
-        same = isinstance(saved["contents"], dict) and checksum(saved["contents"]) == saved["sha256"]
+        same = (isinstance(saved["contents"], dict)
+                and checksum(saved["contents"]) == saved["sha256"])
     except TypeError:
         same = False
     if not same:
-        raise ValueError(f"{path} is damaged: its values do not match the sha256 stored with them (bits flipped on "
-                         f"disk or in a copy). {advice}")
+        raise ValueError(f"{path} is damaged: its values do not match the sha256 stored with them "
+                         f"(bits flipped on disk or in a copy). {advice}")
     return saved["contents"]
 
 
 def _rng_states():
-    state = np.random.get_state()  # ("MT19937", keys uint32 (624,), pos, has_gauss, cached_gaussian)
+    # ("MT19937", keys uint32 (624,), pos, has_gauss, cached_gaussian)
+    state = np.random.get_state()
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,  # used at all?
+            # None when CUDA was never used in this process
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
             "python": random.getstate(),
-            "numpy": (state[0], torch.from_numpy(state[1].astype(np.int64)), int(state[2]), int(state[3]),
-                      float(state[4]))}
+            "numpy": (state[0], torch.from_numpy(state[1].astype(np.int64)), int(state[2]),
+                      int(state[3]), float(state[4]))}
 
 
 def _set_rng_states(states):
     torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None and torch.cuda.is_available():  # on a CPU-only machine: not needed
+    if states["cuda"] is not None and torch.cuda.is_available():  # CPU-only machine: not needed
         torch.cuda.set_rng_state_all(states["cuda"])
     random.setstate(states["python"])
     name, keys, *rest = states["numpy"]
@@ -207,7 +227,8 @@ def _set_rng_states(states):
 def _check_generators(generators):
     if generators is None:
         return {}
-    if not isinstance(generators, dict) or not all(isinstance(g, torch.Generator) for g in generators.values()):
+    if not isinstance(generators, dict) or not all(isinstance(g, torch.Generator)
+                                                   for g in generators.values()):
         raise TypeError("generators must be a dict {name: torch.Generator}, e.g. {'augment': g}")
     return generators
 
@@ -215,9 +236,10 @@ def _check_generators(generators):
 def _check_objects(model, optimizer):
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not all(callable(getattr(optimizer, name, None)) for name in ("state_dict", "load_state_dict")):
-        raise TypeError(f"optimizer must have state_dict() and load_state_dict() (a torch.optim or minicnn.optim "
-                        f"optimizer), got {type(optimizer).__name__}")
+    if not all(callable(getattr(optimizer, name, None))
+               for name in ("state_dict", "load_state_dict")):
+        raise TypeError("optimizer must have state_dict() and load_state_dict() (a torch.optim or "
+                        f"minicnn.optim optimizer), got {type(optimizer).__name__}")
 
 
 def _class_name(optimizer):
@@ -233,8 +255,8 @@ def save_checkpoint(path, *, model, optimizer, step, extra=None, generators=None
     """
     _check_objects(model, optimizer)
     if type(step) is not int or step < 0:  # bool is an int to Python, not a step
-        raise ValueError(f"step must be the number of steps done (an int >= 0; int(step) for a numpy "
-                         f"integer), got {step!r}")
+        raise ValueError("step must be the number of steps done (an int >= 0; int(step) for a "
+                         f"numpy integer), got {step!r}")
     contents = {
         "extra": extra,  # first: the likeliest to be refused, and named in the error as extra[...]
         "model": model.state_dict(),
@@ -255,9 +277,11 @@ def _check_architecture(path, saved, own):
               for k in own if k in saved and saved[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         def listed(names):
-            return ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "") or "none"
-        raise ValueError(f"{path} was saved from a different architecture: missing keys: {listed(missing)}; "
-                         f"unexpected keys: {listed(unexpected)}; shape mismatches: {listed(shapes)}. "
+            return (", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+                    or "none")
+        raise ValueError(f"{path} was saved from a different architecture: missing keys: "
+                         f"{listed(missing)}; unexpected keys: {listed(unexpected)}; "
+                         f"shape mismatches: {listed(shapes)}. "
                          "Build the model with the same function and arguments as the saved run.")
 
 
@@ -272,8 +296,9 @@ def load_checkpoint(path, *, model, optimizer, generators=None):
     generators = _check_generators(generators)
     checkpoint = load_checked(path, FORMAT, "checkpoint")
     if checkpoint["optimizer_class"] != _class_name(optimizer):
-        raise ValueError(f"{path} holds the state of a {checkpoint['optimizer_class']}, but the optimizer given is a "
-                         f"{_class_name(optimizer)}; build the optimizer the saved run used")
+        raise ValueError(f"{path} holds the state of a {checkpoint['optimizer_class']}, but the "
+                         f"optimizer given is a {_class_name(optimizer)}; build the optimizer the "
+                         "saved run used")
     _check_architecture(path, checkpoint["model"], model.state_dict())
     missing = sorted(set(generators) - set(checkpoint["generators"]))
     if missing:

@@ -14,18 +14,20 @@ import warnings
 
 import torch
 
-MOVED = {**dict.fromkeys(["FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "DEBIAN_FASHION_MNIST",
-                          "USER_CACHE", "IDX_FILES", "read_idx",
-                          "fashion_mnist_folders", "load_fashion_mnist", "download_fashion_mnist"], "fashion_mnist"),
+MOVED = {**dict.fromkeys(["FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD",
+                          "DEBIAN_FASHION_MNIST", "USER_CACHE", "IDX_FILES", "read_idx",
+                          "fashion_mnist_folders", "load_fashion_mnist", "download_fashion_mnist"],
+                         "fashion_mnist"),
          **dict.fromkeys(["IMAGE_SUFFIXES", "ImageFolder", "load_image_folder"], "image_folder")}
 
 
 def __getattr__(name):
-    """minicnn.data.load_fashion_mnist and the other moved names: the new module's, with a warning."""
+    """minicnn.data.load_fashion_mnist and the other moved names: the new module's, with a
+    warning."""
     if name not in MOVED:
         raise AttributeError(f"module 'minicnn.data' has no attribute {name!r}")
-    warnings.warn(f"minicnn.data.{name} moved to minicnn.{MOVED[name]}.{name}: import it from there",
-                  DeprecationWarning, stacklevel=2)
+    warnings.warn(f"minicnn.data.{name} moved to minicnn.{MOVED[name]}.{name}: "
+                  "import it from there", DeprecationWarning, stacklevel=2)
     return getattr(importlib.import_module(f"minicnn.{MOVED[name]}"), name)
 
 
@@ -51,7 +53,8 @@ def _labels(y, name="y"):
         raise ValueError(f"{name} must hold integer class labels, got {y.dtype}: "
                          "if they are whole numbers 0..n_classes-1, pass y.long()")
     if y.dim() != 1:
-        raise ValueError(f"{name} must be 1-D (N,), got shape {tuple(y.shape)}: one label per sample")
+        raise ValueError(f"{name} must be 1-D (N,), got shape {tuple(y.shape)}: "
+                         "one label per sample")
     return y
 
 
@@ -60,27 +63,32 @@ def _pair(x, y):
         raise ValueError(f"x must be a tensor of samples (N, ...), got {type(x).__name__}")
     y = _labels(y)
     if len(x) != len(y):
-        raise ValueError(f"{len(x)} images but {len(y)} labels: x and y must pair up, one label per image")
+        raise ValueError(f"{len(x)} images but {len(y)} labels: x and y must pair up, "
+                         "one label per image")
     return y
 
 
 def _per_class(counts, n, low, high):
-    """n split over classes in proportion to counts (largest remainder), class c in [low[c], high[c]].
-    Exact in integers: class c's quota n * counts[c] / total is compared as n * counts[c] vs take * total."""
+    """n split over classes in proportion to counts (largest remainder), class c in
+    [low[c], high[c]]. Exact in integers: class c's quota n * counts[c] / total is compared as
+    n * counts[c] vs take * total."""
     total = sum(counts)
     take = [min(max(n * c // total, lo), hi) for c, lo, hi in zip(counts, low, high)]
     while sum(take) < n:  # the largest shortfall quota - take first
-        c = max((c for c in range(len(counts)) if take[c] < high[c]), key=lambda c: n * counts[c] - take[c] * total)
+        c = max((c for c in range(len(counts)) if take[c] < high[c]),
+                key=lambda c: n * counts[c] - take[c] * total)
         take[c] += 1
     while sum(take) > n:  # the largest excess take - quota first
-        c = max((c for c in range(len(counts)) if take[c] > low[c]), key=lambda c: take[c] * total - n * counts[c])
+        c = max((c for c in range(len(counts)) if take[c] > low[c]),
+                key=lambda c: take[c] * total - n * counts[c])
         take[c] -= 1
     return take
 
 
 def _stratified(y, n, *, seed, keep_rest, what):
     """Indices of n samples, every class in proportion (largest remainder) and at least once,
-    and (keep_rest) at least one of each class left over -> (chosen, rest), both in a random order."""
+    and (keep_rest) at least one of each class left over -> (chosen, rest), both in a random
+    order."""
     y, n, seed = _labels(y), _count(n, what), _count(seed, "seed", low=0)
     if len(y) == 0:
         raise ValueError("y holds no labels: there is nothing to split")
@@ -92,14 +100,15 @@ def _stratified(y, n, *, seed, keep_rest, what):
                          "add samples of them or remove those classes")
     low, high = [1] * len(counts), [c - 1 if keep_rest else c for c in counts]
     if not sum(low) <= n <= sum(high):
-        raise ValueError(f"{what}={n}: cannot take {n} of {len(y)} samples with all {len(counts)} classes in it"
-                         + (" and in the rest" if keep_rest else "")
+        raise ValueError(f"{what}={n}: cannot take {n} of {len(y)} samples with all "
+                         f"{len(counts)} classes in it" + (" and in the rest" if keep_rest else "")
                          + f": choose {what} between {sum(low)} and {sum(high)}")
     take = dict(zip(classes, _per_class(counts, n, low, high)))
     seen = dict.fromkeys(take, 0)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     chosen = torch.zeros(len(y), dtype=torch.bool)
-    for i, c in zip(order.tolist(), y[order].tolist()):  # the first take[c] of class c in the random order
+    # chosen: the first take[c] of class c in the random order
+    for i, c in zip(order.tolist(), y[order].tolist()):
         chosen[i] = seen[c] < take[c]
         seen[c] += 1
     chosen = chosen[order]  # in the random order
@@ -128,21 +137,26 @@ def stratified_subset(x, y, n, *, seed=0):
 def normalize(x, mean, std):
     """(x - mean) / std per channel; x float (N, C, H, W), mean and std 1 or C numbers, std > 0."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
-        raise ValueError(f"normalize: x must be a float tensor (N, C, H, W), got "
-                         + (f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__)
-                         + ("; for uint8 images divide by 255 first, x.float() / 255 (Batches does it)"
+        raise ValueError("normalize: x must be a float tensor (N, C, H, W), got "
+                         + (f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor)
+                            else type(x).__name__)
+                         + ("; for uint8 images divide by 255 first, x.float() / 255 "
+                            "(Batches does it)"
                             if isinstance(x, torch.Tensor) and x.dtype == torch.uint8 else ""))
     stats = []
     for name, value in (("mean", mean), ("std", std)):
         try:
             t = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
         except (TypeError, ValueError, RuntimeError) as e:
-            raise ValueError(f"normalize: {name}={value!r} is not a number or a sequence of numbers") from e
+            raise ValueError(f"normalize: {name}={value!r} is not a number or a sequence of "
+                             "numbers") from e
         if len(t) not in (1, x.shape[1]):
-            raise ValueError(f"normalize: {name} has {len(t)} values but x has {x.shape[1]} channel(s): "
-                             f"give 1 value or {x.shape[1]}, the statistics of these images' channels")
+            raise ValueError(f"normalize: {name} has {len(t)} values but x has {x.shape[1]} "
+                             f"channel(s): give 1 value or {x.shape[1]}, the statistics of these "
+                             "images' channels")
         if not torch.isfinite(t).all() or (name == "std" and (t <= 0).any()):
-            raise ValueError(f"normalize: {name}={t.tolist()} must be finite" + (" and > 0" if name == "std" else ""))
+            raise ValueError(f"normalize: {name}={t.tolist()} must be finite"
+                             + (" and > 0" if name == "std" else ""))
         stats.append(t.to(dtype=x.dtype, device=x.device).view(1, -1, 1, 1))
     mean, std = stats
     return (x - mean) / std
@@ -153,14 +167,16 @@ class Batches:
     x: (N, ...) uint8 images (x / 255 on the device) or float features; y: (N,) integer
     labels (as int64) or None."""
 
-    def __init__(self, x, y, batch_size, *, shuffle, generator=None, device="cpu", drop_last=False):
+    def __init__(self, x, y, batch_size, *, shuffle, generator=None, device="cpu",
+                 drop_last=False):
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or len(x) == 0:
-            raise ValueError("Batches: x must be a tensor of N >= 1 samples, (N, C, H, W) images or (N, F) "
-                             "features, got " + (f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor)
-                                                 else type(x).__name__))
+            raise ValueError("Batches: x must be a tensor of N >= 1 samples, (N, C, H, W) images "
+                             "or (N, F) features, got "
+                             + (f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor)
+                                else type(x).__name__))
         if x.dtype != torch.uint8 and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"Batches: x is {x.dtype}; pass uint8 images in 0..255 or float32 in [0, 1] "
-                             "(x.float(); models here are float32)")
+            raise ValueError(f"Batches: x is {x.dtype}; pass uint8 images in 0..255 or float32 in "
+                             "[0, 1] (x.float(); models here are float32)")
         if y is not None:
             y = _pair(x, y).long()
         batch_size = _count(batch_size, "batch_size", low=1)
@@ -168,14 +184,15 @@ class Batches:
             if not isinstance(flag, bool):
                 raise ValueError(f"Batches: {name} must be True or False, got {flag!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"Batches: generator must be a torch.Generator or None, got {generator!r}; "
-                             "for a seed, pass torch.Generator().manual_seed(seed)")
+            raise ValueError("Batches: generator must be a torch.Generator or None, got "
+                             f"{generator!r}; for a seed, pass torch.Generator().manual_seed(seed)")
         try:
             device = torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"Batches: device={device!r} is not a device ({e})") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"Batches: device={str(device)!r} but CUDA is not available here; use device='cpu'")
+            raise ValueError(f"Batches: device={str(device)!r} but CUDA is not available here; "
+                             "use device='cpu'")
         self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
         self.device, self.drop_last = device, drop_last
         # One seed drawn now; epoch e's order is randperm seeded with (seed, e).
@@ -190,7 +207,8 @@ class Batches:
         epoch = _count(epoch, "epoch", low=0)
         if not self.shuffle:
             return torch.arange(len(self.x))
-        return torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.seed + epoch))
+        return torch.randperm(len(self.x),
+                              generator=torch.Generator().manual_seed(self.seed + epoch))
 
     def epoch(self, epoch, *, skip=0):
         """Yield epoch `epoch`'s minibatches, the first `skip` of them left out."""
@@ -210,6 +228,8 @@ class Batches:
         return self.epoch(self.epochs_seen - 1)
 
 
-if __name__ == "__main__":  # the old `python -m minicnn.data [--download]`: the same, from its new place
-    print("python -m minicnn.data is now python -m minicnn.fashion_mnist", file=__import__("sys").stderr)
+# the old `python -m minicnn.data [--download]`: the same, from its new place
+if __name__ == "__main__":
+    print("python -m minicnn.data is now python -m minicnn.fashion_mnist",
+          file=__import__("sys").stderr)
     importlib.import_module("minicnn.fashion_mnist").main()

@@ -39,7 +39,8 @@ def _check_losses(values, name):
     try:
         values = [float(v) for v in values]
     except (TypeError, ValueError):
-        raise TypeError(f"history.{name} must be a list of numbers (one loss per epoch), got {values!r}") from None
+        raise TypeError(f"history.{name} must be a list of numbers (one loss per epoch), "
+                        f"got {values!r}") from None
     if not all(math.isfinite(v) for v in values):
         raise ValueError(f"history.{name} holds a non-finite loss: {values}; the run diverged, "
                          "lower the learning rate")
@@ -53,13 +54,16 @@ def diagnose(history, *, margin=0.10, rise=0.03, improving=0.01, min_fall=0.10):
     elif hasattr(history, "valid_loss"):
         get = lambda name, default: getattr(history, name, default)  # noqa: E731
     else:
-        raise TypeError(f"diagnose needs a train.History (or a dict of its lists), got a {type(history).__name__}")
-    for name, value in (("margin", margin), ("rise", rise), ("improving", improving), ("min_fall", min_fall)):
+        raise TypeError("diagnose needs a train.History (or a dict of its lists), "
+                        f"got a {type(history).__name__}")
+    for name, value in (("margin", margin), ("rise", rise), ("improving", improving),
+                        ("min_fall", min_fall)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
             raise ValueError(f"diagnose: {name} is a fraction and must be in [0, 1), got {value!r}")
     valid = _check_losses(get("valid_loss", []) or [], "valid_loss")
     if not valid:
-        raise ValueError("diagnose needs per-epoch validation losses: fit(..., valid=Batches) records them")
+        raise ValueError("diagnose needs per-epoch validation losses: "
+                         "fit(..., valid=Batches) records them")
     train_eval = get("train_eval_loss", []) or []
     if len(train_eval) == len(valid):
         train, source = _check_losses(train_eval, "train_eval_loss"), "train_eval_loss"
@@ -69,31 +73,35 @@ def diagnose(history, *, margin=0.10, rise=0.03, improving=0.01, min_fall=0.10):
         note = ("running training loss in train mode (no train_eval_loss recorded; it reads high: "
                 "pass train_eval= to fit for a fair one)")
     if len(train) != len(valid):
-        raise ValueError(f"history.{source} has {len(train)} epochs but valid_loss has {len(valid)}")
+        raise ValueError(f"history.{source} has {len(train)} epochs but valid_loss has "
+                         f"{len(valid)}")
     epochs, t, v = len(valid), train[-1], valid[-1]
     best = min(range(epochs), key=lambda e: valid[e])  # first epoch of the lowest V
     v_best = valid[best]
-    evidence = f"T {t:.4f} ({note}), V {v:.4f} at epoch {epochs}; best V {v_best:.4f} at epoch {best + 1}"
-    batch_loss = _check_losses((get("batch_loss", []) or [])[:1], "batch_loss")  # the loss before any step
+    evidence = (f"T {t:.4f} ({note}), V {v:.4f} at epoch {epochs}; "
+                f"best V {v_best:.4f} at epoch {best + 1}")
+    # the loss before any step
+    batch_loss = _check_losses((get("batch_loss", []) or [])[:1], "batch_loss")
 
     if batch_loss and t > (1 - min_fall) * float(batch_loss[0]):
         verdict = "underfitting"
         advice = (f"the training loss {t:.4f} is not {min_fall:.0%} below the first minibatch's "
-                  f"{float(batch_loss[0]):.4f}: the model is not learning; check the learning rate (run "
-                  "lr_find) and the data")
+                  f"{float(batch_loss[0]):.4f}: the model is not learning; check the learning "
+                  "rate (run lr_find) and the data")
     elif v < (1 - margin) * t:
         verdict = "underfitting"
         advice = (f"the validation loss is {1 - v / t:.0%} below the training loss: train longer "
                   "(more epochs or cycles), or use less regularization or a bigger model")
     elif best < epochs - 1 and v > (1 + rise) * v_best and t >= train[best]:
         verdict = "underfitting"
-        advice = (f"the validation loss rose {v / v_best - 1:.0%} from its best at epoch {best + 1} and the "
-                  f"training loss rose too ({train[best]:.4f} -> {t:.4f}): the steps are too large to settle; "
-                  "lower the learning rate or anneal it (SGDR)")
+        advice = (f"the validation loss rose {v / v_best - 1:.0%} from its best at epoch "
+                  f"{best + 1} and the training loss rose too ({train[best]:.4f} -> {t:.4f}): the "
+                  "steps are too large to settle; lower the learning rate or anneal it (SGDR)")
     elif best < epochs - 1 and v > (1 + rise) * v_best:
         verdict = "overfitting"
-        advice = (f"the validation loss rose {v / v_best - 1:.0%} from its best at epoch {best + 1}: stop "
-                  f"at epoch {best + 1} (or keep its snapshot); for more, add augmentation, data or weight decay")
+        advice = (f"the validation loss rose {v / v_best - 1:.0%} from its best at epoch "
+                  f"{best + 1}: stop at epoch {best + 1} (or keep its snapshot); for more, add "
+                  "augmentation, data or weight decay")
     elif epochs == 1 or (best == epochs - 1 and valid[-2] - v > improving * valid[-2]):
         verdict = "still improving"
         fell = "one epoch only, no trend yet" if epochs == 1 else \
@@ -101,6 +109,6 @@ def diagnose(history, *, margin=0.10, rise=0.03, improving=0.01, min_fall=0.10):
         advice = f"{fell}: train longer (more epochs, or another SGDR cycle)"
     else:
         verdict = "good fit"
-        advice = (f"the validation loss has levelled off near its best (epoch {best + 1}): keep this model; "
-                  "more augmentation or data could lower it further")
+        advice = (f"the validation loss has levelled off near its best (epoch {best + 1}): "
+                  "keep this model; more augmentation or data could lower it further")
     return Diagnosis(verdict, f"{advice} [{evidence}]", t, v, v_best, best + 1, epochs, source)

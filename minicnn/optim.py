@@ -21,12 +21,15 @@ def _check(group):
     """Raise ValueError/TypeError when a group's hyper-parameters make no sense."""
     for name in ("lr", "momentum", "dampening", "weight_decay"):
         value = group[name]
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                or not math.isfinite(value)):
             raise TypeError(f"SGD: {name} must be a finite number, got {value!r}")
         if value < 0:
             raise ValueError(f"SGD: {name} must be >= 0, got {value}; pass a non-negative {name}")
-    if group["momentum"] >= 1:  # mu = 1 never forgets a gradient; mu > 1 amplifies old ones: divergence
-        raise ValueError(f"SGD: momentum must be in [0, 1), got {group['momentum']}; 0.9 is the usual value")
+    # mu = 1 never forgets a gradient; mu > 1 amplifies old ones: divergence
+    if group["momentum"] >= 1:
+        raise ValueError(f"SGD: momentum must be in [0, 1), got {group['momentum']}; "
+                         "0.9 is the usual value")
     if group["dampening"] > 1:
         raise ValueError(f"SGD: dampening must be in [0, 1], got {group['dampening']}")
     if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
@@ -47,8 +50,9 @@ class SGD:
 
     def __init__(self, params, lr, *, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, decoupled_weight_decay=False, foreach=None):
-        self.defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                             nesterov=nesterov, decoupled_weight_decay=decoupled_weight_decay)
+        self.defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
+                             weight_decay=weight_decay, nesterov=nesterov,
+                             decoupled_weight_decay=decoupled_weight_decay)
         _check(self.defaults)
         self.foreach = foreach
         self.state = {}          # parameter -> {"momentum_buffer": tensor shaped like it}
@@ -63,9 +67,11 @@ class SGD:
             self.add_param_group(group)
 
     def add_param_group(self, group):
-        """Add a dict {"params": tensors, hyper-parameter: value, ...}; unset ones take the defaults."""
+        """Add a dict {"params": tensors, hyper-parameter: value, ...}; unset ones take the
+        defaults."""
         if not isinstance(group, dict) or "params" not in group:
-            raise TypeError(f"SGD: a param group must be a dict with a 'params' key, got {type(group).__name__}")
+            raise TypeError("SGD: a param group must be a dict with a 'params' key, "
+                            f"got {type(group).__name__}")
         params = group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         if not all(isinstance(p, torch.Tensor) for p in params):
@@ -75,7 +81,8 @@ class SGD:
         seen = {id(p) for g in self.param_groups for p in g["params"]}
         ids = [id(p) for p in params]
         if len(set(ids)) != len(ids) or seen.intersection(ids):
-            raise ValueError("SGD: a parameter appears twice (in one group or in two); give each once")
+            raise ValueError("SGD: a parameter appears twice (in one group or in two); "
+                             "give each once")
         self.param_groups.append(group)
 
     def zero_grad(self, set_to_none=True):
@@ -97,7 +104,7 @@ class SGD:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]  # no grad: skipped, no state
+            params = [p for p in group["params"] if p.grad is not None]  # no grad: skip, no state
             if params:
                 foreach = params[0].is_cuda if self.foreach is None else self.foreach
                 (self._step_foreach if foreach else self._step_loop)(group, params)
@@ -160,8 +167,9 @@ class SGD:
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict):
-        """Take the hyper-parameters and buffers of state_dict(); groups must match in number and size.
-        Everything is checked before anything changes: a state dict of another optimizer is refused."""
+        """Take the hyper-parameters and buffers of state_dict(); groups must match in number and
+        size. Everything is checked before anything changes: a state dict of another optimizer is
+        refused."""
         groups, state = _checked_state_dict(state_dict, self.param_groups)
         for group, saved_group in zip(self.param_groups, groups):
             saved_params = group["params"]
@@ -170,8 +178,9 @@ class SGD:
         params = [p for g in self.param_groups for p in g["params"]]
         self.state = {}
         for i, s in state.items():
-            p = params[int(i)]                                    # buffers follow p's device and dtype
-            self.state[p] = {k: v.to(device=p.device, dtype=p.dtype, copy=True) for k, v in s.items()}
+            p = params[int(i)]  # buffers follow p's device and dtype
+            self.state[p] = {k: v.to(device=p.device, dtype=p.dtype, copy=True)
+                             for k, v in s.items()}
 
 
 _KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "decoupled_weight_decay")
@@ -190,7 +199,8 @@ def _looks_like(groups, state):
 
 
 def _checked_state_dict(state_dict, param_groups):
-    """-> (groups, state) of a minicnn SGD state dict that fits these param groups, or a clear error."""
+    """-> (groups, state) of a minicnn SGD state dict that fits these param groups, or a clear
+    error."""
     if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
         raise TypeError("SGD.load_state_dict: expected a dict with 'state' and 'param_groups' "
                         f"(SGD.state_dict()'s layout), got {type(state_dict).__name__}")
@@ -200,22 +210,24 @@ def _checked_state_dict(state_dict, param_groups):
     if missing or foreign or any(g.get("maximize") for g in groups):
         what = f"lacks {missing}" if missing else f"holds {foreign or ['maximize=True']}"
         looks_like, hint = _looks_like(groups, state)
-        raise ValueError(f"SGD.load_state_dict: this state dict {what}; it looks like {looks_like}, not "
-                         "minicnn.optim.SGD's. Load it into the optimizer that saved it, or start this SGD "
-                         f"afresh{hint}; nothing was changed")
+        raise ValueError(f"SGD.load_state_dict: this state dict {what}; it looks like "
+                         f"{looks_like}, not minicnn.optim.SGD's. Load it into the optimizer that "
+                         f"saved it, or start this SGD afresh{hint}; nothing was changed")
     if [len(g["params"]) for g in groups] != [len(g["params"]) for g in param_groups]:
         raise ValueError("SGD.load_state_dict: the saved groups hold "
                          f"{[len(g['params']) for g in groups]} parameters, this optimizer's "
-                         f"{[len(g['params']) for g in param_groups]}; build it with the same groups")
+                         f"{[len(g['params']) for g in param_groups]}; "
+                         "build it with the same groups")
     for g in groups:
         _check(g)
     params = [p for g in param_groups for p in g["params"]]
     for i, s in state.items():
         if not 0 <= int(i) < len(params):
-            raise ValueError(f"SGD.load_state_dict: state for parameter {i}, but there are {len(params)}")
+            raise ValueError(f"SGD.load_state_dict: state for parameter {i}, "
+                             f"but there are {len(params)}")
         v = s.get("momentum_buffer")
         if not isinstance(v, torch.Tensor) or v.shape != params[int(i)].shape:
             raise ValueError(f"SGD.load_state_dict: parameter {i}'s momentum_buffer is "
-                             f"{getattr(v, 'shape', v)!r}, the parameter is {tuple(params[int(i)].shape)}; "
-                             "was it saved from another model?")
+                             f"{getattr(v, 'shape', v)!r}, the parameter is "
+                             f"{tuple(params[int(i)].shape)}; was it saved from another model?")
     return groups, state

@@ -13,6 +13,7 @@ Source: the plots of fastai 0.7 (sched.plot, sched.plot_lr, most_by_uncertain), 
 """
 import io
 import math
+import numbers
 import os
 from pathlib import Path
 
@@ -29,13 +30,15 @@ def _new_figure(width, height):
 
 
 def save_png(fig, path):
-    """fig as a PNG at `path` (parent folders made); a kill or a full disk mid-write leaves the old file."""
+    """fig as a PNG at `path` (parent folders made); a kill or a full disk mid-write leaves the
+    old file."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"plots are saved as PNG: give a path ending in .png, not {str(path)!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     image = io.BytesIO()
-    fig.savefig(image, format="png")  # drawn in memory, then written beside the path and renamed onto it
+    # drawn in memory, then written beside the path and renamed onto it
+    fig.savefig(image, format="png")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_bytes(image.getbuffer())
@@ -62,18 +65,20 @@ def plot_lr_find(result, path=None):
     lrs = np.asarray(result.lrs, dtype=float)
     smoothed = np.asarray(result.smoothed_losses, dtype=float)
     if lrs.ndim != 1 or lrs.shape != smoothed.shape:
-        raise ValueError(f"plot_lr_find: result.lrs has shape {lrs.shape} and result.smoothed_losses "
-                         f"{smoothed.shape}; give one smoothed loss per LR")
+        raise ValueError(f"plot_lr_find: result.lrs has shape {lrs.shape} and "
+                         f"result.smoothed_losses {smoothed.shape}; give one smoothed loss per LR")
     if len(lrs) == 0:
-        raise ValueError("plot_lr_find: the result holds no points; run the sweep for at least 2 steps")
+        raise ValueError("plot_lr_find: the result holds no points; "
+                         "run the sweep for at least 2 steps")
     if not (np.isfinite(lrs) & (lrs > 0)).all():
-        raise ValueError("plot_lr_find: result.lrs must be positive finite rates (the axis is logarithmic)")
+        raise ValueError("plot_lr_find: result.lrs must be positive finite rates "
+                         "(the axis is logarithmic)")
     first = getattr(result, "skip_start", 0) or 0
     stop = getattr(result, "stop", None)
     stop = len(lrs) if stop is None else stop
     if not 0 <= first < stop <= len(lrs):
-        raise ValueError(f"plot_lr_find: usable points skip_start={first} .. stop={stop} must lie in "
-                         f"0..{len(lrs)} and hold at least one point")
+        raise ValueError(f"plot_lr_find: usable points skip_start={first} .. stop={stop} must lie "
+                         f"in 0..{len(lrs)} and hold at least one point")
     fig = _new_figure(6, 4)
     ax = fig.add_subplot()
     lr = result.suggested_lr
@@ -87,7 +92,8 @@ def plot_lr_find(result, path=None):
         if index is None:  # nearest point on the log axis
             index = int(np.argmin(np.abs(np.log(lrs) - math.log(lr))))
         if not 0 <= index < len(lrs):
-            raise ValueError(f"plot_lr_find: suggested_index={index} is not a point of the sweep (0..{len(lrs) - 1})")
+            raise ValueError(f"plot_lr_find: suggested_index={index} is not a point of the sweep "
+                             f"(0..{len(lrs) - 1})")
         if getattr(result, "loss_fell", True):
             ax.plot([lr], [smoothed[index]], "o", color="red", label=f"suggested {lr:.2g}")
         else:  # the rate of the lowest loss: a fact about the curve, not advice
@@ -109,9 +115,11 @@ def plot_schedule(schedules, path=None, *, title=""):
         try:
             arrays[name] = np.asarray(lrs, dtype=float)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"plot_schedule: schedule {name!r} must be a list of learning rates ({e})") from e
+            raise ValueError(f"plot_schedule: schedule {name!r} must be a list of learning rates "
+                             f"({e})") from e
         if arrays[name].ndim == 0 or len(arrays[name]) == 0:
-            raise ValueError(f"plot_schedule: schedule {name!r} holds no steps; give one LR per step")
+            raise ValueError(f"plot_schedule: schedule {name!r} holds no steps; "
+                             "give one LR per step")
     fig = _new_figure(6, 3.5)
     ax = fig.add_subplot()
     for name, lrs in arrays.items():
@@ -123,21 +131,32 @@ def plot_schedule(schedules, path=None, *, title=""):
     return _save(fig, path)
 
 
-def plot_losses(history, path=None, *, title=""):
+def plot_losses(history, path=None, *, title="", restarts=()):
     """Per-minibatch training loss (faint) and per-epoch losses, x in epochs; title = diagnosis.
 
     Reads history.train_loss, valid_loss and, when present, batch_loss and train_eval_loss.
+    restarts: the global steps where an SGDR cycle restarts (the first step of each cycle after
+    the first), drawn as dotted vertical lines where that step begins; they need batch_loss.
     """
     missing = [name for name in ("train_loss", "valid_loss") if not hasattr(history, name)]
     if missing:
-        raise TypeError(f"plot_losses: history must have train_loss and valid_loss (a train.History); "
-                        f"{type(history).__name__} lacks {missing} (for a dict d pass types.SimpleNamespace(**d))")
+        raise TypeError("plot_losses: history must have train_loss and valid_loss (a "
+                        f"train.History); {type(history).__name__} lacks {missing} (for a dict d "
+                        "pass types.SimpleNamespace(**d))")
     batch_loss = list(getattr(history, "batch_loss", []) or [])
     per_epoch = {"train (running)": history.train_loss or [], "valid": history.valid_loss or [],
                  "train (eval mode)": getattr(history, "train_eval_loss", []) or []}
     epochs = max(len(v) for v in per_epoch.values())
     if epochs == 0 and not batch_loss:
         raise ValueError("plot_losses: the history holds no losses yet")
+    restarts = list(restarts)
+    if restarts and not batch_loss:
+        raise ValueError("plot_losses: restarts= needs history.batch_loss to place its steps")
+    bad = [r for r in restarts if isinstance(r, bool) or not isinstance(r, numbers.Integral)
+           or not 0 < r < len(batch_loss)]
+    if bad:
+        raise ValueError(f"plot_losses: restarts {bad} are not steps 1..{len(batch_loss) - 1} of "
+                         "the history (a restart is the first step of a cycle after the first)")
     fig = _new_figure(6, 4)
     ax = fig.add_subplot()
     if batch_loss:
@@ -145,6 +164,9 @@ def plot_losses(history, path=None, *, title=""):
         steps_per_epoch = len(batch_loss) / max(epochs, 1)
         x = (np.arange(len(batch_loss)) + 1) / steps_per_epoch
         ax.plot(x, batch_loss, color="0.7", linewidth=0.8, label="train (per minibatch)")
+        for i, r in enumerate(restarts):  # where step r begins: where step r - 1 ends
+            ax.axvline(r / steps_per_epoch, color="0.4", linestyle=":", linewidth=0.8,
+                       label="SGDR restart" if i == 0 else "_nolegend_")
     for name, values in per_epoch.items():
         if len(values):
             ax.plot(np.arange(1, len(values) + 1), values, "o-", label=name)
@@ -160,7 +182,8 @@ def _check_images(x, name):
         shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
         raise ValueError(f"{name}: expected a tensor (K, C, H, W) with C = 1 or 3, got {shape}")
     if not x.is_floating_point():
-        raise TypeError(f"{name}: expected float images in [0, 1], got {x.dtype}; divide uint8 by 255")
+        raise TypeError(f"{name}: expected float images in [0, 1], got {x.dtype}; "
+                        "divide uint8 by 255")
 
 
 def _show(ax, image):
@@ -206,7 +229,8 @@ def _labels(values, name):
         raise ValueError(f"{name} must be class indices (N,), got shape {tuple(labels.shape)}; "
                          "for probabilities (N, n_classes) pass probs.argmax(1)")
     if labels.is_floating_point() and not torch.equal(labels, labels.round()):
-        raise ValueError(f"{name} must be whole class indices, got fractions (probabilities? pass probs.argmax(1))")
+        raise ValueError(f"{name} must be whole class indices, got fractions "
+                         "(probabilities? pass probs.argmax(1))")
     return labels.long().flatten()
 
 
@@ -218,7 +242,8 @@ def plot_confusion(y_true, y_pred, classes, path=None):
         raise ValueError("plot_confusion: classes is empty; give one name per class")
     if y_true.shape != y_pred.shape:
         raise ValueError(f"y_true has {len(y_true)} labels but y_pred has {len(y_pred)}")
-    if len(y_true) and (min(y_true.min(), y_pred.min()) < 0 or max(y_true.max(), y_pred.max()) >= n):
+    if len(y_true) and (min(y_true.min(), y_pred.min()) < 0
+                        or max(y_true.max(), y_pred.max()) >= n):
         raise ValueError(f"labels must lie in 0..{n - 1} for {n} classes")
     counts = torch.bincount(y_true * n + y_pred, minlength=n * n).reshape(n, n).numpy()
     fig = _new_figure(0.6 * n + 2.5, 0.6 * n + 2)
@@ -237,7 +262,8 @@ def plot_confusion(y_true, y_pred, classes, path=None):
 
 
 def plot_top_losses(x, y_true, probs, classes, path=None, *, k=9):
-    """The k images with the highest loss -log p(true class), worst first, titled pred/true/loss/p."""
+    """The k images with the highest loss -log p(true class), worst first, titled
+    pred/true/loss/p."""
     _check_images(x, "plot_top_losses x")
     y_true = _labels(y_true, "y_true")
     probs = torch.as_tensor(probs).float()
@@ -247,7 +273,8 @@ def plot_top_losses(x, y_true, probs, classes, path=None, *, k=9):
     if len(x) == 0:
         raise ValueError("plot_top_losses: no images given")
     if probs.shape[1] != len(classes):
-        raise ValueError(f"probs has {probs.shape[1]} columns but classes names {len(classes)}; one name per class")
+        raise ValueError(f"probs has {probs.shape[1]} columns but classes names {len(classes)}; "
+                         "one name per class")
     if y_true.min() < 0 or y_true.max() >= len(classes):
         raise ValueError(f"y_true must lie in 0..{len(classes) - 1} for {len(classes)} classes")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -262,7 +289,8 @@ def plot_top_losses(x, y_true, probs, classes, path=None, *, k=9):
     for ax, i in zip(axes, top.tolist()):
         _show(ax, x[i])
         pred = int(probs[i].argmax())
-        ax.set_title(f"{classes[pred]}/{classes[y_true[i]]}\n{losses[i]:.2f}/{p_true[i]:.2f}", fontsize=8)
+        ax.set_title(f"{classes[pred]}/{classes[y_true[i]]}\n{losses[i]:.2f}/{p_true[i]:.2f}",
+                     fontsize=8)
     for ax in axes[len(top):]:
         ax.axis("off")
     fig.suptitle("predicted/actual, loss/probability of actual class", fontsize=9)

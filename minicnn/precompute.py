@@ -1,4 +1,5 @@
-"""Precomputed activations: run a frozen body over the data once, cache the result, train the head on it.
+"""Precomputed activations: run a frozen body over the data once, cache the result, train the
+head on it.
 
 While the body is frozen it is a fixed function, so its output for an image never changes:
     features = body(x)                 once, in eval mode under no_grad, (N, F), cached on disk
@@ -31,12 +32,13 @@ def body_and_head(model, *, n_pool=2):
     """
     groups = list(getattr(model, "layer_groups", []))
     if not groups or not isinstance(groups[-1], nn.Sequential):
-        raise TypeError("body_and_head needs model.layer_groups whose last group is an nn.Sequential "
-                        "(pooling first), as minicnn.models builds them")
+        raise TypeError("body_and_head needs model.layer_groups whose last group is an "
+                        "nn.Sequential (pooling first), as minicnn.models builds them")
     pool, head = groups[-1][:n_pool], groups[-1][n_pool:]
     if any(True for _ in pool.parameters()):
-        raise ValueError(f"the head's first {n_pool} modules have parameters, so their output is not fixed "
-                         "while the head trains; choose n_pool so that only pooling/flatten come first")
+        raise ValueError(f"the head's first {n_pool} modules have parameters, so their output is "
+                         "not fixed while the head trains; choose n_pool so that only "
+                         "pooling/flatten come first")
     return nn.Sequential(*groups[:-1], *pool), head
 
 
@@ -49,13 +51,16 @@ def data_hash(x):
 
 
 def cache_key(arch, x, body):
-    """'<arch>-<H>x<W>-data<hash of x>-weights<hash of the body: its modules, their code, its weights, buffers>'."""
+    """'<arch>-<H>x<W>-data<hash of x>-weights<hash of the body: its modules, their code, its
+    weights, buffers>'."""
     h = hashlib.blake2b(digest_size=4)
-    h.update(repr(body).encode())  # its modules: another pooling with the same weights is another body
-    for kind in dict.fromkeys(type(m) for m in body.modules()):  # their code: an edited forward() too
+    # its modules: another pooling with the same weights is another body
+    h.update(repr(body).encode())
+    # their code: an edited forward() too
+    for kind in dict.fromkeys(type(m) for m in body.modules()):
         try:
             h.update(inspect.getsource(kind).encode())
-        except (OSError, TypeError):  # defined where no source file is kept (an interactive session)
+        except (OSError, TypeError):  # defined where no source file is kept (interactive session)
             h.update(f"{kind.__module__}.{kind.__qualname__}".encode())
     for name, value in body.state_dict().items():
         h.update(name.encode() + data_hash(value).encode())
@@ -71,13 +76,16 @@ def _check_images(x, batch_size):
     if x.dtype != torch.uint8 and not x.dtype.is_floating_point:
         raise ValueError(f"x must be uint8 (0..255) or float (0..1) images, got {x.dtype}; "
                          "for 0..255 values use x.to(torch.uint8)")
-    if x.dtype.is_floating_point and not (torch.isfinite(x).all() and 0 <= x.min() and x.max() <= 1):
-        raise ValueError(f"float images must lie in [0, 1], got values in [{float(x.min())}, {float(x.max())}] "
-                         "(NaN or inf?); divide 0..255 values by 255, or pass uint8")
+    if x.dtype.is_floating_point and not (torch.isfinite(x).all() and 0 <= x.min()
+                                          and x.max() <= 1):
+        raise ValueError("float images must lie in [0, 1], got values in "
+                         f"[{float(x.min())}, {float(x.max())}] (NaN or inf?); "
+                         "divide 0..255 values by 255, or pass uint8")
 
 
 def _run(body, x, batch_size, device):
-    """body(x) batch by batch, eval mode, no_grad -> float32 (N, ...) on the CPU; every module's mode restored."""
+    """body(x) batch by batch, eval mode, no_grad -> float32 (N, ...) on the CPU; every
+    module's mode restored."""
     modes = [(m, m.training) for m in body.modules()]
     body.eval()
     out = []
@@ -85,14 +93,17 @@ def _run(body, x, batch_size, device):
         with torch.no_grad():
             for start in range(0, len(x), batch_size):
                 xb = x[start:start + batch_size].to(device)
-                xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb.float()  # (B, C, H, W) in [0, 1]
+                # (B, C, H, W) in [0, 1]
+                xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb.float()
                 try:
                     out.append(body(xb).float().cpu())  # features = body(x), (B, F) each
-                except RuntimeError as error:  # the first batch: x does not fit the body (not out of memory)
+                except RuntimeError as error:
+                    # the first batch: x does not fit the body (not out of memory)
                     if start > 0 or "memory" in str(error).lower():
                         raise
-                    raise ValueError(f"the body cannot take x of shape {tuple(x.shape)}: {error}; give images "
-                                     "with the channels and size the body was built for") from error
+                    raise ValueError(f"the body cannot take x of shape {tuple(x.shape)}: "
+                                     f"{error}; give images with the channels and size the body "
+                                     "was built for") from error
     finally:
         for module, training in modes:
             module.training = training
@@ -100,40 +111,48 @@ def _run(body, x, batch_size, device):
 
 
 def _cached(path, key, x):
-    """The features in `path` if the file is intact and holds this key's features for x, else None (said out loud)."""
+    """The features in `path` if the file is intact and holds this key's features for x, else
+    None (said out loud)."""
     try:
         saved = load_checked(path, FORMAT, "feature cache")
     except ValueError as error:
         warnings.warn(f"{error} Recomputing the features.", stacklevel=3)
         return None
     features = saved["features"]
-    if saved["key"] == key and features.dtype == torch.float32 and len(features) == len(x) == saved["rows"]:
+    if (saved["key"] == key and features.dtype == torch.float32
+            and len(features) == len(x) == saved["rows"]):
         return features
-    warnings.warn(f"the feature cache {path} does not match x {tuple(x.shape)}: it holds {len(features)} rows of "
-                  f"{features.dtype} for key {saved['key']}; recomputing the features", stacklevel=3)
+    warnings.warn(f"the feature cache {path} does not match x {tuple(x.shape)}: it holds "
+                  f"{len(features)} rows of {features.dtype} for key {saved['key']}; "
+                  "recomputing the features", stacklevel=3)
     return None
 
 
 def precompute_features(body, x, *, batch_size, cache=None, arch=None, device=None):
-    """body(x) for all of x, batch by batch, in eval mode under no_grad -> float32 (N, ...) on the CPU.
+    """body(x) for all of x, batch by batch, in eval mode under no_grad -> float32 (N, ...) on
+    the CPU.
 
     x: (N, C, H, W) images, uint8 (divided by 255 here, as data.Batches does) or float in [0, 1].
     cache: a folder; with it (and `arch`, the name that goes in the key) the features are
     saved to <cache>/<key>.pt and loaded from there next time the key matches.
-    device: where the body runs (default: where its parameters are). Every module's mode is restored.
+    device: where the body runs (default: where its parameters are). Every module's mode is
+    restored.
     """
     if not isinstance(body, nn.Module):
-        raise TypeError(f"body must be an nn.Module (e.g. from body_and_head), got {type(body).__name__}")
+        raise TypeError("body must be an nn.Module (e.g. from body_and_head), "
+                        f"got {type(body).__name__}")
     _check_images(x, batch_size)
     if device is None:
-        device = next(body.parameters(), torch.empty(0)).device  # a body without weights runs on the CPU
+        # a body without weights runs on the CPU
+        device = next(body.parameters(), torch.empty(0)).device
     path = None
     if cache is not None:
         if not arch or not isinstance(arch, str) or Path(arch).name != arch:
-            raise ValueError(f"with cache=, give arch= (the body's name, e.g. 'efficientnet_lite0', no folders): it "
-                             f"is part of the cache file's name; got {arch!r}")
+            raise ValueError("with cache=, give arch= (the body's name, e.g. 'efficientnet_lite0', "
+                             f"no folders): it is part of the cache file's name; got {arch!r}")
         if Path(cache).exists() and not Path(cache).is_dir():
-            raise NotADirectoryError(f"cache={cache} is a file; give a folder for the feature files")
+            raise NotADirectoryError(f"cache={cache} is a file; "
+                                     "give a folder for the feature files")
         key = cache_key(arch, x, body)
         path = Path(cache) / f"{key}.pt"
         if path.exists() and (features := _cached(path, key, x)) is not None:

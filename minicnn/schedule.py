@@ -1,4 +1,5 @@
-"""Learning-rate schedules as pure functions of the step: SGDR (cosine with warm restarts) and others.
+"""Learning-rate schedules as pure functions of the step: SGDR (cosine with warm restarts)
+and others.
 
 SGDR, stepped once per minibatch. Cycle k lasts T_k steps; t = steps since it began (0..T_k-1):
     lr     = lr_min + (peak_k - lr_min) * (1 + cos(pi * t / T_k)) / 2
@@ -69,26 +70,33 @@ def cycle_position(step, *, steps_per_cycle, cycle_mult=1):
 
 
 def total_steps(n_cycles, *, steps_per_cycle, cycle_mult=1):
-    """Steps in the first n_cycles cycles. fastai: 3 cycles of 1 epoch, cycle_mult=2 -> 7 epochs."""
-    return _cycle_start(_integer("n_cycles", n_cycles, 1), *_cycle_args(steps_per_cycle, cycle_mult))
+    """Steps in the first n_cycles cycles. fastai: 3 cycles of 1 epoch, cycle_mult=2 ->
+    7 epochs."""
+    return _cycle_start(_integer("n_cycles", n_cycles, 1),
+                        *_cycle_args(steps_per_cycle, cycle_mult))
 
 
 def cycle_end_steps(n_cycles, *, steps_per_cycle, cycle_mult=1):
-    """Global index of the last step of each of the first n_cycles cycles (train.fit's cycle_ends)."""
+    """Global index of the last step of each of the first n_cycles cycles (train.fit's
+    cycle_ends)."""
     n, m = _cycle_args(steps_per_cycle, cycle_mult)
     return [_cycle_start(k + 1, n, m) - 1 for k in range(_integer("n_cycles", n_cycles, 1))]
 
 
-def sgdr_lr(step, *, steps_per_cycle, cycle_mult=1, lr_max, lr_min=0.0, warmup_steps=0, cycle_decay=1.0):
-    """SGDR: cosine from peak_k down towards lr_min in every cycle, restarts at peak_k (see above)."""
+def sgdr_lr(step, *, steps_per_cycle, cycle_mult=1, lr_max, lr_min=0.0, warmup_steps=0,
+            cycle_decay=1.0):
+    """SGDR: cosine from peak_k down towards lr_min in every cycle, restarts at peak_k (see
+    above)."""
     _lr_range(lr_max, lr_min)
     steps_per_cycle, cycle_mult = _cycle_args(steps_per_cycle, cycle_mult)
     if not 0 < _real("cycle_decay", cycle_decay, 0) <= 1:
         raise ValueError(f"cycle_decay must be in (0, 1], got {cycle_decay}")
     warmup = _integer("warmup_steps", warmup_steps, 0)
     if warmup >= steps_per_cycle:
-        raise ValueError(f"warmup_steps ({warmup}) must be shorter than the first cycle ({steps_per_cycle} steps)")
-    cycle, t, cycle_steps = cycle_position(step, steps_per_cycle=steps_per_cycle, cycle_mult=cycle_mult)
+        raise ValueError(f"warmup_steps ({warmup}) must be shorter than the first cycle "
+                         f"({steps_per_cycle} steps)")
+    cycle, t, cycle_steps = cycle_position(step, steps_per_cycle=steps_per_cycle,
+                                           cycle_mult=cycle_mult)
     if cycle == 0 and warmup:
         if t < warmup:
             lr_start = max(lr_min, lr_max / 100)               # fastai 0.7's warm-up LR
@@ -101,18 +109,22 @@ def sgdr_lr(step, *, steps_per_cycle, cycle_mult=1, lr_max, lr_min=0.0, warmup_s
     return min(peak, lr)  # in a cycle of ~1e9 steps, 1 + cos(pi * 1 / T) rounds to 2
 
 
-def sgdr_lrs(step, *, lr_maxes, steps_per_cycle, cycle_mult=1, lr_min=0.0, warmup_steps=0, cycle_decay=1.0):
+def sgdr_lrs(step, *, lr_maxes, steps_per_cycle, cycle_mult=1, lr_min=0.0, warmup_steps=0,
+             cycle_decay=1.0):
     """[sgdr_lr(step, lr_max=x, ...) for x in lr_maxes]: one SGDR LR per param group.
 
     Every group follows the same cosine, so with lr_min=0 the ratios between the groups stay
     fixed (differential LRs, fastai 0.7). As fit's lr_at:
-    functools.partial(sgdr_lrs, lr_maxes=[1e-4, 1e-3, 1e-2], steps_per_cycle=len(train), cycle_mult=2)
+    functools.partial(sgdr_lrs, lr_maxes=[1e-4, 1e-3, 1e-2], steps_per_cycle=len(train),
+                      cycle_mult=2)
     """
-    if isinstance(lr_maxes, (numbers.Real, str)) or not hasattr(lr_maxes, "__len__") or not len(lr_maxes):
-        raise TypeError(f"lr_maxes must be a list of peak LRs, one per param group, got {lr_maxes!r}; "
-                        "for a single group pass [lr] (or use sgdr_lr)")
-    return [sgdr_lr(step, steps_per_cycle=steps_per_cycle, cycle_mult=cycle_mult, lr_max=lr_max, lr_min=lr_min,
-                    warmup_steps=warmup_steps, cycle_decay=cycle_decay) for lr_max in lr_maxes]
+    if (isinstance(lr_maxes, (numbers.Real, str)) or not hasattr(lr_maxes, "__len__")
+            or not len(lr_maxes)):
+        raise TypeError("lr_maxes must be a list of peak LRs, one per param group, "
+                        f"got {lr_maxes!r}; for a single group pass [lr] (or use sgdr_lr)")
+    return [sgdr_lr(step, steps_per_cycle=steps_per_cycle, cycle_mult=cycle_mult, lr_max=lr_max,
+                    lr_min=lr_min, warmup_steps=warmup_steps, cycle_decay=cycle_decay)
+            for lr_max in lr_maxes]
 
 
 def _before_end(step, total_steps):

@@ -54,17 +54,21 @@ class Snapshots:
         return self.states[i]
 
     def __repr__(self):
-        return f"Snapshots({len(self)} held, cycles {self.cycles}, steps {self.steps}, keep={self.keep})"
+        return (f"Snapshots({len(self)} held, cycles {self.cycles}, steps {self.steps}, "
+                f"keep={self.keep})")
 
     def save(self, folder, name="model"):
-        """Write folder/{name}_cyc_{i}.pt for each snapshot (i = its cycle), each atomically -> list of paths."""
+        """Write folder/{name}_cyc_{i}.pt for each snapshot (i = its cycle), each atomically ->
+        list of paths."""
         folder = _folder(folder, name)
         later = sorted(cycle for cycle, _ in _files(folder, name) if cycle >= self.calls)
         if later:  # cycles this run has not reached: another run's files, which a load would mix in
-            raise FileExistsError(f"{folder} holds {', '.join(f'{name}_cyc_{c}.pt' for c in later)} of another "
-                                  f"run (this one has taken {self.calls} cycles); remove them, or save this run "
-                                  "to another folder or under another name")
-        for leftover in stale_temporaries(folder, re.escape(name) + r"_cyc_\d+\.pt"):  # every cycle, held or not
+            raise FileExistsError(f"{folder} holds "
+                                  f"{', '.join(f'{name}_cyc_{c}.pt' for c in later)} of another "
+                                  f"run (this one has taken {self.calls} cycles); remove them, or "
+                                  "save this run to another folder or under another name")
+        # of every cycle, held or not
+        for leftover in stale_temporaries(folder, re.escape(name) + r"_cyc_\d+\.pt"):
             leftover.unlink(missing_ok=True)
         return [save_checked(folder / f"{name}_cyc_{cycle}.pt", FORMAT,
                              {"state_dict": state, "step": step, "cycle": cycle})
@@ -72,10 +76,12 @@ class Snapshots:
 
     @classmethod
     def load(cls, folder, name="model", *, keep=None):
-        """The snapshots save() wrote, in cycle order (cyc_10 after cyc_9); a damaged file is refused by name."""
+        """The snapshots save() wrote, in cycle order (cyc_10 after cyc_9); a damaged file is
+        refused by name."""
         snaps, folder = cls(keep=keep), _folder(folder, name)
         if not folder.is_dir():
-            raise FileNotFoundError(f"no folder {folder}; give the folder that Snapshots.save wrote to")
+            raise FileNotFoundError(f"no folder {folder}; "
+                                    "give the folder that Snapshots.save wrote to")
         found = _files(folder, name)
         if not found:
             raise FileNotFoundError(f"no snapshots {name}_cyc_<i>.pt in {folder}; was save() given "
@@ -83,12 +89,13 @@ class Snapshots:
         for cycle, path in found:
             saved = load_checked(path, FORMAT, "snapshot")
             if saved["cycle"] != cycle:
-                raise ValueError(f"{path} holds cycle {saved['cycle']}, not {cycle}: was it renamed? Give it back "
-                                 f"its name {name}_cyc_{saved['cycle']}.pt")
+                raise ValueError(f"{path} holds cycle {saved['cycle']}, not {cycle}: was it "
+                                 f"renamed? Give it back its name {name}_cyc_{saved['cycle']}.pt")
             if snaps.steps and saved["step"] <= snaps.steps[-1]:
-                raise ValueError(f"{path} was taken at step {saved['step']}, not after the cycle before it (step "
-                                 f"{snaps.steps[-1]}): the folder mixes snapshots of different runs; save each run "
-                                 "to its own folder or under its own name")
+                raise ValueError(f"{path} was taken at step {saved['step']}, not after the cycle "
+                                 f"before it (step {snaps.steps[-1]}): the folder mixes snapshots "
+                                 "of different runs; save each run to its own folder or under "
+                                 "its own name")
             snaps.states.append(saved["state_dict"])
             snaps.steps.append(saved["step"])
             snaps.cycles.append(cycle)
@@ -100,8 +107,8 @@ class Snapshots:
 
 def _folder(folder, name):
     if not isinstance(name, str) or not name or Path(name).name != name or name.startswith("."):
-        raise ValueError(f"name must be a plain file-name prefix such as 'model' (no folders, not hidden), "
-                         f"got {name!r}; put folders in `folder`")
+        raise ValueError("name must be a plain file-name prefix such as 'model' (no folders, "
+                         f"not hidden), got {name!r}; put folders in `folder`")
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{folder} is a file, not a folder of snapshots; give a folder")
@@ -109,10 +116,12 @@ def _folder(folder, name):
 
 
 def _files(folder, name):
-    """[(cycle, path)] of the folder's {name}_cyc_<cycle>.pt files, in cycle order (cyc_10 after cyc_9)."""
+    """[(cycle, path)] of the folder's {name}_cyc_<cycle>.pt files, in cycle order (cyc_10
+    after cyc_9)."""
     pattern = re.compile(re.escape(name) + r"_cyc_(\d+)\.pt")
     return sorted((int(m.group(1)), folder / m.group(0))
-                  for p in (folder.iterdir() if folder.is_dir() else ()) if (m := pattern.fullmatch(p.name)))
+                  for p in (folder.iterdir() if folder.is_dir() else ())
+                  if (m := pattern.fullmatch(p.name)))
 
 
 @torch.no_grad()
@@ -121,7 +130,8 @@ def _predict(model, batches):
     model.eval()
     probs = [torch.softmax(model(x).float(), dim=1).cpu() for x, *_ in batches]
     if not probs:
-        raise ValueError("batches gave no batch to predict; pass the batches of a non-empty data set")
+        raise ValueError("batches gave no batch to predict; "
+                         "pass the batches of a non-empty data set")
     return torch.cat(probs)
 
 
@@ -131,11 +141,11 @@ def _states(snapshots):
     elif isinstance(snapshots, (list, tuple)) and all(isinstance(s, Mapping) for s in snapshots):
         states = list(snapshots)
     else:
-        raise TypeError(f"snapshots must be a Snapshots or a list of state dicts (for one state dict: [state]), "
-                        f"got {type(snapshots).__name__}")
+        raise TypeError("snapshots must be a Snapshots or a list of state dicts (for one state "
+                        f"dict: [state]), got {type(snapshots).__name__}")
     if not states:
-        raise ValueError("no snapshots to ensemble; was the Snapshots passed to fit as on_cycle_end "
-                         "with cycle_ends set?")
+        raise ValueError("no snapshots to ensemble; was the Snapshots passed to fit as "
+                         "on_cycle_end with cycle_ends set?")
     return states
 
 
@@ -143,53 +153,65 @@ def _check_fits(model, states):
     """Every snapshot has the model's keys and shapes: refused before any weights are touched."""
     own = model.state_dict()
     for i, state in enumerate(states):
-        wrong = sorted(set(own) ^ set(state)) + [k for k in own if k in state and state[k].shape != own[k].shape]
+        wrong = (sorted(set(own) ^ set(state))
+                 + [k for k in own if k in state and state[k].shape != own[k].shape])
         if wrong:
-            raise ValueError(f"snapshot {i} does not fit the model (keys missing, extra or of another shape: "
-                             f"{', '.join(wrong[:6])}); build the model the snapshots were taken from")
+            raise ValueError(f"snapshot {i} does not fit the model (keys missing, extra or of "
+                             f"another shape: {', '.join(wrong[:6])}); build the model the "
+                             "snapshots were taken from")
 
 
 def _check_probs(probs, i, first):
-    """-> probs as float32 on the CPU, if they are (N, n_classes) probabilities like the first snapshot's."""
+    """-> probs as float32 on the CPU, if they are (N, n_classes) probabilities like the first
+    snapshot's."""
     if not isinstance(probs, torch.Tensor) or probs.dim() != 2:
-        raise ValueError(f"predict_fn must return probabilities (N, n_classes); for snapshot {i} it returned "
-                         f"{type(probs).__name__} {tuple(getattr(probs, 'shape', ()))}")
+        raise ValueError(f"predict_fn must return probabilities (N, n_classes); for snapshot {i} "
+                         f"it returned {type(probs).__name__} {tuple(getattr(probs, 'shape', ()))}")
     probs = probs.detach().float().cpu()
     if first is not None and probs.shape != first.shape:
-        raise ValueError(f"snapshot {i} predicted {tuple(probs.shape)}, snapshot 0 {tuple(first.shape)}: batches must "
-                         "give the same images each time it is read (a list, Batches, a DataLoader; not a generator)")
-    if not torch.isfinite(probs).all() or (probs < 0).any() or ((probs.sum(1) - 1).abs() > 1e-2).any():
-        raise ValueError(f"snapshot {i}'s predictions are not probabilities (each row >= 0, summing to 1, no NaN): "
-                         "a predict_fn must return softmax probabilities, not logits")
+        raise ValueError(f"snapshot {i} predicted {tuple(probs.shape)}, snapshot 0 "
+                         f"{tuple(first.shape)}: batches must give the same images each time it "
+                         "is read (a list, Batches, a DataLoader; not a generator)")
+    if (not torch.isfinite(probs).all() or (probs < 0).any()
+            or ((probs.sum(1) - 1).abs() > 1e-2).any()):
+        raise ValueError(f"snapshot {i}'s predictions are not probabilities (each row >= 0, "
+                         "summing to 1, no NaN): a predict_fn must return softmax probabilities, "
+                         "not logits")
     return probs
 
 
 def predict_each(model, snapshots, batches, *, predict_fn=None):
-    """Probabilities of each snapshot -> list of (N, n_classes) float32 CPU tensors, in snapshot order.
+    """Probabilities of each snapshot -> list of (N, n_classes) float32 CPU tensors, in snapshot
+    order.
 
     model: the architecture the snapshots came from; its own weights, buffers and every module's
         train/eval mode are put back afterwards (even if a prediction raises).
     snapshots: a Snapshots, or a list of state dicts. batches: read once per snapshot, so a list,
         Batches or DataLoader (not a one-shot generator).
     predict_fn(model, batches) -> probabilities (N, n_classes): how one snapshot predicts,
-        e.g. TTA: lambda m, b: predict_tta(m, b, augment="side_on", generator=torch.Generator().manual_seed(0))
+        e.g. TTA: lambda m, b: predict_tta(m, b, augment="side_on",
+                                           generator=torch.Generator().manual_seed(0))
         (a new seeded generator each call, so every snapshot sees the same augmented views).
     """
     states = _states(snapshots)
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be the nn.Module the snapshots were taken from, got {type(model).__name__}")
+        raise TypeError("model must be the nn.Module the snapshots were taken from, "
+                        f"got {type(model).__name__}")
     if isinstance(batches, Iterator):  # not iter(batches): that starts an epoch of a Batches
-        raise TypeError("batches is an iterator, which can be read only once; every snapshot reads it again: "
-                        "pass a list, a Batches or a DataLoader")
+        raise TypeError("batches is an iterator, which can be read only once; every snapshot "
+                        "reads it again: pass a list, a Batches or a DataLoader")
     _check_fits(model, states)
     predict_fn = predict_fn or _predict
     own_state = _cpu_copy(model.state_dict())
-    modes = [(m, m.training) for m in model.modules()]  # per module: a frozen group's BN may be in eval
+    # per module: a frozen group's BN may be in eval
+    modes = [(m, m.training) for m in model.modules()]
     try:
         each = []
         for i, state in enumerate(states):
-            model.load_state_dict(state)  # copies into the existing tensors: same device, same Parameters
-            each.append(_check_probs(predict_fn(model, batches), i, each[0] if each else None))  # (N, n_classes)
+            # copies into the existing tensors: same device, same Parameters
+            model.load_state_dict(state)
+            each.append(_check_probs(predict_fn(model, batches), i,
+                                     each[0] if each else None))  # (N, n_classes)
         return each
     finally:
         model.load_state_dict(own_state)
@@ -198,14 +220,16 @@ def predict_each(model, snapshots, batches, *, predict_fn=None):
 
 
 def ensemble_predict(model, snapshots, batches, *, last=None, predict_fn=None):
-    """Mean softmax probabilities (N, n_classes) of the last `last` snapshots (None: all), on the CPU.
+    """Mean softmax probabilities (N, n_classes) of the last `last` snapshots (None: all), on
+    the CPU.
 
     The mean of predict_each(model, those snapshots, batches, predict_fn=predict_fn); see there.
     """
     states = _states(snapshots)
     if last is not None:
         if type(last) is not int or not 1 <= last <= len(states):
-            raise ValueError(f"last={last!r}: choose between 1 and the {len(states)} snapshots held")
+            raise ValueError(f"last={last!r}: choose between 1 and the {len(states)} "
+                             "snapshots held")
         states = states[-last:]
     each = predict_each(model, states, batches, predict_fn=predict_fn)
     return sum(each) / len(each)  # p = (1/M) * sum_m p_m

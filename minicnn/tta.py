@@ -19,10 +19,12 @@ def _augmentation(augment, generator):
     if isinstance(augment, str):
         from minicnn.augment import AUGMENTATIONS               # only for a preset given by name
         if augment not in AUGMENTATIONS:
-            raise ValueError(f"augment must be one of {sorted(AUGMENTATIONS)} or a function x -> x, got {augment!r}")
+            raise ValueError(f"augment must be one of {sorted(AUGMENTATIONS)} or a function "
+                             f"x -> x, got {augment!r}")
         return AUGMENTATIONS[augment](generator=generator)
     if not callable(augment):
-        raise TypeError(f"augment must be a function x -> x or a preset name, got {type(augment).__name__}")
+        raise TypeError("augment must be a function x -> x or a preset name, "
+                        f"got {type(augment).__name__}")
     if generator is not None:
         raise ValueError("generator is used only with a preset name; a function x -> x draws from "
                          "its own generator (make it with side_on(generator=g))")
@@ -40,12 +42,14 @@ def predict_tta(model, batches, *, augment, n_aug=4, generator=None, beta=None):
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a module (x -> logits), got {type(model).__name__}")
     if isinstance(batches, torch.Tensor) or not hasattr(batches, "__iter__"):
-        raise TypeError(f"batches must be an iterable of (x, y) pairs (a Batches, a DataLoader, a list), "
-                        f"got {type(batches).__name__}; for one tensor x pass [(x, None)]")
+        raise TypeError("batches must be an iterable of (x, y) pairs (a Batches, a DataLoader, "
+                        f"a list), got {type(batches).__name__}; "
+                        "for one tensor x pass [(x, None)]")
     augment = _augmentation(augment, generator)
     if isinstance(n_aug, bool) or not isinstance(n_aug, int) or n_aug < 0:
         raise ValueError(f"n_aug must be an int >= 0, got {n_aug!r}")
-    if beta is not None and (isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta <= 1):
+    if beta is not None and (isinstance(beta, bool) or not isinstance(beta, numbers.Real)
+                             or not 0 <= beta <= 1):
         raise ValueError(f"beta must be in [0, 1] or None, got {beta!r}")
     if beta is not None and n_aug == 0 and beta != 1:
         raise ValueError("beta mixes the plain view with augmented ones; give n_aug >= 1")
@@ -61,34 +65,39 @@ def predict_tta(model, batches, *, augment, n_aug=4, generator=None, beta=None):
         for module, training in modes.items():
             module.training = training
     if not probs:
-        raise ValueError("predict_tta got no batches (an empty dataset, or an iterator already used up?)")
+        raise ValueError("predict_tta got no batches "
+                         "(an empty dataset, or an iterator already used up?)")
     return torch.cat(probs)
 
 
 def _images(batch, i):
     """x of batch i, a pair (x, y): float images (B, C, H, W)."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        what = f"a tensor of shape {tuple(batch.shape)}" if isinstance(batch, torch.Tensor) else type(batch).__name__
-        raise TypeError(f"batch {i} must be a pair (x, y), got {what}; pass [(x, None)] for images alone")
+        what = (f"a tensor of shape {tuple(batch.shape)}" if isinstance(batch, torch.Tensor)
+                else type(batch).__name__)
+        raise TypeError(f"batch {i} must be a pair (x, y), got {what}; "
+                        "pass [(x, None)] for images alone")
     x = batch[0]
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-        raise TypeError(f"batch {i}: x must be float images in [0, 1], got {what}; convert uint8 with x.float() / 255")
+        raise TypeError(f"batch {i}: x must be float images in [0, 1], got {what}; "
+                        "convert uint8 with x.float() / 255")
     return x
 
 
 def _softmax(logits, x):
     if logits.dim() != 2 or len(logits) != len(x):
-        raise ValueError(f"the model gave {tuple(logits.shape)} for {len(x)} images; predict_tta needs "
-                         f"logits ({len(x)}, n_classes)")
+        raise ValueError(f"the model gave {tuple(logits.shape)} for {len(x)} images; "
+                         f"predict_tta needs logits ({len(x)}, n_classes)")
     return torch.softmax(logits, dim=1)                                  # (B, n_classes)
 
 
 def _predict_batch(model, x, augment, n_aug, beta):
-    plain = _softmax(model(x), x)                                        # p_plain, (B, n_classes)
+    plain = _softmax(model(x), x)                         # p_plain, (B, n_classes)
     if n_aug == 0:
         return plain
-    augmented = sum(_softmax(model(augment(x)), x) for _ in range(n_aug)) / n_aug  # (p_aug_1 + ...) / n
+    # (p_aug_1 + ... + p_aug_n) / n
+    augmented = sum(_softmax(model(augment(x)), x) for _ in range(n_aug)) / n_aug
     if beta is None:
-        return (plain + n_aug * augmented) / (n_aug + 1)                 # (p_plain + sum p_aug) / (n + 1)
-    return beta * plain + (1 - beta) * augmented                         # beta * p_plain + (1 - beta) * mean
+        return (plain + n_aug * augmented) / (n_aug + 1)  # (p_plain + sum p_aug) / (n + 1)
+    return beta * plain + (1 - beta) * augmented          # beta * p_plain + (1 - beta) * mean

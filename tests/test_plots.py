@@ -78,8 +78,9 @@ def test_plot_lr_find_with_a_real_flat_sweep_never_says_suggested():
     smoothed = [1.0] * 30                              # the loss never falls
     s = suggest_lr(lrs, smoothed)
     assert not s.loss_fell and s.lr is not None
-    result = SimpleNamespace(lrs=lrs, smoothed_losses=smoothed, suggested_lr=s.lr, suggested_index=s.index,
-                             loss_fell=s.loss_fell, reason=s.reason, skip_start=s.skip_start, stop=s.stop)
+    result = SimpleNamespace(lrs=lrs, smoothed_losses=smoothed, suggested_lr=s.lr,
+                             suggested_index=s.index, loss_fell=s.loss_fell, reason=s.reason,
+                             skip_start=s.skip_start, stop=s.stop)
     assert not any("suggested" in t for t in legend_texts(plot_lr_find(result)))
 
 
@@ -87,7 +88,8 @@ def test_plot_lr_find_with_a_real_flat_sweep_never_says_suggested():
     (dict(lrs=[1e-3, 1e-2, 1e-1], smoothed_losses=[1.0]), "give one smoothed loss per LR"),
     (dict(lrs=[], smoothed_losses=[]), "holds no points"),
     (dict(lrs=[0.0, 1e-2], smoothed_losses=[1.0, 2.0]), "positive finite rates"),
-    (dict(lrs=[1e-3, 1e-2], smoothed_losses=[1.0, 2.0], suggested_lr=1e-3, suggested_index=5), "suggested_index=5"),
+    (dict(lrs=[1e-3, 1e-2], smoothed_losses=[1.0, 2.0], suggested_lr=1e-3, suggested_index=5),
+     "suggested_index=5"),
     (dict(lrs=[1e-3, 1e-2], smoothed_losses=[1.0, 2.0], skip_start=2), "skip_start=2"),
 ])
 def test_plot_lr_find_rejects_results_it_cannot_draw(fields, match):
@@ -134,6 +136,30 @@ def test_plot_losses_hand_made_history_without_batches():
         plot_losses({"train_loss": [1.0], "valid_loss": [0.5]})
 
 
+def test_plot_losses_marks_sgdr_restarts_where_their_step_begins():
+    # 3 epochs of 4 steps, cycles of 1 epoch: cycles 2 and 3 begin at steps 4 and 8
+    history = SimpleNamespace(batch_loss=[2.0 - 0.1 * s for s in range(12)],
+                              train_loss=[1.8, 1.4, 1.1], valid_loss=[1.5, 1.2, 1.1])
+    ax = plot_losses(history, restarts=[4, 8]).axes[0]
+    dotted = [line for line in ax.lines if line.get_linestyle() == ":"]
+    assert [line.get_xdata()[0] for line in dotted] == [1.0, 2.0]  # epoch ends, as the points
+    assert all(line.get_xdata()[0] == line.get_xdata()[1] for line in dotted)  # vertical
+    batches = next(line for line in ax.lines if line.get_label() == "train (per minibatch)")
+    assert [batches.get_xdata()[r - 1] for r in (4, 8)] == [1.0, 2.0]  # where step r - 1 ends
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert legend.count("SGDR restart") == 1
+    off_edge = plot_losses(history, restarts=(np.int64(6),)).axes[0]  # mid-epoch: step 6 of 12
+    assert [line.get_xdata()[0] for line in off_edge.lines if line.get_linestyle() == ":"] == [1.5]
+    plain = plot_losses(history).axes[0]
+    assert not [line for line in plain.lines if line.get_linestyle() == ":"]
+    assert "SGDR restart" not in [text.get_text() for text in plain.get_legend().get_texts()]
+    for bad in ([0], [12], [2.5], [True]):
+        with pytest.raises(ValueError, match=r"not steps 1\.\.11"):
+            plot_losses(history, restarts=bad)
+    with pytest.raises(ValueError, match="needs history.batch_loss"):
+        plot_losses(SimpleNamespace(train_loss=[1.0], valid_loss=[0.9]), restarts=[1])
+
+
 def test_plot_augmented_shows_pixels_grey_and_rgb(tmp_path):
     grey = torch.rand(3, 1, 8, 8)
     rgb = torch.rand(2, 3, 8, 8)
@@ -173,9 +199,9 @@ def test_plot_confusion_counts(tmp_path):
         plot_confusion([0, 1], [0], ["a", "b", "c"])
     with pytest.raises(ValueError, match="classes is empty"):
         plot_confusion([0], [0], [])
-    with pytest.raises(ValueError, match=r"pass probs.argmax\(1\)"):                 # probabilities, not classes
+    with pytest.raises(ValueError, match=r"pass probs.argmax\(1\)"):  # probabilities, not classes
         plot_confusion([0, 1], torch.tensor([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"])
-    with pytest.raises(ValueError, match="whole class indices"):              # would truncate to class 0
+    with pytest.raises(ValueError, match="whole class indices"):  # would truncate to class 0
         plot_confusion([0, 1], [0.9, 0.7], ["a", "b"])
 
 
