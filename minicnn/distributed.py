@@ -4,7 +4,8 @@
     g = (1/W) * sum_r g_r        every rank applies the mean gradient (sum_r n_r*g_r / sum_r n_r
                                  when the shares n_r differ), so the weights stay identical
     metrics: sums (loss * n, correct, n) added over the ranks; each image counted once
-Gradients are averaged by one explicit all-reduce in fit's loop, not by DistributedDataParallel:
+Gradients are averaged by one explicit all-reduce that fit calls after backward
+(fit(..., after_backward=average_gradients, all_sum=all_sum)), not by DistributedDataParallel:
 freezing and unfreezing then act at once on every rank, and state_dict keys stay the model's.
 Rank 0 alone writes files and runs the LR range test; run_on_main sends its result, or its error.
 Sources: PyTorch DDP and torch.distributed; nanoGPT's train.py; pytorch/examples' imagenet.
@@ -192,8 +193,8 @@ def gather(t):
 def average_gradients(model, n, loss=0.0):
     """After backward: every rank's gradients -> their mean over the global batch; the running
     statistics of BatchNorm layers that train and the loss too -> the global batch's mean loss.
-    n: samples in this rank's share. One process: nothing to do, loss given back. fit does this
-    itself (train.py keeps its own copy, so that each file can be copied alone)."""
+    n: samples in this rank's share. One process: nothing to do, loss given back. fit calls it
+    between backward and the step when given after_backward=average_gradients."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"average_gradients: model must be an nn.Module, got {type(model).__name__}")
     if _int(n, "average_gradients: n") == 0 or isinstance(loss, bool) or not isinstance(loss, numbers.Real):
@@ -214,6 +215,13 @@ def average_gradients(model, n, loss=0.0):
     for t, mean in zip(tensors, flat[:-2].split([t.numel() for t in tensors])):
         t.copy_(mean.view_as(t))
     return flat[-2].item()
+
+
+def all_sum(t):
+    """t summed over every rank, in place -> t (evaluate's sums); one process: t as it is."""
+    if _world()[1] > 1:
+        dist.all_reduce(t)
+    return t
 
 
 def broadcast_weights(model):

@@ -3,10 +3,11 @@
 Per minibatch, in this order (the order fastai's callbacks hide):
     lrs = lr_at(step)                 set every param group's LR (the schedule)
     loss = loss_fn(model(augment(x)), y)
-    loss.backward(); opt.step(); opt.zero_grad()      theta <- theta - lr * grad(loss)
+    loss.backward(); after_backward(model, n, loss)    the one place another process may join in
+    opt.step(); opt.zero_grad()                       theta <- theta - lr * grad(loss)
     record loss and LRs; at a cycle's last step call on_cycle_end(model, step)
-Under torchrun (W processes) backward is followed by g = (1/W) * sum_r g_r, and evaluate adds up
-the ranks' sums; minicnn/distributed.py shares the batches (docs/distributed.md).
+Under torchrun, after_backward=distributed.average_gradients (g = (1/W) * sum_r g_r) and
+all_sum=distributed.all_sum (evaluate adds up the ranks' sums): docs/distributed.md.
 `step` counts minibatches over the whole run (epoch * len(train) + i), so a schedule is a
 pure function of it and a run resumed at `start_step` sees the same LRs and the same batches.
 Sources: fast.ai 2018 lessons 1-2; the loop's shape follows nanoGPT's train.py.
@@ -20,10 +21,10 @@ import time
 from dataclasses import dataclass, field, fields
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from minicnn.fit_checks import check_epoch_length, check_fit, end_epoch_from, lrs_for, not_finite, raise_clearly
+from minicnn.fit_checks import (check_epoch_length, check_fit, check_one_process, end_epoch_from, lrs_for,
+                                not_finite, raise_clearly)
 
 
 @dataclass
@@ -80,35 +81,6 @@ def _model_device(model):
     return next(model.parameters()).device
 
 
-def _world_size():
-    """Processes training together: > 1 under torchrun once the process group is set up, else 1."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _average_gradients(model, n, loss):
-    """Every rank's gradients -> sum_r n_r * g_r / sum_r n_r (n_r: samples in rank r's share), the loss
-    likewise, and the running statistics of the BatchNorm layers that train, so the ranks stay the
-    same -> the global batch's loss. minicnn/distributed.py's average_gradients, copied (so that each
-    file can be copied alone); tests/test_distributed.py checks that the two agree bit for bit."""
-    tensors = [p.grad for p in model.parameters() if p.grad is not None] + [
-        s for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
-        and m.running_mean is not None for s in (m.running_mean, m.running_var)]
-    device = _model_device(model)
-    layout = torch.tensor([len(tensors), sum(t.numel() for t in tensors)], device=device)
-    layouts = [torch.empty_like(layout) for _ in range(dist.get_world_size())]
-    dist.all_gather(layouts, layout)  # a rank that froze alone would send a buffer of another size
-    if any(not torch.equal(layout, other) for other in layouts):
-        raise ValueError("fit: the ranks have different gradients to average (count, numbers: " + "; ".join(
-            f"rank {r}: {t.tolist()}" for r, t in enumerate(layouts)) + "); freeze, unfreeze and bn_freeze on "
-            "every rank, not inside `if is_main()`")
-    flat = torch.cat([t.reshape(-1) for t in tensors] + [torch.tensor([float(loss), 1.0], device=device)]) * n
-    dist.all_reduce(flat)                     # sum_r n_r * [g_r, loss_r, 1]
-    flat /= flat[-1].clone()                  # / sum_r n_r
-    for t, mean in zip(tensors, flat[:-2].split([t.numel() for t in tensors])):
-        t.copy_(mean.view_as(t))
-    return flat[-2].item()
-
-
 def _eval_mode(model):
     """Eval mode now; returns a function that gives every module its own mode back (a frozen
     BatchNorm kept in eval mode stays so, which model.train(True) would undo)."""
@@ -121,11 +93,13 @@ def _eval_mode(model):
     return restore
 
 
-def evaluate(model, batches, *, loss_fn=F.cross_entropy, mixed_precision=None):
+def evaluate(model, batches, *, loss_fn=F.cross_entropy, mixed_precision=None, all_sum=None):
     """-> (mean loss, accuracy) over all samples, in eval mode under no_grad; modes restored.
 
-    Kept as sums (loss * samples, correct, samples); under torchrun every rank's are added up, so
-    call it on every rank, each with its own part (distributed.rank_slice): each sample counts once."""
+    Kept as sums (loss * samples, correct, samples). Under torchrun pass all_sum=distributed.all_sum
+    and call it on every rank, each with its own part (distributed.rank_slice): the ranks' sums are
+    added up, so each sample counts once."""
+    check_one_process("evaluate", all_sum, "all_sum=distributed.all_sum")
     device, restore = _model_device(model), _eval_mode(model)
     loss_sum, correct, count = 0.0, 0, 0
     try:
@@ -142,9 +116,8 @@ def evaluate(model, batches, *, loss_fn=F.cross_entropy, mixed_precision=None):
                 count += len(y)
     finally:
         restore()
-    if _world_size() > 1:  # several processes: the sums of every rank's part, added up
-        sums = torch.tensor([loss_sum, correct, count], dtype=torch.float64, device=device)
-        dist.all_reduce(sums)
+    if all_sum is not None:  # several processes: the sums of every rank's part, added up
+        sums = all_sum(torch.tensor([loss_sum, correct, count], dtype=torch.float64, device=device))
         loss_sum, correct, count = sums[0].item(), int(sums[1]), int(sums[2])
     if count == 0:
         raise ValueError("evaluate got no samples (an empty list, or a generator already used up?); "
@@ -175,7 +148,8 @@ def predict(model, batches, *, mixed_precision=None):
 
 def fit(model, train, valid, opt, lr_at, end_epoch=None, *, loss_fn=F.cross_entropy, augment=None,
         on_cycle_end=None, cycle_ends=(), start_step=0, train_eval=None, device=None,
-        mixed_precision=None, channels_last=None, verbose=True, epochs=None):
+        mixed_precision=None, channels_last=None, verbose=True, epochs=None, after_backward=None,
+        all_sum=None):
     """Train up to (not including) epoch `end_epoch`, from global step start_step -> History of the steps run.
 
     train: (x, y) minibatches with len() = batches per epoch, read once each epoch: minicnn's
@@ -187,6 +161,8 @@ def fit(model, train, valid, opt, lr_at, end_epoch=None, *, loss_fn=F.cross_entr
     valid, train_eval (a training sample, no augmentation): evaluated at each epoch's end; None skips.
     augment: x -> x on training batches only. on_cycle_end(model, step) runs after each step in
     cycle_ends. mixed_precision (bf16), channels_last: None = on for CUDA only.
+    after_backward(model, n, loss) -> loss: runs between backward and the step (n: the batch's
+    samples); under torchrun distributed.average_gradients, with all_sum=distributed.all_sum.
     """
     end_epoch = end_epoch_from(end_epoch, epochs)
     steps_per_epoch, cycle_ends = check_fit(model, train, valid, opt, lr_at, end_epoch, start_step,
@@ -194,8 +170,8 @@ def fit(model, train, valid, opt, lr_at, end_epoch=None, *, loss_fn=F.cross_entr
     device = torch.device(device) if device is not None else _model_device(model)
     use_channels_last = _use_cuda_tricks(device, channels_last)
     model.to(device, memory_format=torch.channels_last if use_channels_last else torch.preserve_format)
+    check_one_process("fit", after_backward, "after_backward=distributed.average_gradients")
     history, live = History(), verbose and sys.stdout.isatty()
-    world_size = _world_size()  # > 1 under torchrun: each rank has its share of every batch
     for epoch in range(start_step // steps_per_epoch, end_epoch):
         model.train()
         started, losses = time.perf_counter(), []
@@ -223,10 +199,10 @@ def fit(model, train, valid, opt, lr_at, end_epoch=None, *, loss_fn=F.cross_entr
             if not math.isfinite(loss_value):
                 raise FloatingPointError(not_finite(loss_value, step, epoch, lrs, x, y, logits, model,
                                                     loss_fn, history.batch_loss, step == start_step))
-            # backward; average the gradients over the ranks (torchrun only); step
+            # backward; the hook (torchrun: g = (1/W) * sum_r g_r, the mean loss); step
             loss.backward()
-            if world_size > 1:
-                loss_value = _average_gradients(model, len(y), loss_value)  # g = (1/W) * sum_r g_r
+            if after_backward is not None:
+                loss_value = after_backward(model, len(y), loss_value)
             opt.step()
             opt.zero_grad()
             # record; the hook sees the weights as they are at the end of the cycle
@@ -241,9 +217,11 @@ def fit(model, train, valid, opt, lr_at, end_epoch=None, *, loss_fn=F.cross_entr
         # evaluate
         history.train_loss.append(sum(losses) / max(len(losses), 1))
         if train_eval is not None:
-            history.train_eval_loss.append(evaluate(model, train_eval, loss_fn=loss_fn, mixed_precision=mixed_precision)[0])
+            history.train_eval_loss.append(evaluate(model, train_eval, loss_fn=loss_fn,
+                                                    mixed_precision=mixed_precision, all_sum=all_sum)[0])
         if valid is not None:
-            valid_loss, valid_acc = evaluate(model, valid, loss_fn=loss_fn, mixed_precision=mixed_precision)
+            valid_loss, valid_acc = evaluate(model, valid, loss_fn=loss_fn, mixed_precision=mixed_precision,
+                                             all_sum=all_sum)
             history.valid_loss.append(valid_loss)
             history.valid_acc.append(valid_acc)
         history.seconds.append(time.perf_counter() - started)

@@ -19,7 +19,6 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-import minicnn.train as train
 from minicnn import distributed
 from minicnn.batch_size import find_batch_size
 from minicnn.checkpoint import load_checkpoint, save_checkpoint
@@ -139,6 +138,8 @@ def sgd(model):
 
 def run(model, batches, end_epoch, *, valid=None, opt=None, start_step=0, **options):
     opt = opt or sgd(model)
+    if torch.distributed.is_initialized():  # several ranks: fit's hook averages, evaluate adds up
+        options.update(after_backward=distributed.average_gradients, all_sum=distributed.all_sum)
     history = fit(model, batches, valid, opt, lambda step: 0.1, end_epoch, start_step=start_step,
                   verbose=False, **options)
     return model.state_dict(), dataclasses.asdict(history)
@@ -194,7 +195,8 @@ def _evaluate(rank, n):
     local = Batches(x[part], y[part], 6, shuffle=False)
     sampler = torch.utils.data.DistributedSampler(range(n), shuffle=False)  # pads to a multiple of 2
     padded = [(x[list(sampler)], y[list(sampler)])]
-    return evaluate(model, local), evaluate(model, padded), gather(predict(model, local)), len(range(n)[part])
+    return (evaluate(model, local, all_sum=distributed.all_sum), evaluate(model, padded, all_sum=distributed.all_sum),
+            gather(predict(model, local)), len(range(n)[part]))
 
 
 @pytest.mark.parametrize("n", [41, 40])
@@ -249,7 +251,8 @@ def test_a_run_checkpointed_under_two_ranks_resumes_to_the_weights_of_the_unbrok
 def _checkpoint_plain(rank, folder):
     model = mlp()
     opt = sgd(model)
-    fit(model, Shard(global_batches()), None, opt, lambda step: 0.1, 1, verbose=False)
+    fit(model, Shard(global_batches()), None, opt, lambda step: 0.1, 1, verbose=False,
+        after_backward=distributed.average_gradients)
     run_on_main(save_checkpoint, Path(folder) / "plain.pt", model=model, optimizer=opt, step=3)
 
 
@@ -296,7 +299,7 @@ def test_freezing_and_unfreezing_take_effect_on_every_rank(tmp_path):
 def test_freezing_on_one_rank_only_is_refused_on_both(tmp_path):
     results = run_ranks(_freeze, True, folder=tmp_path)
     for kind, message in results:  # not a crash of one rank and a silent mix on the other
-        assert kind == "error" and "different gradients to average" in message and "every rank" in message
+        assert kind == "error" and "gradients to average" in message and "every rank" in message
 
 
 def _rank0_searches(rank):
@@ -392,7 +395,7 @@ FAILING_SCRIPT = textwrap.dedent("""
     if distributed.is_main():
         print("rank 0 of", me.world_size, "on", me.device, flush=True)
     fit(model, train, None, torch.optim.SGD(model.parameters(), lr=0.1), lambda step: 0.1, 2, augment=augment,
-        verbose=False)
+        verbose=False, after_backward=distributed.average_gradients)
     distributed.teardown()
 """)
 
@@ -446,35 +449,38 @@ def test_what_must_agree_across_ranks_is_checked_on_every_rank(tmp_path):
         assert errors["setup"].startswith("RuntimeError: setup: the process group is already set up")
 
 
-def _both_averages(rank):
+def _average_and_fit_without_hooks(rank):
     model, n, loss = _gradients(rank)
-    copy = {k: v.clone() for k, v in model.state_dict().items()} | {
+    before = {k: v.clone() for k, v in model.state_dict().items()} | {
         f"{k}.grad": p.grad.clone() for k, p in model.named_parameters()}
     mean_loss = distributed.average_gradients(model, n, loss)
-    ours = model.state_dict() | {f"{k}.grad": p.grad for k, p in model.named_parameters()}
-    model.load_state_dict({k: v for k, v in copy.items() if not k.endswith(".grad")})
-    for k, p in model.named_parameters():
-        p.grad.copy_(copy[f"{k}.grad"])
-    fits = train._average_gradients(model, n, loss)
-    fit_state = model.state_dict() | {f"{k}.grad": p.grad for k, p in model.named_parameters()}
+    after = model.state_dict() | {f"{k}.grad": p.grad for k, p in model.named_parameters()}
     shares = gather(torch.tensor([[n, loss]], dtype=torch.float64))
-    return copy, ours, mean_loss, fit_state, fits, shares
+    refused = []
+    for call in (lambda: fit(mlp(), Shard(global_batches()), None, sgd(mlp()), lambda step: 0.1, 1, verbose=False),
+                 lambda: evaluate(mlp(), [blobs(4)])):
+        try:
+            call()
+        except ValueError as error:
+            refused.append(str(error))
+    return before, after, mean_loss, shares, refused
 
 
-def test_fit_and_distributed_average_alike_weighted_by_each_share(tmp_path):
-    """train.py keeps its own copy of average_gradients (each file is copied alone): the same bits.
-    Shares of 3 and 4 samples: g = (3 g_0 + 4 g_1) / 7, the global batch's mean gradient."""
-    (before0, ours0, loss0, fit0, fits0, shares), (before1, ours1, loss1, fit1, fits1, _) = values(
-        run_ranks(_both_averages, folder=tmp_path))
+def test_average_gradients_weighs_each_share_and_fit_without_it_is_refused(tmp_path):
+    """Shares of 3 and 4 samples: g = (3 g_0 + 4 g_1) / 7, the global batch's mean gradient, the
+    same bits on both ranks. Under torchrun, fit without after_backward (evaluate without all_sum)
+    would train (count) each rank alone: both are refused, naming the hook."""
+    (before0, ours0, loss0, shares, refused0), (before1, ours1, loss1, _, refused1) = values(
+        run_ranks(_average_and_fit_without_hooks, folder=tmp_path))
     assert_identical(ours0, ours1)
-    assert_identical(ours0, fit0)
-    assert_identical(fit0, fit1)
-    assert loss0 == loss1 == fits0 == fits1
+    assert loss0 == loss1
     (n0, l0), (n1, l1) = shares.tolist()
     assert loss0 == pytest.approx((n0 * l0 + n1 * l1) / (n0 + n1))
     for k in before0:
         if k.endswith(".grad") or "running" in k:
             torch.testing.assert_close(ours0[k], (n0 * before0[k] + n1 * before1[k]) / (n0 + n1))
+    for refused in (refused0, refused1):
+        assert len(refused) == 2 and "after_backward" in refused[0] and "all_sum" in refused[1], refused
 
 
 def test_broadcast_weights_gives_every_rank_rank_0s_model(tmp_path):
