@@ -1,6 +1,7 @@
 # The two commands of the README's Quick start, each doing all of its own set-up:
 #   make lesson   creates .venv, installs minicnn, makes sure Fashion-MNIST is there, runs lesson 2
-#   make test     the same set-up, then the whole test suite (CPU, a few minutes)
+#   make test     the same set-up, the 100-column and lint check (ruff), then the test suite
+# and make notebooks: every lesson as an executed notebook, outputs included, in notebooks/
 PY ?= python3
 VENV := .venv
 PYTHON := $(VENV)/bin/python
@@ -8,13 +9,20 @@ STAMP := $(VENV)/.installed
 LESSON ?= lessons/lesson2.py
 ARGS ?=
 
-.PHONY: lesson test data venv bench clean
+.PHONY: lesson test notebooks lint data venv bench clean
 
 lesson: data
 	$(PYTHON) $(LESSON) $(ARGS)
 
-test: data
+test: data lint
 	$(PYTHON) -m pytest $(ARGS)
+
+# ruff.toml: pyflakes and pycodestyle errors, lines of at most 100 characters
+lint: $(STAMP)
+	$(PYTHON) -m ruff check minicnn lessons
+
+notebooks: data
+	$(PYTHON) lessons/notebooks.py $(ARGS)
 
 venv: $(STAMP)
 

@@ -38,7 +38,6 @@ Writes OUT/time_to_accuracy.md (the table), OUT/time_to_accuracy.json (every arm
 arm's log, and lesson2's report.md and results.json as OUT/minicnn_*.
 """
 import argparse
-import ast
 import importlib.util
 import json
 import math
@@ -65,6 +64,7 @@ from minicnn.lr_find import lr_find  # noqa: E402
 from minicnn.models import simple_resnet  # noqa: E402
 from minicnn.train import accuracy  # noqa: E402
 from common import device, float_above, int_in, load_or_exit, out_folder  # noqa: E402  (lessons/common.py)
+from lesson2_settings import MODES  # noqa: E402
 
 ARMS = ("minicnn", "plain", "fastai")
 THRESHOLDS = (0.92, 0.93)
@@ -86,28 +86,13 @@ def seconds_to(curve, threshold):
     return None
 
 
-def lesson2_setting(name, mode, *, path=LESSON2):
-    """A setting of lessons/lesson2.py in one of its modes ("quick", "accuracy", "full"), read from
-    its source (importing the script would run it): the literal arguments of the by_mode(cpu,
-    quick=..., accuracy=..., full=...) call assigned to `name`; a mode not given takes cpu's."""
-    for node in ast.parse(Path(path).read_text()).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
-            call = next((n for n in ast.walk(node.value) if isinstance(n, ast.Call)
-                         and getattr(n.func, "id", None) == "by_mode"), None)
-            if call is None:
-                break
-            values = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
-            return values.get(mode, ast.literal_eval(call.args[0]))
-    raise ValueError(f"{path} has no setting `{name} = ... by_mode(...)`: the benchmark reads the recipe's "
-                     "network and batch from there; update lesson2_setting")
-
-
 def shared_settings(args):
     """What every arm shares: lesson2's network and batch in this mode, bf16 where lesson2 uses it."""
     import lesson2_io  # lessons/: lesson2's own test of the CPU's bf16
     mode = "quick" if args.quick else args.mode
-    cycles = lesson2_setting("CYCLES", mode)
-    return dict(mode=mode, widths=list(lesson2_setting("WIDTHS", mode)), batch_size=lesson2_setting("BATCH_SIZE", mode),
+    row = MODES[mode]  # lessons/lesson2_settings.py: lesson2's settings, one row per mode
+    cycles = row["cycles"]
+    return dict(mode=mode, widths=list(row["widths"]), batch_size=row["batch_size"],
                 bf16=args.device.startswith("cuda") or lesson2_io.cpu_computes_bf16(),
                 recipe_epochs=2 ** cycles - 1)  # SGDR cycles of 1, 2, 4, ... epochs
 
@@ -333,7 +318,7 @@ def minicnn_result(results, s, *, source):
         want = repr(tuple(s[key])) if key == "widths" else repr(s[key])
         if used != want:
             raise SystemExit(f"lesson2 ran with {name} = {used}, the other arms with {want}: not the same "
-                             "setting; check lesson2_setting against lessons/lesson2.py")
+                             "setting; check lessons/lesson2_settings.py")
     return dict(curve=[tuple(point) for point in results["valid_curve"]], test=results["test"], test_flip=None,
                 epochs=len(results["valid_curve"]), how=f"{results['chosen']} (chosen on validation)",
                 lr=f"SGDR, its range test ({source})")

@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "lessons"))
-from bench_time_to_accuracy import THRESHOLDS, lesson2_setting, seconds_to, synchronize  # noqa: E402
+from bench_time_to_accuracy import THRESHOLDS, seconds_to, synchronize  # noqa: E402
+from lesson2_settings import MODES  # noqa: E402  (lessons/, on the path as bench_time_to_accuracy puts it)
 from minicnn.batch_size import find_batch_size  # noqa: E402
 from minicnn.checkpoint import atomic_write  # noqa: E402
 from minicnn.data import Batches  # noqa: E402
@@ -58,7 +59,7 @@ TRAIN_STEPS = 20  # part 4: steps of fit at the batch size found
 def network(args):
     """lesson2's widths and batch in the mode this check runs (--full on CUDA, else --quick)."""
     mode = "quick" if args.quick else "full"
-    return tuple(lesson2_setting("WIDTHS", mode)), lesson2_setting("BATCH_SIZE", mode)
+    return tuple(MODES[mode]["widths"]), MODES[mode]["batch_size"]
 
 
 def cpu_computes_bf16():

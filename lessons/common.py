@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from minicnn.data import Batches, stratified_subset, train_valid_split  # noqa: E402
 from minicnn.fashion_mnist import load_fashion_mnist  # noqa: E402
@@ -40,7 +41,8 @@ def int_in(low, high=None, hint=""):
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < low or (high is not None and value > high):
             span = f">= {low}" if high is None else f"from {low} to {high}"
-            raise argparse.ArgumentTypeError(f"{value} is out of range: give a whole number {span}{hint}")
+            raise argparse.ArgumentTypeError(
+                f"{value} is out of range: give a whole number {span}{hint}")
         return value
     return whole_number
 
@@ -59,21 +61,17 @@ def float_above(low, *, or_equal=False):
     return number
 
 
-def batch_size_or_auto(text):
-    """--batch-size where the lesson can search for one: a whole number >= 1, or 'auto'."""
-    return "auto" if text == "auto" else int_in(1, hint=", or 'auto'")(text)
-
-
 def out_folder(text):
     """--out: a folder (made if missing), so neither it nor a folder above it may be a file."""
     path = Path(text)
     for above in (path, *path.parents):
         if above.exists():
             if not above.is_dir():
-                raise argparse.ArgumentTypeError(f"{above} is a file; give a folder for the figures "
-                                                 "(a missing one is created)")
+                raise argparse.ArgumentTypeError(
+                    f"{above} is a file; give a folder for the figures (a missing one is created)")
             if not os.access(above, os.W_OK | os.X_OK):
-                raise argparse.ArgumentTypeError(f"cannot write in {above}; give a folder you can write to")
+                raise argparse.ArgumentTypeError(
+                    f"cannot write in {above}; give a folder you can write to")
             break
     return path
 
@@ -89,39 +87,72 @@ def device(text):
     if d.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU here; use --device cpu")
     if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} GPU(s), "
-                                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return str(d)
 
 
-def add_common_args(parser, *, out, auto_batch=False):
-    """--quick, --device, --out, --seed, --threads, --limit, --batch-size (auto_batch: an int or 'auto')."""
-    parser.add_argument("--quick", action="store_true", help="a smoke run on a small slice (seconds)")
-    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=out_folder, default=f"runs/{out}", help="folder for figures and reports")
-    parser.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0)  # numpy's seed range
-    parser.add_argument("--threads", type=int_in(1), default=None, help="CPU threads for torch (default: all)")
-    parser.add_argument("--limit", type=int_in(MIN_LIMIT, hint=" (a tenth is held out for validation and must "
-                                               "hold every class)"), default=None,
-                        help=f"use only this many training images (and a tenth as many for valid/test); "
-                             f"--quick: {QUICK_LIMIT}")
-    if auto_batch:
-        parser.add_argument("--batch-size", type=batch_size_or_auto, default=None,
-                            help="an int, or 'auto': the largest batch that fits (minicnn.batch_size)")
-    else:
-        parser.add_argument("--batch-size", type=int_in(1), default=None, help="default 128")
+def add_common_args(parser, *, out, batch_help="default 128", limit=True, limit_help=None):
+    """--quick, --device, --out, --seed, --threads, --limit (unless limit=False), --batch-size."""
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run on a small slice (seconds)")
+    parser.add_argument("--device", type=device,
+                        default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda when there is a GPU, else cpu)")
+    parser.add_argument("--out", type=out_folder, default=str(ROOT / "runs" / out),
+                        help=f"folder for figures and reports (runs/{out} in the checkout)")
+    parser.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0,  # numpy's seed range
+                        help="seed of every random number: weights, splits, batches (0)")
+    parser.add_argument("--threads", type=int_in(1), default=None,
+                        help="CPU threads for torch (default: all)")
+    if limit:
+        parser.add_argument(
+            "--limit", type=int_in(MIN_LIMIT, hint=" (a tenth is held out for validation and "
+                                   "must hold every class)"), default=None,
+            help=limit_help or "use only this many training images (and a tenth as many "
+                               f"for valid/test); default all, --quick: {QUICK_LIMIT}")
+    parser.add_argument("--batch-size", type=int_in(1), default=None, help=batch_help)
     return parser
 
 
-def parse_args(description, *, out, extra=None, check_options=None, argv=None, batch_size=128, quick_batch_size=None):
-    """Build the parser (extra(parser) adds a lesson's own options), parse, check, set everything up.
+def in_notebook():
+    """True inside a Jupyter kernel (a lesson opened or executed as a notebook)."""
+    return "ipykernel" in sys.modules
 
-    --batch-size, when not given: batch_size, or quick_batch_size with --quick.
+
+def command_line(notebook_argv):
+    """A lesson's options: the command line when it runs as a script; in a notebook (whose kernel
+    was started with its own -f kernel.json), the list ARGV of the lesson's parameters cell."""
+    return list(notebook_argv) if in_notebook() else sys.argv[1:]
+
+
+def show(fig):
+    """Show a figure inline in a notebook; as a script it is only saved (plots save as they draw).
+    None (no figure: under torchrun only process 0 draws) shows nothing."""
+    if fig is not None and in_notebook():
+        import io
+        from IPython.display import Image, display
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
+        display(Image(png.getvalue()))
+
+
+def parse_args(description, *, out, extra=None, check_options=None, argv=None, batch_size=128,
+               quick_batch_size=None, batch_help=None, limit_help=None):
+    """Build the parser (extra(parser) adds a lesson's own options), parse, check, set everything
+    up.
+
+    --batch-size, when not given: batch_size, or quick_batch_size with --quick (batch_help and
+    limit_help: the help texts of --batch-size and --limit where a lesson's defaults differ).
     check_options(args, error) fills in the lesson's own defaults and checks the options against
     each other and the data's sizes (split_sizes); error(message) exits with status 2. It runs
     before setup, so a bad combination costs no work.
     """
-    parser = add_common_args(argparse.ArgumentParser(description=description), out=out)
+    batch_help = batch_help or f"default {batch_size}" + (
+        f" (--quick: {quick_batch_size})" if quick_batch_size else "")
+    parser = add_common_args(argparse.ArgumentParser(description=description), out=out,
+                             batch_help=batch_help, limit_help=limit_help)
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
@@ -130,9 +161,9 @@ def parse_args(description, *, out, extra=None, check_options=None, argv=None, b
     if args.batch_size is None:
         args.batch_size = quick_batch_size if args.quick and quick_batch_size else batch_size
     if args.limit is not None and args.limit > MAX_LIMIT:
-        parser.error(f"argument --limit: {args.limit} is more than the {MAX_LIMIT:,} that fit, with a tenth "
-                     f"more held out for validation, in Fashion-MNIST's {N_FASHION_TRAIN:,} training images; "
-                     "leave --limit out to use them all")
+        parser.error(f"argument --limit: {args.limit} is more than the {MAX_LIMIT:,} that fit, "
+                     f"with a tenth more held out for validation, in Fashion-MNIST's "
+                     f"{N_FASHION_TRAIN:,} training images; leave --limit out to use them all")
     if check_options is not None:
         check_options(args, parser.error)
     setup(args)
@@ -188,16 +219,20 @@ def fashion_data(args, *, batch_size=None):
     (x_all, y_all), (x_test, y_test), classes = load_or_exit(load_fashion_mnist)
     sizes = split_sizes(args)
     if args.limit:  # a slice x[:n] of class-sorted images would hold few classes
-        x_all, y_all = stratified_subset(x_all, y_all, sizes["train"] + sizes["valid"], seed=args.seed)
+        x_all, y_all = stratified_subset(x_all, y_all, sizes["train"] + sizes["valid"],
+                                         seed=args.seed)
         x_test, y_test = stratified_subset(x_test, y_test, sizes["test"], seed=args.seed)
-    (x_train, y_train), (x_valid, y_valid) = train_valid_split(x_all, y_all, sizes["valid"], seed=args.seed)
+    (x_train, y_train), (x_valid, y_valid) = train_valid_split(x_all, y_all, sizes["valid"],
+                                                               seed=args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     sample = torch.randperm(len(x_train), generator=generator)[:2000]
     return dict(
-        train=Batches(x_train, y_train, batch_size, shuffle=True, generator=generator, device=args.device),
+        train=Batches(x_train, y_train, batch_size, shuffle=True, generator=generator,
+                      device=args.device),
         valid=Batches(x_valid, y_valid, 512, shuffle=False, device=args.device),
         test=Batches(x_test, y_test, 512, shuffle=False, device=args.device),
-        train_eval=Batches(x_train[sample], y_train[sample], 512, shuffle=False, device=args.device),
+        train_eval=Batches(x_train[sample], y_train[sample], 512, shuffle=False,
+                           device=args.device),
         x_train=x_train, y_train=y_train, x_valid=x_valid, y_valid=y_valid,
         x_test=x_test, y_test=y_test, classes=classes)
 
@@ -210,14 +245,27 @@ def check(condition, message):
     print(f"self-check passed: {message}")
 
 
+def winner(p1, p2, n, names):
+    """Which of two accuracies on the same n test images won -> (words, noise): a name only when
+    the gap passes the noise, 2 standard errors of a difference of two accuracies,
+    noise = 2 sqrt((p1 (1 - p1) + p2 (1 - p2)) / n), taken as if the two were independent (the
+    same images make it smaller: this errs towards "neither")."""
+    noise = 2 * math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / n)
+    if abs(p1 - p2) <= noise:
+        return "neither: the gap is within the noise", noise
+    return names[0] if p1 > p2 else names[1], noise
+
+
 def chance_of_at_least(k, n, p):
     """P(X >= k) for X ~ Binomial(n, p): how often a guess that is right with probability p on each
-    image gets k or more of n right. Summed in logs (lgamma), so exact for a test set of any size."""
+    image gets k or more of n right. Summed in logs (lgamma), so exact for a test set of any
+    size."""
     if k <= 0 or p >= 1:
         return 1.0
     if k > n or p <= 0:
         return 0.0
-    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+            + i * math.log(p) + (n - i) * math.log1p(-p)
             for i in range(k, n + 1)]  # log of C(n, i) p^i (1-p)^(n-i)
     top = max(logs)
     return math.exp(top) * sum(math.exp(x - top) for x in logs)
@@ -239,13 +287,15 @@ def check_accuracy(acc, y, *, floor, what, n_classes=N_CLASSES, margin=0.05, cha
     right = round(acc * len(y))
     luck = chance_of_at_least(right, len(y), majority)
     too_few = chance_of_at_least(len(y), len(y), majority) >= chance  # even all right could be luck
-    check(luck < chance, f"{what}: a guess right {majority:.3f} of the time (the most common class's share) gets "
-                         f"{right} of {len(y)} with probability {luck:.2g} < {chance}"
-                         + ("; too few images to tell any accuracy from luck: add images" if too_few else ""))
+    check(luck < chance, f"{what}: a guess right {majority:.3f} of the time (the most common "
+                         f"class's share) gets {right} of {len(y)} with probability {luck:.2g} "
+                         f"< {chance}" + ("; too few images to tell any accuracy from luck: "
+                                          "add images" if too_few else ""))
 
 
 def threads_note():
-    return f"{torch.get_num_threads()} CPU threads" if not torch.cuda.is_available() else torch.cuda.get_device_name()
+    return (f"{torch.get_num_threads()} CPU threads" if not torch.cuda.is_available()
+            else torch.cuda.get_device_name())
 
 
 if __name__ == "__main__":

@@ -1,130 +1,124 @@
-"""Input and output of lessons/lesson2.py, kept out of its way: the command line, loading and
-splitting the images, the pretrained body's cache, the figures, report.md and results.json.
-The recipe itself (every step, every choice) is in lesson2.py; read that first.
+"""Input and output of lessons/lesson2.py, kept out of its way: the command line, loading the
+images and making batches of them, the pretrained body's cache, the figures, report.md and
+results.json. Under torchrun, process 0 alone reads the cache and writes files. The recipe
+itself (every step, every choice: which images, which rates, who won) is in lesson2.py.
 """
 import argparse
 import hashlib
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-from common import add_common_args, float_above, int_in, load_or_exit, out_folder
+from common import N_FASHION_TRAIN, add_common_args, float_above, int_in, load_or_exit, out_folder
 import minicnn.distributed as distributed
 from minicnn.augment import resize
 from minicnn.checkpoint import atomic_write, load_checked, save_checked
-from minicnn.data import Batches, stratified_subset, train_valid_split
+from minicnn.data import Batches
 from minicnn.fashion_mnist import load_fashion_mnist
 from minicnn.image_folder import load_image_folder
 from minicnn.models import PRETRAINED_ARCHS
-from minicnn.plots import plot_augmented, plot_confusion, plot_losses, plot_lr_find, plot_schedule, plot_top_losses
+from minicnn.plots import (plot_augmented, plot_confusion, plot_losses, plot_schedule,
+                           plot_top_losses, save_png)
+from minicnn.plots import plot_lr_find as _plot_lr_find
 from minicnn.precompute import data_hash
 
 BODY_FORMAT = "minicnn-lesson2-body-1"
-N_FASHION_TRAIN = 60_000
 
 
 def parse_args(argv):
     """lesson2.py's options, every one checked (alone and together) before any work -> args.
 
     args.mode is "quick", "accuracy", "full" or "cpu" (the default)."""
-    parser = add_common_args(argparse.ArgumentParser(description="Lesson 2 end to end: the fast.ai recipe's "
-                                                     "8 steps"), out="lesson2", auto_batch=True)
+    parser = argparse.ArgumentParser(description=(
+        "Lesson 2 end to end: the fast.ai recipe's 8 steps, on a pretrained body and few labels, "
+        "against a network trained from scratch for the same seconds."))
+    add_common_args(parser, out="lesson2", limit=False,
+                    batch_help="default 64; --quick 32, --accuracy 128, --full 256")
     parser.add_argument("--accuracy", action="store_true",
                         help="from scratch on all 50,000 images and 10 classes (the accuracy run)")
-    parser.add_argument("--full", action="store_true", help="the GPU setting of --accuracy: a wider network")
+    parser.add_argument("--full", action="store_true",
+                        help="the GPU setting of --accuracy: a wider network")
     parser.add_argument("--labelled", type=int_in(10), default=None,
                         help="labelled training images of the new task (default 250; --quick 200)")
-    parser.add_argument("--data", type=Path, default=None, help="an image folder: train/<class>/*, valid/<class>/*")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="your image folder: DATA/train/<class>/*, DATA/valid/<class>/* "
+                             "(valid/ is the test set; a tenth of train/ validates)")
     parser.add_argument("--arch", choices=("simple_resnet",) + PRETRAINED_ARCHS, default=None,
-                        help="the body: simple_resnet pretrained on 5 classes (Fashion-MNIST's default), or an "
-                             "ImageNet one (--data's default: efficientnet_lite0)")
-    parser.add_argument("--size", type=int_in(8, 1024), default=None, help="image size (no progressive resizing)")
-    parser.add_argument("--cycles", type=int_in(1, 8), default=None, help="SGDR cycles in step 8 (1, 2, 4, ... epochs)")
+                        help="the body: simple_resnet pretrained on 5 classes (Fashion-MNIST's "
+                             "default), or an ImageNet one (--data's default: efficientnet_lite0)")
+    parser.add_argument("--size", type=int_in(8, 1024), default=None,
+                        help="image size, no progressive resizing (default: 28, --quick 20, "
+                             "--accuracy 20 then 28, --full 28 then 32; --data 128)")
+    parser.add_argument("--cycles", type=int_in(1, 8), default=None,
+                        help="SGDR cycles in step 8, of 1, 2, 4, ... epochs (default 3; --quick 2, "
+                             "--accuracy and --full 5)")
     parser.add_argument("--preset", choices=("side_on", "top_down"), default="side_on",
-                        help="augmentation: side_on (photos from the side), top_down (from above: all 8 flips)")
+                        help="augmentation: side_on (photos from the side, the default), top_down "
+                             "(from above: all 8 flips)")
     parser.add_argument("--lr-ratio", type=float_above(1, or_equal=True), default=None,
-                        help="LR ratio between layer groups (>= 1; simple_resnet 3, an ImageNet body 10)")
+                        help="LR ratio between layer groups (>= 1; default: simple_resnet 3, an "
+                             "ImageNet body 10)")
     parser.add_argument("--cache", type=out_folder, default=None,
-                        help="folder for the pretrained body and the activations (default: OUT/cache)")
+                        help="folder for the pretrained body and the activations "
+                             "(default: OUT/cache)")
     args = parser.parse_args(argv)
     modes = [name for name in ("quick", "accuracy", "full") if getattr(args, name)]
     if len(modes) > 1 and modes != ["quick", "accuracy"]:  # --accuracy --quick: its smoke run
-        parser.error(f"--{' and --'.join(modes)}: choose one mode (only --accuracy takes --quick too)")
+        parser.error(f"--{' and --'.join(modes)}: choose one mode "
+                     "(only --accuracy takes --quick too)")
     args.mode = modes[0] if modes else "cpu"
     args.cache = args.cache or args.out / "cache"
-    if args.limit is not None:
-        parser.error("argument --limit: lesson2.py counts labelled images with --labelled")
+    scratch = args.mode in ("accuracy", "full")
     if args.data is not None:
         if not args.data.is_dir():
-            parser.error(f"argument --data: {args.data} is not a folder (it should hold train/<class>/* and "
-                         "valid/<class>/*)")
-        if args.mode in ("accuracy", "full"):
-            parser.error(f"argument --data: --{args.mode} trains Fashion-MNIST from scratch; leave it out")
+            parser.error(f"argument --data: {args.data} is not a folder (it should hold "
+                         "train/<class>/* and valid/<class>/*)")
+        if scratch:
+            parser.error(f"argument --data: --{args.mode} trains Fashion-MNIST from scratch; "
+                         "leave it out")
         if args.arch == "simple_resnet":
-            parser.error("argument --arch: with --data the body is an ImageNet one (its source classes are "
-                         "Fashion-MNIST's); choose one of " + ", ".join(PRETRAINED_ARCHS))
-    elif args.arch not in (None, "simple_resnet") and args.mode in ("accuracy", "full"):
+            parser.error("argument --arch: with --data the body is an ImageNet one (its source "
+                         "classes are Fashion-MNIST's); choose one of "
+                         + ", ".join(PRETRAINED_ARCHS))
+    elif args.arch not in (None, "simple_resnet") and scratch:
         parser.error(f"argument --arch: --{args.mode} trains simple_resnet from scratch")
-    if args.labelled is not None and args.mode in ("accuracy", "full"):
+    if args.labelled is not None and scratch:
         parser.error(f"argument --labelled: --{args.mode} uses all 50,000 training images")
-    if args.labelled is not None and args.data is None and args.labelled > N_FASHION_TRAIN // 2 - 1000:
-        parser.error(f"argument --labelled: {args.labelled} is more than the {N_FASHION_TRAIN // 2 - 1000:,} "
-                     "images of the 5 new classes left after the validation images")
+    most = N_FASHION_TRAIN // 2 - 1000  # the 5 new classes' images less the validation images
+    if args.labelled is not None and args.data is None and args.labelled > most:
+        parser.error(f"argument --labelled: {args.labelled} is more than the {most:,} images of "
+                     "the 5 new classes left after the validation images")
     return args
 
 
 def cpu_computes_bf16():
-    """True where the CPU has bf16 arithmetic (avx512_bf16 or AMX); elsewhere torch emulates it, slowly."""
+    """True where the CPU has bf16 arithmetic (avx512_bf16 or AMX); elsewhere torch emulates it,
+    slowly."""
     cpu = torch.cpu
-    return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(getattr(cpu, name, lambda: False)()
+               for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
-def classes_of(x, y, classes):
-    """The images of the given classes, labelled 0..len(classes)-1 in that order."""
-    keep = torch.isin(y, torch.tensor(classes))
-    new_label = torch.full((int(y.max()) + 1,), -1, dtype=torch.long)
-    new_label[torch.tensor(classes)] = torch.arange(len(classes))
-    return x[keep], new_label[y[keep]]
+def load_folder(path, size):
+    """An image folder (minicnn.image_folder) at size x size; every class of train/ needs 2 images
+    (one to train on, one held out for validation): refused by name otherwise."""
+    folder = load_or_exit(load_image_folder, path, size, argument="--data")
+    counts = torch.bincount(folder.train[1], minlength=len(folder.classes)).tolist()
+    few = [f"{Path(path) / 'train' / c} ({n})" for c, n in zip(folder.classes, counts) if n < 2]
+    if few:
+        raise SystemExit("argument --data: every class needs at least 2 images in train/, one to "
+                         "train on and one held out for validation; too few in: " + ", ".join(few))
+    return folder
 
 
-def load_data(args, *, transfer, source, target, n_labelled, n_valid):
-    """-> dict(train, valid, test: (x uint8 (N, C, H, W), y), source: (x, y) or None, classes, name).
-
-    Fashion-MNIST with transfer: the source classes' images (for step 0), and of the target
-    classes a stratified sample of n_labelled + n_valid labelled images, split into train and
-    valid; test = every test image of the target classes (a stratified 1,000 with --quick).
-    Without transfer: all 10 classes, n_valid held out of the 60,000. An image folder: train/
-    split into train and a tenth for valid; its valid/ is the test set."""
-    if args.data is not None:
-        folder = load_or_exit(load_image_folder, args.data, args.size or 128, argument="--data")
-        counts = torch.bincount(folder.train[1], minlength=len(folder.classes)).tolist()
-        few = [f"{Path(args.data) / 'train' / c} ({n})" for c, n in zip(folder.classes, counts) if n < 2]
-        if few:  # the split below holds one image of every class out for validation
-            raise SystemExit(f"argument --data: every class needs at least 2 images in train/, one to train on and "
-                             f"one held out for validation; too few in: {', '.join(few)}")
-        n_valid = max(len(folder.train[1]) // 10, len(folder.classes))
-        train, valid = train_valid_split(*folder.train, n_valid, seed=args.seed)
-        return dict(train=train, valid=valid, test=folder.valid, source=None, classes=folder.classes,
-                    name=str(args.data))
-    (x_all, y_all), (x_test, y_test), names = load_or_exit(load_fashion_mnist)
-    if not transfer:
-        train, valid = train_valid_split(x_all, y_all, n_valid, seed=args.seed)
-        test = (x_test, y_test)
-        if args.mode == "quick":  # --accuracy --quick: a stratified slice of every split
-            train, test = stratified_subset(*train, n_labelled, seed=args.seed), stratified_subset(*test, 500, seed=args.seed)
-        return dict(train=train, valid=valid, test=test, source=None, classes=names, name="Fashion-MNIST")
-    x_source, y_source = classes_of(x_all, y_all, source)
-    labelled = stratified_subset(*classes_of(x_all, y_all, target), n_labelled + n_valid, seed=args.seed)
-    train, valid = train_valid_split(*labelled, n_valid, seed=args.seed)
-    test = classes_of(x_test, y_test, target)
-    if args.mode == "quick":  # seconds, not minutes
-        x_source, y_source = stratified_subset(x_source, y_source, 2000, seed=args.seed)
-        test = stratified_subset(*test, 500, seed=args.seed)
-    return dict(train=train, valid=valid, test=test, source=(x_source, y_source),
-                classes=[names[c] for c in target], name="Fashion-MNIST, 5 new classes")
+def load_fashion():
+    """Fashion-MNIST -> (x, y) of the 60,000 training images, (x, y) of the 10,000 test images,
+    the class names; a missing copy is said without a traceback."""
+    return load_or_exit(load_fashion_mnist)
 
 
 def at_size(x, size):
@@ -141,25 +135,30 @@ def batches_at(data, size, batch_size, args):
     images in the same order; training drops its last short batch. One process: all of each."""
     x_train, y_train = data["train"]
     if len(x_train) < batch_size:
-        raise SystemExit(f"--batch-size {batch_size} is more than the {len(x_train)} training images; "
-                         "give a smaller one")
-    # a training sample for the eval-mode training loss (diagnose): 2,000, or half of few images
-    sample = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed))[:min(2000, len(x_train) // 2)]
+        raise SystemExit(f"--batch-size {batch_size} is more than the {len(x_train)} training "
+                         "images; give a smaller one")
     train = _training_batches(at_size(x_train, size), y_train, batch_size, args)
-    return dict(train=distributed.Shard(train), global_train=train, valid=_rank_part(*data["valid"], args, size),
-                test=_rank_part(*data["test"], args, size),
-                train_eval=_rank_part(x_train[sample], y_train[sample], args, size))
+    return dict(train=distributed.Shard(train), global_train=train,
+                **{split: _rank_part(*data[split], args, size)
+                   for split in ("valid", "test", "train_eval")})
+
+
+def training_batches(x, y, batch_size, args):
+    """This rank's share of shuffled batches of (x, y), in the seed's order (step 0's)."""
+    return distributed.Shard(_training_batches(x, y, batch_size, args))
 
 
 def feature_batches(features, data, batch_size, args):
-    """The body's activations as batches for the head: dict(train: this rank's share, global_train, valid: part)."""
+    """The body's activations as batches for the head: dict(train: this rank's share,
+    global_train, valid: part)."""
     train = _training_batches(features["train"], data["train"][1], batch_size, args)
     return dict(train=distributed.Shard(train), global_train=train,
                 valid=_rank_part(features["valid"], data["valid"][1], args))
 
 
 def _training_batches(x, y, batch_size, args):
-    """Shuffled in the seed's order (the same at every size and on every rank), the last short batch dropped."""
+    """Shuffled in the seed's order (the same at every size and on every rank), the last short
+    batch dropped."""
     return Batches(x, y, batch_size, shuffle=True, drop_last=True, device=args.device,
                    generator=torch.Generator().manual_seed(args.seed))
 
@@ -169,18 +168,27 @@ def _rank_part(x, y, args, size=None):
     Seeded like the training batches: a Batches without a generator draws its seed from torch's
     global RNG, which would move every later random number (the network's initial weights)."""
     s = distributed.rank_slice(len(y))
-    return Batches(x[s] if size is None else at_size(x[s], size), y[s], 512, shuffle=False, device=args.device,
-                   generator=torch.Generator().manual_seed(args.seed))
+    return Batches(x[s] if size is None else at_size(x[s], size), y[s], 512, shuffle=False,
+                   device=args.device, generator=torch.Generator().manual_seed(args.seed))
 
 
 def body_cache(args, x_source, classes, widths, epochs, lr, size):
     """Where the body pretrained in step 0 is kept: a file named by everything it depends on."""
     settings = f"{classes} {widths} {epochs} {lr} {size} {args.seed} {data_hash(x_source)}"
-    return Path(args.cache) / f"body-{hashlib.blake2b(settings.encode(), digest_size=8).hexdigest()}.pt"
+    return (Path(args.cache)
+            / f"body-{hashlib.blake2b(settings.encode(), digest_size=8).hexdigest()}.pt")
 
 
 def load_body(model, path):
-    """The cached weights into model -> True; False when there are none yet (a damaged file: said)."""
+    """The cached weights into model -> True; False when there are none yet (a damaged file:
+    said). Under torchrun process 0 reads the file and sends the weights to every process."""
+    cached = distributed.run_on_main(_load_body, model, path)
+    if cached:
+        distributed.broadcast_weights(model)
+    return cached
+
+
+def _load_body(model, path):
     if not path.is_file():
         return False
     try:
@@ -192,25 +200,66 @@ def load_body(model, path):
 
 
 def save_body(model, path):
-    save_checked(path, BODY_FORMAT, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    distributed.run_on_main(save_checked, path, BODY_FORMAT, state)
 
 
 def plot_augmentation(valid, preset, args):
+    """8 validation images and 3 augmented versions of each -> the Figure (process 0; else None)."""
+    if not distributed.is_main():
+        return None
     sample = next(iter(valid))[0][:8].cpu()  # (8, C, H, W) in [0, 1]
     draw = preset(generator=torch.Generator().manual_seed(1))
-    plot_augmented({"original": sample, **{f"{args.preset} #{i}": draw(sample) for i in (1, 2, 3)}},
-                   args.out / "augmentation.png", title=f"{args.preset} augmentation")
+    rows = {"original": sample, **{f"{args.preset} #{i}": draw(sample) for i in (1, 2, 3)}}
+    return plot_augmented(rows, args.out / "augmentation.png", title=f"{args.preset} augmentation")
 
 
-def figures(out, history, x_test, y_test, test_probs, classes):
-    plot_losses(history, Path(out) / "losses.png", title="step 8: the whole network, SGDR cycle_mult=2")
-    plot_schedule([lrs[-1] for lrs in history.batch_lr], Path(out) / "schedule.png",
-                  title="step 8: the last group's LR, as used")
-    plot_confusion(y_test, test_probs.argmax(1), classes, Path(out) / "confusion.png")
-    plot_top_losses(x_test.float() / 255, y_test, test_probs, classes, Path(out) / "top_losses.png")
+def plot_lr_find(found, path):
+    """The range test's curve -> the Figure (process 0; else None)."""
+    return _plot_lr_find(found, path) if distributed.is_main() else None
 
 
-FIGURES = ("augmentation", "lr_find_head", "lr_find_unfrozen", "schedule", "losses", "confusion", "top_losses")
+def plot_steps(rows, path):
+    """Validation accuracy before the first measured step, then after each step of the recipe
+    that measured one, the change written on each bar -> the Figure."""
+    measured = [r for r in rows if r["after"] is not None]
+    labels = ["before"] + [f"step {r['step']}" for r in measured]
+    cycle = 0
+    for i, r in enumerate(measured, start=1):  # step 8 once per cycle
+        cycle += r["step"] == 8
+        labels[i] += f"\ncycle {cycle}" if r["step"] == 8 else ""
+    values = [measured[0]["before"] or 0.0] + [r["after"] for r in measured]
+    fig = Figure(figsize=(0.9 * len(values) + 1.5, 3.6), dpi=100, layout="tight")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.bar(range(len(values)), values, color=["0.7"] + ["C0"] * (len(values) - 1))
+    for i, value in enumerate(values):
+        change = f"\n{value - values[i - 1]:+.3f}" if i else ""
+        ax.text(i, value + 0.01, f"{value:.3f}{change}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(values)), labels, fontsize=8)
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("what each step bought: validation accuracy after it")
+    save_png(fig, path)
+    return fig
+
+
+def figures(out, rows, history, restarts, x_test, y_test, test_probs, classes):
+    """The report's figures, drawn and saved -> the Figures, in the report's order."""
+    out = Path(out)
+    return [
+        plot_steps(rows, out / "steps.png"),
+        plot_losses(history, out / "losses.png", restarts=restarts,
+                    title="step 8: the whole network, SGDR cycle_mult=2"),
+        plot_schedule([lrs[-1] for lrs in history.batch_lr], out / "schedule.png",
+                      title="step 8: the last group's LR, as used"),
+        plot_confusion(y_test, test_probs.argmax(1), classes, out / "confusion.png"),
+        plot_top_losses(x_test.float() / 255, y_test, test_probs, classes, out / "top_losses.png"),
+    ]
+
+
+FIGURES = ("steps", "augmentation", "lr_find_head", "lr_find_unfrozen", "schedule", "losses",
+           "confusion", "top_losses")
 
 
 class Report:
@@ -230,7 +279,8 @@ class Report:
         seconds = time.perf_counter() - started
         self.rows.append(dict(step=number, what=what, seconds=seconds, before=before, after=after))
         self.last_accuracy = after if after is not None else self.last_accuracy
-        change = "" if after is None else f", validation accuracy {'' if before is None else f'{before:.4f} -> '}{after:.4f}"
+        change = "" if after is None else (
+            f", validation accuracy {'' if before is None else f'{before:.4f} -> '}{after:.4f}")
         self.say(f"[step {number}] {what}: {seconds:.0f}s{change}")
 
     def seconds_since(self, step):
@@ -238,40 +288,42 @@ class Report:
 
     def gain(self, step):
         return sum(row["after"] - row["before"] for row in self.rows
-                   if row["step"] == step and row["after"] is not None and row["before"] is not None)
+                   if row["step"] == step and row["after"] is not None
+                   and row["before"] is not None)
 
     def curve(self, offset, history):
-        """(seconds since the recipe's training began, validation accuracy) after each epoch of step 8."""
+        """(seconds since the recipe's training began, validation accuracy) after each epoch of
+        step 8."""
         elapsed = [offset + sum(history.seconds[:k + 1]) for k in range(len(history.seconds))]
         self.valid_curve = list(zip(elapsed, history.valid_acc))
 
     def predictions(self, results, chosen, seconds):
         self.results, self.chosen, self.prediction_seconds = results, chosen, seconds
 
-    def comparison(self, recipe_seconds, recipe_test, seconds, epochs, lr, results, chosen, n_test):
-        self.scratch = dict(recipe_seconds=recipe_seconds, recipe_test=recipe_test, seconds=seconds, epochs=epochs,
-                            lr=lr, results=results, chosen=chosen, test=results[chosen]["test"], n_test=n_test)
-        self.say(f"[from scratch] {epochs} epochs at lr {lr:.2g} in {seconds:.0f}s: test {self.scratch['test']:.4f} "
-              f"({chosen}); the recipe: {recipe_test:.4f} in {recipe_seconds:.0f}s")
+    def comparison(self, recipe_seconds, recipe_test, seconds, epochs, lr, results, chosen, n_test,
+                   *, won, noise):
+        self.scratch = dict(recipe_seconds=recipe_seconds, recipe_test=recipe_test, seconds=seconds,
+                            epochs=epochs, lr=lr, results=results, chosen=chosen,
+                            test=results[chosen]["test"], n_test=n_test, won=won, noise=noise)
+        self.say(f"[from scratch] {epochs} epochs at lr {lr:.2g} in {seconds:.0f}s: "
+                 f"test {self.scratch['test']:.4f} ({chosen}); "
+                 f"the recipe: {recipe_test:.4f} in {recipe_seconds:.0f}s")
 
     def _comparison_lines(self):
         s = self.scratch
-        gap, n = abs(s["recipe_test"] - s["test"]), s["n_test"]
-        # 2 standard errors of a difference of two accuracies p1, p2 on n images: 2 sqrt((p1 q1 + p2 q2) / n),
-        # taken as if the two were independent (the same images make it smaller: this errs towards "neither")
-        noise = 2 * math.sqrt((s["recipe_test"] * (1 - s["recipe_test"]) + s["test"] * (1 - s["test"])) / n)
-        won = ("neither: the gap is within the noise" if gap <= noise else
-               "the pretrained recipe" if s["recipe_test"] > s["test"] else "training from scratch")
+        gap, n, noise, won = abs(s["recipe_test"] - s["test"]), s["n_test"], s["noise"], s["won"]
         lines = ["## From scratch, on the same labelled images for the same time", "",
                  "| | seconds | validation accuracy | test accuracy |", "|---|---|---|---|",
                  f"| the recipe (steps 1-8, {self.chosen}) | {s['recipe_seconds']:.0f} | "
                  f"{self.results[self.chosen]['valid']:.4f} | {s['recipe_test']:.4f} |"]
-        lines += [f"| from scratch: {s['epochs']} epochs, one cosine from lr {s['lr']:.2g}, {way} | {s['seconds']:.0f} | "
-                  f"{r['valid']:.4f} | {r['test']:.4f} |" for way, r in s["results"].items()]
+        lines += [f"| from scratch: {s['epochs']} epochs, one cosine from lr {s['lr']:.2g}, "
+                  f"{way} | {s['seconds']:.0f} | {r['valid']:.4f} | {r['test']:.4f} |"
+                  for way, r in s["results"].items()]
         return lines + ["", f"Won: **{won}**, {gap * 100:.1f} points of test accuracy apart "
-                            f"({s['recipe_test']:.4f} against {s['test']:.4f}; the noise of {n:,} test images, 2 "
-                            f"standard errors: {noise * 100:.1f} points). Seconds are training, range tests "
-                            "included, for both; predicting is not counted.", ""]
+                            f"({s['recipe_test']:.4f} against {s['test']:.4f}; the noise of {n:,} "
+                            f"test images, 2 standard errors: {noise * 100:.1f} points). Seconds "
+                            "are training, range tests included, for both; predicting is not "
+                            "counted.", ""]
 
     def finish(self, verdict, stopped, chosen, results):
         """Write report.md and results.json, print the tables -> the chosen way's test accuracy."""
@@ -279,28 +331,31 @@ class Report:
         test = results[chosen]["test"]
         acc = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
         lines = ["# Lesson 2 report", "", f"Mode: {self.mode}. Settings: `{self.settings}`", "",
-                 "| step | what was done | seconds | validation accuracy before | after |", "|---|---|---|---|---|"]
-        lines += [f"| {r['step']} | {r['what']} | {r['seconds']:.0f} | {acc(r['before'])} | {acc(r['after'])} |"
-                  for r in self.rows]
+                 "| step | what was done | seconds | validation accuracy before | after |",
+                 "|---|---|---|---|---|"]
+        lines += [f"| {r['step']} | {r['what']} | {r['seconds']:.0f} | {acc(r['before'])} | "
+                  f"{acc(r['after'])} |" for r in self.rows]
         lines += ["", "| predictions | validation accuracy | test accuracy |", "|---|---|---|"]
-        lines += [f"| {name}{' (chosen on validation)' if name == chosen else ''} | {r['valid']:.4f} | "
-                  f"{r['test']:.4f} |" for name, r in results.items()]
-        lines += ["", f"Predicting took {self.prediction_seconds:.0f}s (each snapshot predicts each split once, "
-                      "plain and with TTA; an ensemble is a mean of those).", ""]
+        lines += [f"| {name}{' (chosen on validation)' if name == chosen else ''} | "
+                  f"{r['valid']:.4f} | {r['test']:.4f} |" for name, r in results.items()]
+        lines += ["", f"Predicting took {self.prediction_seconds:.0f}s (each snapshot predicts "
+                      "each split once, plain and with TTA; an ensemble is a mean of those).", ""]
         if self.scratch:
             lines += self._comparison_lines()
-        lines += [f"Diagnosis of step 8: **{verdict.verdict}**: {verdict.advice} (training loss measured as "
-                  f"{verdict.train_source}).", ""]
+        lines += [f"Diagnosis of step 8: **{verdict.verdict}**: {verdict.advice} (training loss "
+                  f"measured as {verdict.train_source}).", ""]
         if stopped:
             lines += [stopped, ""]
         lines += [f"Test accuracy: **{test:.4f}** ({chosen}); total time {total:.0f}s.", ""]
-        lines += [f"![{name}]({name}.png)" for name in FIGURES if (self.out / f"{name}.png").is_file()]
+        lines += [f"![{name}]({name}.png)" for name in FIGURES
+                  if (self.out / f"{name}.png").is_file()]
         atomic_write(self.out / "report.md", "\n".join(lines) + "\n")
         atomic_write(self.out / "results.json", json.dumps(dict(
-            mode=self.mode, settings={k: repr(v) for k, v in self.settings.items()}, steps=self.rows,
-            predictions=results, chosen=chosen, test=test, scratch=self.scratch, seconds=total,
-            valid_curve=getattr(self, "valid_curve", []),
+            mode=self.mode, settings={k: repr(v) for k, v in self.settings.items()},
+            steps=self.rows, predictions=results, chosen=chosen, test=test, scratch=self.scratch,
+            seconds=total, valid_curve=getattr(self, "valid_curve", []),
             diagnosis=verdict.verdict), indent=1))
         print("\n".join(lines[4:-len(FIGURES) - 1]))
-        print(f"test accuracy {test:.4f} ({chosen}), total {total:.0f}s; report in {self.out / 'report.md'}")
+        print(f"test accuracy {test:.4f} ({chosen}), total {total:.0f}s; "
+              f"report in {self.out / 'report.md'}")
         return test

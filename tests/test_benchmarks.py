@@ -15,7 +15,7 @@ from minicnn.fashion_mnist import fashion_mnist_folders
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_time_to_accuracy import ARMS, THRESHOLDS, lesson2_setting, minicnn_result, seconds_to  # noqa: E402
+from bench_time_to_accuracy import ARMS, THRESHOLDS, minicnn_result, seconds_to  # noqa: E402
 
 HAVE_DATA = any((Path(f) / "train-images-idx3-ubyte.gz").is_file() or (Path(f) / "train-images-idx3-ubyte").is_file()
                 for f in fashion_mnist_folders())
@@ -54,24 +54,6 @@ def test_seconds_to_a_threshold_never_reached_is_none():
 
 
 # ---- lesson2's settings, and the check that every arm had them ---------------------------------------
-
-def test_lesson2_setting_reads_the_mode_and_falls_back_to_the_cpu_default(tmp_path):
-    source = tmp_path / "lesson.py"
-    source.write_text("WIDTHS = by_mode((16, 32), full=(64, 128))\nBATCH = args.batch_size or by_mode(64, quick=32)\n"
-                      "PLAIN = 3\n")
-    assert lesson2_setting("WIDTHS", "full", path=source) == (64, 128)
-    assert lesson2_setting("WIDTHS", "accuracy", path=source) == (16, 32)  # not given: the CPU default's
-    assert lesson2_setting("BATCH", "quick", path=source) == 32           # inside `args.x or by_mode(...)`
-    for name in ("PLAIN", "MISSING"):
-        with pytest.raises(ValueError, match=name):
-            lesson2_setting(name, "quick", path=source)
-
-
-def test_the_real_lesson2_has_every_setting_the_benchmark_reads():
-    for mode in ("quick", "accuracy", "full"):
-        widths, batch, cycles = (lesson2_setting(n, mode) for n in ("WIDTHS", "BATCH_SIZE", "CYCLES"))
-        assert len(widths) >= 2 and batch >= 1 and cycles >= 1, mode
-
 
 def test_a_lesson2_run_with_another_network_is_refused():
     s = dict(widths=[16, 32, 64], batch_size=128, bf16=False)
