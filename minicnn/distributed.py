@@ -34,7 +34,8 @@ def _int(value, name, low=0):
 
 def _world():
     """(rank, world size) of this process: (0, 1) without a process group."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    return ((dist.get_rank(), dist.get_world_size())
+            if dist.is_available() and dist.is_initialized() else (0, 1))
 
 
 def _rank_and_world(rank, world_size):
@@ -42,7 +43,8 @@ def _rank_and_world(rank, world_size):
     if rank is None and world_size is None:
         return _world()
     if rank is None or world_size is None:
-        raise ValueError("pass rank= and world_size= together, or neither (then the process group's are used)")
+        raise ValueError("pass rank= and world_size= together, or neither (then the process "
+                         "group's are used)")
     world_size = _int(world_size, "world_size", low=1)
     if not 0 <= _int(rank, "rank") < world_size:
         raise ValueError(f"rank={rank} must be in 0 .. world_size - 1 = {world_size - 1}")
@@ -50,18 +52,21 @@ def _rank_and_world(rank, world_size):
 
 
 def setup(*, backend=None, timeout=None):
-    """Start the process group from torchrun's RANK, WORLD_SIZE, LOCAL_RANK -> Rank(rank, world_size,
-    local_rank, device): gloo on the CPU, nccl on CUDA with cuda:LOCAL_RANK as this process's device.
-    Without those variables: one process, no group, Rank(0, 1, 0, cuda or cpu).
-    timeout: seconds a collective waits for the other ranks before it fails (None: torch's default)."""
+    """Start the process group from torchrun's RANK, WORLD_SIZE, LOCAL_RANK -> Rank(rank,
+    world_size, local_rank, device): gloo on the CPU, nccl on CUDA with cuda:LOCAL_RANK as this
+    process's device. Without those variables: one process, no group, Rank(0, 1, 0, cuda or cpu).
+    timeout: seconds a collective waits for the other ranks before it fails (None: torch's
+    default)."""
     present = [name for name in ENVIRONMENT if name in os.environ]
     cuda = torch.cuda.is_available()
     if not present:
         return Rank(0, 1, 0, torch.device("cuda" if cuda else "cpu"))
-    if len(present) < len(ENVIRONMENT) or not all(os.environ.get(n) for n in ("MASTER_ADDR", "MASTER_PORT")):
+    if (len(present) < len(ENVIRONMENT)
+            or not all(os.environ.get(n) for n in ("MASTER_ADDR", "MASTER_PORT"))):
         missing = [n for n in ENVIRONMENT + ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(n)]
-        raise RuntimeError(f"setup: {', '.join(present)} set but {', '.join(missing)} not: start every process "
-                           "with torchrun (it sets them all), or unset RANK, WORLD_SIZE, LOCAL_RANK for one process")
+        raise RuntimeError(f"setup: {', '.join(present)} set but {', '.join(missing)} not: start "
+                           "every process with torchrun (it sets them all), or unset RANK, "
+                           "WORLD_SIZE, LOCAL_RANK for one process")
     try:
         rank, world_size, local_rank = (int(os.environ[name]) for name in ENVIRONMENT)
     except ValueError:
@@ -72,18 +77,23 @@ def setup(*, backend=None, timeout=None):
                          f"LOCAL_RANK={local_rank}, WORLD_SIZE={world_size}")
     backend = backend or ("nccl" if cuda else "gloo")
     if backend not in ("gloo", "nccl") or (backend == "nccl" and not cuda):
-        raise ValueError(f"setup: backend={backend!r}; use 'gloo' (CPU) or 'nccl' (needs CUDA, available: {cuda})")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or timeout <= 0):
+        raise ValueError(f"setup: backend={backend!r}; use 'gloo' (CPU) or 'nccl' (needs CUDA, "
+                         f"available: {cuda})")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
+                                or timeout <= 0):
         raise ValueError(f"setup: timeout must be a number of seconds > 0 or None, got {timeout!r}")
     if dist.is_initialized():
-        raise RuntimeError("setup: the process group is already set up; call teardown() before a second setup()")
+        raise RuntimeError("setup: the process group is already set up; call teardown() before a "
+                           "second setup()")
     device = torch.device("cpu")
     if cuda:
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"setup: LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} "
-                               "GPU(s): start at most that many processes per machine (--nproc_per_node)")
+            raise RuntimeError(f"setup: LOCAL_RANK={local_rank} but this machine has "
+                               f"{torch.cuda.device_count()} GPU(s): start at most that many "
+                               "processes per machine (--nproc_per_node)")
         device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)  # nccl's collectives (and broadcast_object_list) use the current device
+        # nccl's collectives (and broadcast_object_list) use the current device
+        torch.cuda.set_device(device)
     dist.init_process_group(backend, rank=rank, world_size=world_size,
                             **({"timeout": datetime.timedelta(seconds=timeout)} if timeout else {}))
     return Rank(rank, world_size, local_rank, device)
@@ -102,7 +112,8 @@ def is_main():
 
 def _device():
     """Where collectives' tensors live: the current GPU for nccl, else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+            else torch.device("cpu"))
 
 
 def _same_on_every_rank(values, what, advice):
@@ -111,8 +122,9 @@ def _same_on_every_rank(values, what, advice):
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(everyone, mine)
     if any(not torch.equal(mine, other) for other in everyone):
-        raise ValueError(f"{what} differ across ranks (" + "; ".join(f"rank {r}: {t.tolist()}" for r, t in
-                                                                  enumerate(everyone)) + f"): {advice}")
+        raise ValueError(f"{what} differ across ranks ("
+                         + "; ".join(f"rank {r}: {t.tolist()}" for r, t in enumerate(everyone))
+                         + f"): {advice}")
 
 
 class Shard:
@@ -124,19 +136,23 @@ class Shard:
         try:
             len(batches)
         except TypeError:
-            raise TypeError(f"Shard: batches must have a len() (Batches, a DataLoader, a list), got "
-                            f"{type(batches).__name__}") from None
+            raise TypeError(f"Shard: batches must have a len() (Batches, a DataLoader, a list), "
+                            f"got {type(batches).__name__}") from None
         self.batches, W = batches, self.world_size
         size, x = getattr(batches, "batch_size", None), getattr(batches, "x", None)
-        if isinstance(size, int) and isinstance(x, torch.Tensor):  # a Batches: its batch sizes are known now
+        # a Batches: its batch sizes are known now
+        if isinstance(size, int) and isinstance(x, torch.Tensor):
             last = len(x) % size if not getattr(batches, "drop_last", False) else 0
             if size < W or 0 < last < W:
-                raise ValueError(f"Shard: batches of {min(size, last or size)} sample(s) cannot be shared by {W} "
-                                 f"ranks (one would get none): use batch_size >= {W}, and drop_last=True or a "
-                                 f"batch_size that leaves a last batch of at least {W}")
+                raise ValueError(f"Shard: batches of {min(size, last or size)} sample(s) cannot "
+                                 f"be shared by {W} ranks (one would get none): use batch_size >= "
+                                 f"{W}, and drop_last=True or a batch_size that leaves a last "
+                                 f"batch of at least {W}")
         if dist.is_available() and dist.is_initialized() and getattr(batches, "shuffle", False):
-            _same_on_every_rank([getattr(batches, "seed", 0)], "Shard: the Batches' seeds, so their orders,",
-                                "build them with generator=torch.Generator().manual_seed(s), the same s on every rank")
+            _same_on_every_rank([getattr(batches, "seed", 0)],
+                                "Shard: the Batches' seeds, so their orders,",
+                                "build them with generator=torch.Generator().manual_seed(s), the "
+                                "same s on every rank")
 
     def __len__(self):
         return len(self.batches)
@@ -155,8 +171,8 @@ class Shard:
         for x, y in batches:
             b = len(x)
             if b < W:
-                raise ValueError(f"Shard: a batch of {b} sample(s) cannot be shared by {W} ranks: use "
-                                 "drop_last=True, or another batch_size")
+                raise ValueError(f"Shard: a batch of {b} sample(s) cannot be shared by {W} ranks: "
+                                 "use drop_last=True, or another batch_size")
             lo, hi = r * b // W, (r + 1) * b // W  # rank r's share of the global batch of b
             yield x[lo:hi], (None if y is None else y[lo:hi])
 
@@ -166,7 +182,8 @@ def rank_slice(n, *, rank=None, world_size=None):
     disjoint and cover all n once: no padding, no duplicates (unlike DistributedSampler)."""
     r, W = _rank_and_world(rank, world_size)
     if _int(n, "n") < W:
-        raise ValueError(f"rank_slice: {n} samples cannot be shared by {W} ranks (one would get none)")
+        raise ValueError(f"rank_slice: {n} samples cannot be shared by {W} ranks (one would get "
+                         "none)")
     return slice(r * n // W, (r + 1) * n // W)
 
 
@@ -196,22 +213,27 @@ def average_gradients(model, n, loss=0.0):
     n: samples in this rank's share. One process: nothing to do, loss given back. fit calls it
     between backward and the step when given after_backward=average_gradients."""
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"average_gradients: model must be an nn.Module, got {type(model).__name__}")
-    if _int(n, "average_gradients: n") == 0 or isinstance(loss, bool) or not isinstance(loss, numbers.Real):
-        raise ValueError(f"average_gradients: n must be >= 1 (the samples of this share), loss a number; got "
-                         f"{n!r}, {loss!r}")
+        raise TypeError(f"average_gradients: model must be an nn.Module, got "
+                        f"{type(model).__name__}")
+    if (_int(n, "average_gradients: n") == 0 or isinstance(loss, bool)
+            or not isinstance(loss, numbers.Real)):
+        raise ValueError(f"average_gradients: n must be >= 1 (the samples of this share), loss a "
+                         f"number; got {n!r}, {loss!r}")
     if _world()[1] == 1:
         return float(loss)
     tensors = [p.grad for p in model.parameters() if p.grad is not None] + [
-        s for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+        s for m in model.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
         and m.running_mean is not None for s in (m.running_mean, m.running_var)]
-    _same_on_every_rank([len(tensors), sum(t.numel() for t in tensors)], "average_gradients: the gradients to "
-                        "average (count, numbers)", "freeze, unfreeze and bn_freeze on every rank, not inside "
-                        "`if is_main()`; every rank must build the same model")
+    _same_on_every_rank([len(tensors), sum(t.numel() for t in tensors)],
+                        "average_gradients: the gradients to average (count, numbers)",
+                        "freeze, unfreeze and bn_freeze on every rank, not inside `if is_main()`; "
+                        "every rank must build the same model")
     extra = torch.tensor([float(loss), 1.0], device=tensors[0].device if tensors else _device())
-    flat = torch.cat([t.reshape(-1) for t in tensors] + [extra]).to(_device()) * n  # n_r * [g_r, loss_r, 1]
-    dist.all_reduce(flat)                                                   # sum_r n_r * [g_r, loss_r, 1]
-    flat /= flat[-1].clone()                                                # / sum_r n_r
+    # n_r * [g_r, loss_r, 1]
+    flat = torch.cat([t.reshape(-1) for t in tensors] + [extra]).to(_device()) * n
+    dist.all_reduce(flat)     # sum_r n_r * [g_r, loss_r, 1]
+    flat /= flat[-1].clone()  # / sum_r n_r
     for t, mean in zip(tensors, flat[:-2].split([t.numel() for t in tensors])):
         t.copy_(mean.view_as(t))
     return flat[-2].item()
@@ -225,14 +247,17 @@ def all_sum(t):
 
 
 def broadcast_weights(model):
-    """Rank 0's parameters and buffers copied into every rank's model (DDP does this once, at wrapping)."""
+    """Rank 0's parameters and buffers copied into every rank's model (DDP does this once, at
+    wrapping)."""
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"broadcast_weights: model must be an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"broadcast_weights: model must be an nn.Module, got "
+                        f"{type(model).__name__}")
     if _world()[1] == 1:
         return model
     state = list(model.state_dict().values())  # the live tensors: broadcast writes into the model
-    _same_on_every_rank([len(state), sum(t.numel() for t in state)], "broadcast_weights: the models' tensors "
-                        "(count, numbers)", "build the same model on every rank")
+    _same_on_every_rank([len(state), sum(t.numel() for t in state)],
+                        "broadcast_weights: the models' tensors (count, numbers)",
+                        "build the same model on every rank")
     with torch.no_grad():
         for t in state:
             on_device = t.to(_device())
@@ -263,13 +288,14 @@ def run_on_main(fn, *args, **kwargs):
     if error is not None:
         raise error
     if kind == "error":
-        raise RuntimeError(f"run_on_main: {getattr(fn, '__name__', 'fn')} failed on rank 0: {value}")
+        raise RuntimeError(f"run_on_main: {getattr(fn, '__name__', 'fn')} failed on rank 0: "
+                           f"{value}")
     return value
 
 
 def global_batch_and_lr(batch_size, lr, *, per_rank=False, world_size=None):
-    """-> (global batch, lr). per_rank=False (the default): batch_size is the global batch, shared by
-    the ranks, and lr stays. per_rank=True: each rank takes batch_size, so B = W * batch_size and
+    """-> (global batch, lr). per_rank=False (the default): batch_size is the global batch, shared
+    by the ranks, and lr stays. per_rank=True: each rank takes batch_size, so B = W * batch_size and
     lr_W = W * lr (the linear scaling rule, Goyal et al. 2017; warm up when W is large)."""
     W = _world()[1] if world_size is None else _int(world_size, "world_size", low=1)
     _int(batch_size, "batch_size", low=1)

@@ -11,7 +11,8 @@ all_sum=distributed.all_sum (evaluate adds up the ranks' sums): docs/distributed
 `step` counts minibatches over the whole run (epoch * len(train) + i), so a schedule is a
 pure function of it and a run resumed at `start_step` sees the same LRs and the same batches.
 Sources: fast.ai 2018 lessons 1-2; the loop's shape follows nanoGPT's train.py.
-Needs minicnn/fit_checks.py: what fit refuses before its first step, and its words for torch's errors.
+Needs minicnn/fit_checks.py: what fit refuses before its first step, and its words for torch's
+errors.
 docs/training_loop.md: what `train` may be, bad input and NaN, mixed precision, the loop's cost.
 """
 import itertools
@@ -23,8 +24,8 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn.functional as F
 
-from minicnn.fit_checks import (check_epoch_length, check_fit, check_one_process, end_epoch_from, lrs_for,
-                                not_finite, raise_clearly)
+from minicnn.fit_checks import (check_epoch_length, check_fit, check_one_process, end_epoch_from,
+                                lrs_for, not_finite, raise_clearly)
 
 
 @dataclass
@@ -32,7 +33,7 @@ class History:
     """Per-minibatch and per-epoch records of a run, as plain lists."""
     batch_loss: list = field(default_factory=list)       # one float per step
     batch_lr: list = field(default_factory=list)         # one list of group LRs per step
-    train_loss: list = field(default_factory=list)       # mean minibatch loss per epoch (train mode)
+    train_loss: list = field(default_factory=list)  # mean minibatch loss per epoch (train mode)
     valid_loss: list = field(default_factory=list)
     valid_acc: list = field(default_factory=list)
     seconds: list = field(default_factory=list)
@@ -50,9 +51,9 @@ def join_histories(histories):
     for name in ("valid_loss", "valid_acc", "train_eval_loss"):  # per epoch, recorded or not
         recorded = [bool(getattr(h, name)) for h in histories if h.train_loss]
         if any(recorded) and not all(recorded):
-            raise ValueError(f"join_histories: fits {[i for i, r in enumerate(recorded) if not r]} recorded no "
-                             f"{name} and the others did, so the epochs would not line up; join fits that "
-                             "were given the same valid= and train_eval=")
+            raise ValueError(f"join_histories: fits {[i for i, r in enumerate(recorded) if not r]} "
+                             f"recorded no {name} and the others did, so the epochs would not line "
+                             "up; join fits that were given the same valid= and train_eval=")
     joined = History()
     for f in fields(History):
         for history in histories:
@@ -61,11 +62,12 @@ def join_histories(histories):
 
 
 def accuracy(scores, y):
-    """Fraction of samples whose highest score is their label: probabilities or logits (same argmax)."""
+    """Fraction of samples whose highest score is their label: probabilities or logits (same
+    argmax)."""
     scores, y = torch.as_tensor(scores), torch.as_tensor(y)
     if scores.dim() != 2 or y.dim() != 1 or len(scores) != len(y) or len(y) == 0:
-        raise ValueError(f"accuracy needs scores (N, n_classes) and N labels (N,), N >= 1; got scores "
-                         f"{tuple(scores.shape)} and labels {tuple(y.shape)}")
+        raise ValueError(f"accuracy needs scores (N, n_classes) and N labels (N,), N >= 1; got "
+                         f"scores {tuple(scores.shape)} and labels {tuple(y.shape)}")
     return (scores.argmax(1) == y.to(scores.device)).float().mean().item()
 
 
@@ -74,7 +76,8 @@ def _use_cuda_tricks(device, flag):
 
 
 def _autocast(device, mixed_precision):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=_use_cuda_tricks(device, mixed_precision))
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=_use_cuda_tricks(device, mixed_precision))
 
 
 def _model_device(model):
@@ -120,8 +123,8 @@ def evaluate(model, batches, *, loss_fn=F.cross_entropy, mixed_precision=None, a
         sums = all_sum(torch.tensor([loss_sum, correct, count], dtype=torch.float64, device=device))
         loss_sum, correct, count = sums[0].item(), int(sums[1]), int(sums[2])
     if count == 0:
-        raise ValueError("evaluate got no samples (an empty list, or a generator already used up?); "
-                         "pass batches that hold at least one sample")
+        raise ValueError("evaluate got no samples (an empty list, or a generator already used "
+                         "up?); pass batches that hold at least one sample")
     return loss_sum / count, correct / count
 
 
@@ -150,7 +153,8 @@ def fit(model, train, valid, opt, lr_at, end_epoch=None, *, loss_fn=F.cross_entr
         on_cycle_end=None, cycle_ends=(), start_step=0, train_eval=None, device=None,
         mixed_precision=None, channels_last=None, verbose=True, epochs=None, after_backward=None,
         all_sum=None):
-    """Train up to (not including) epoch `end_epoch`, from global step start_step -> History of the steps run.
+    """Train up to (not including) epoch `end_epoch`, from global step start_step -> History of the
+    steps run.
 
     train: (x, y) minibatches with len() = batches per epoch, read once each epoch: minicnn's
         Batches (as train.epoch(e, skip=k)), a torch DataLoader or a list (iter(train), the first
@@ -158,7 +162,8 @@ def fit(model, train, valid, opt, lr_at, end_epoch=None, *, loss_fn=F.cross_entr
     end_epoch: the epoch to stop before: from scratch, the number of epochs; resumed, where the
         whole run ends (steps start_step .. end_epoch * len(train) - 1). epochs= is its old name.
     lr_at(step): a number, or a list with one LR per param group; each must be finite and >= 0.
-    valid, train_eval (a training sample, no augmentation): evaluated at each epoch's end; None skips.
+    valid, train_eval (a training sample, no augmentation): evaluated at each epoch's end; None
+        skips.
     augment: x -> x on training batches only. on_cycle_end(model, step) runs after each step in
     cycle_ends. mixed_precision (bf16), channels_last: None = on for CUDA only.
     after_backward(model, n, loss) -> loss: runs between backward and the step (n: the batch's
@@ -169,13 +174,15 @@ def fit(model, train, valid, opt, lr_at, end_epoch=None, *, loss_fn=F.cross_entr
                                             train_eval, cycle_ends, on_cycle_end)
     device = torch.device(device) if device is not None else _model_device(model)
     use_channels_last = _use_cuda_tricks(device, channels_last)
-    model.to(device, memory_format=torch.channels_last if use_channels_last else torch.preserve_format)
+    model.to(device,
+             memory_format=torch.channels_last if use_channels_last else torch.preserve_format)
     check_one_process("fit", after_backward, "after_backward=distributed.average_gradients")
     history, live = History(), verbose and sys.stdout.isatty()
     for epoch in range(start_step // steps_per_epoch, end_epoch):
         model.train()
         started, losses = time.perf_counter(), []
-        skip = max(0, start_step - epoch * steps_per_epoch)  # resumed mid-epoch: batches already done
+        # resumed mid-epoch: batches already done
+        skip = max(0, start_step - epoch * steps_per_epoch)
         batches, i = _epoch(train, epoch, skip), skip - 1
         for i, (x, y) in zip(range(skip, steps_per_epoch), batches):
             step = epoch * steps_per_epoch + i
@@ -187,7 +194,8 @@ def fit(model, train, valid, opt, lr_at, end_epoch=None, *, loss_fn=F.cross_entr
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if augment is not None:
                 x = augment(x)
-            if use_channels_last and x.dim() == 4:  # feature batches (N, F) have no layout to change
+            # feature batches (N, F) have no layout to change
+            if use_channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             try:
                 with _autocast(device, mixed_precision):
@@ -197,8 +205,9 @@ def fit(model, train, valid, opt, lr_at, end_epoch=None, *, loss_fn=F.cross_entr
                 raise_clearly(error, x, y, model, f"fit, step {step} (epoch {epoch})")
             loss_value = loss.item()
             if not math.isfinite(loss_value):
-                raise FloatingPointError(not_finite(loss_value, step, epoch, lrs, x, y, logits, model,
-                                                    loss_fn, history.batch_loss, step == start_step))
+                raise FloatingPointError(not_finite(loss_value, step, epoch, lrs, x, y, logits,
+                                                    model, loss_fn, history.batch_loss,
+                                                    step == start_step))
             # backward; the hook (torchrun: g = (1/W) * sum_r g_r, the mean loss); step
             loss.backward()
             if after_backward is not None:
@@ -212,23 +221,26 @@ def fit(model, train, valid, opt, lr_at, end_epoch=None, *, loss_fn=F.cross_entr
             if step in cycle_ends:
                 on_cycle_end(model, step)
             if live:
-                print(f"\r  epoch {epoch}: batch {i + 1}/{steps_per_epoch} loss {loss_value:.4f}", end="", flush=True)
+                print(f"\r  epoch {epoch}: batch {i + 1}/{steps_per_epoch} loss {loss_value:.4f}",
+                      end="", flush=True)
         check_epoch_length(batches, epoch, i + 1 - skip, steps_per_epoch, skip)
         # evaluate
         history.train_loss.append(sum(losses) / max(len(losses), 1))
         if train_eval is not None:
-            history.train_eval_loss.append(evaluate(model, train_eval, loss_fn=loss_fn,
-                                                    mixed_precision=mixed_precision, all_sum=all_sum)[0])
+            history.train_eval_loss.append(evaluate(
+                model, train_eval, loss_fn=loss_fn, mixed_precision=mixed_precision,
+                all_sum=all_sum)[0])
         if valid is not None:
-            valid_loss, valid_acc = evaluate(model, valid, loss_fn=loss_fn, mixed_precision=mixed_precision,
-                                             all_sum=all_sum)
+            valid_loss, valid_acc = evaluate(model, valid, loss_fn=loss_fn,
+                                             mixed_precision=mixed_precision, all_sum=all_sum)
             history.valid_loss.append(valid_loss)
             history.valid_acc.append(valid_acc)
         history.seconds.append(time.perf_counter() - started)
         if verbose:
             line = f"epoch {epoch:3d}  train loss {history.train_loss[-1]:.4f}"
             if valid is not None:
-                line += f"  valid loss {history.valid_loss[-1]:.4f}  accuracy {history.valid_acc[-1]:.4f}"
+                line += (f"  valid loss {history.valid_loss[-1]:.4f}"
+                         f"  accuracy {history.valid_acc[-1]:.4f}")
             print(("\r" if live else "") + line + f"  {history.seconds[-1]:.1f}s", flush=True)
     return history
 
