@@ -98,7 +98,7 @@ def _decode(path, io):
     return image, frames
 
 
-def _load_images(paths, size, broken, animated):
+def load_images(paths, size, broken, animated):
     """Decode, make RGB, resize the short side to size, centre-crop -> uint8 (N, 3, size, size).
     A file that will not decode is appended to broken, an animation to animated."""
     import torchvision.transforms.v2.functional as TF
@@ -147,9 +147,9 @@ def load_image_folder(path, size):
         warnings.warn(f"{path}: skipped what is not an image (supported: {SUPPORTED}): "
                       + "; ".join(skipped), stacklevel=2)
     broken, animated = [], []
-    x_train, x_valid = [_load_images([p for c in classes for p in part[c]], size, broken, animated)
+    x_train, x_valid = [load_images([p for c in classes for p in part[c]], size, broken, animated)
                         for part in (train, valid)]
-    x_test = _load_images(test, size, broken, animated) if test else None
+    x_test = load_images(test, size, broken, animated) if test else None
     if broken:  # every file that will not decode, in one error
         raise ValueError(f"{len(broken)} image(s) cannot be decoded; remove or replace them: "
                          + "; ".join(broken))

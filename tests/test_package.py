@@ -34,6 +34,8 @@ PUBLIC = {
     "checkpoint": "save_checkpoint load_checkpoint atomic_save atomic_write",
     "distributed": "setup teardown is_main Shard rank_slice gather average_gradients all_sum broadcast_weights "
                    "run_on_main",
+    "export": "export_model load_model",
+    "predict": "predict_images main",
     "plots": "save_png plot_lr_find plot_schedule plot_losses plot_augmented plot_confusion plot_top_losses",
 }
 
