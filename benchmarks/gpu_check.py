@@ -196,7 +196,7 @@ def run_parts(args):
                        f"in all{target}", "ok")]
     what = "lessons/lesson2.py " + ("--quick" if args.quick else "--full")
     timed("lesson2", what, [sys.executable, str(ROOT / "lessons" / "lesson2.py"), "--quick" if args.quick else "--full",
-                            "--out", str(lesson_out)] + common, lesson2_rows)
+                            "--out", str(lesson_out), "--overwrite"] + common, lesson2_rows)  # its folder
 
     # 2. the time-to-accuracy benchmark, its minicnn arm read from part 1's results
     bench_out = args.out / "time_to_accuracy"

@@ -93,7 +93,8 @@ def device(text):
     return str(d)
 
 
-def add_common_args(parser, *, out, batch_help="default 128", limit=True, limit_help=None):
+def add_common_args(parser, *, out, batch_help="default 128", limit=True, limit_help=None,
+                    out_help=None):
     """--quick, --device, --out, --seed, --threads, --limit (unless limit=False), --batch-size."""
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run on a small slice (seconds)")
@@ -101,7 +102,8 @@ def add_common_args(parser, *, out, batch_help="default 128", limit=True, limit_
                         default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda when there is a GPU, else cpu)")
     parser.add_argument("--out", type=out_folder, default=str(ROOT / "runs" / out),
-                        help=f"folder for figures and reports (runs/{out} in the checkout)")
+                        help=out_help or f"folder for figures and reports (runs/{out} in "
+                                                 "the checkout)")
     parser.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0,  # numpy's seed range
                         help="seed of every random number: weights, splits, batches (0)")
     parser.add_argument("--threads", type=int_in(1), default=None,

@@ -4,7 +4,8 @@ Run:
     python lessons/lesson1_baseline.py            # the CPU default: 3 epochs, minutes on 2 cores
     python lessons/lesson1_baseline.py --quick    # a smoke run of a few seconds
     python lessons/notebooks.py lesson1_baseline  # this file as an executed notebook
-Writes runs/lesson1_baseline/losses.png and prints one line per epoch.
+Writes runs/lesson1_baseline/losses.png and model.pt (the trained model), and prints one line
+per epoch.
 """
 
 import time
@@ -22,6 +23,7 @@ from common import (
     show,
     threads_note,
 )
+from minicnn.export import export_model
 from minicnn.models import simple_resnet
 from minicnn.plots import plot_losses
 from minicnn.train import evaluate, fit
@@ -107,6 +109,20 @@ print(
     f"test loss {test_loss:.4f}, test accuracy {test_acc:.4f}, training took {seconds:.0f}s; "
     f"figure in {args.out / 'losses.png'}"
 )
+
+# %% [markdown]
+# ## The model, kept
+#
+# `model.pt` holds the trained weights with all a prediction needs: the architecture, the class
+# names, the image size and channels, and the test accuracy just measured.
+# `python -m minicnn.predict runs/lesson1_baseline/model.pt IMAGES...` predicts new images with
+# it, and `minicnn.export.load_model` rebuilds it without any training code.
+
+# %%
+export_model(args.out / "model.pt", model, arch="simple_resnet",
+             arch_kwargs={"widths": (16, 32, 64)},  # simple_resnet's default, as built above
+             classes=data["classes"], size=28, channels=1, test_accuracy=test_acc)
+print(f"the model (test accuracy {test_acc:.4f}) in {args.out / 'model.pt'}")
 
 # %% [markdown]
 # ## Self-check

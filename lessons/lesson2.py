@@ -9,7 +9,8 @@ Run:
     python lessons/lesson2.py --data PATH  # your images: PATH/train/<class>/*, PATH/valid/<class>/*
     python lessons/notebooks.py lesson2      # this file as an executed notebook
     torchrun --standalone --nproc_per_node=2 lessons/lesson2.py --quick   # 2 processes
-Writes report.md, results.json and the figures into --out (default runs/lesson2).
+Writes report.md, results.json, model.pt and the figures into --out (default:
+runs/lesson2/<data>-<mode>, e.g. runs/lesson2/fashion-mnist-cpu).
 """
 
 import functools
@@ -25,6 +26,7 @@ import minicnn.distributed as distributed
 from minicnn.augment import side_on, top_down
 from minicnn.data import stratified_subset, train_valid_split
 from minicnn.diagnose import diagnose
+from minicnn.export import export_model
 from minicnn.freeze import bn_freeze, differential_lrs, freeze, param_groups, unfreeze
 from minicnn.lr_find import lr_find
 from minicnn.models import pretrained_classifier, simple_resnet
@@ -79,7 +81,7 @@ N_LABELLED = args.labelled or row["n_labelled"]
 N_VALID = row["n_valid"]
 PRETRAIN_EPOCHS, PRETRAIN_LR = row["pretrain_epochs"], 0.2
 BATCH_SIZE = args.batch_size or row["batch_size"]
-SIZES = (args.size,) if args.size else (128,) if args.data else row["sizes"]
+SIZES = (args.size,) if args.size else (row["data_size"],) if args.data else row["sizes"]
 HEAD_EPOCHS = row["head_epochs"]
 FROZEN_CYCLES = 2  # step 4: SGDR cycles of 1 epoch, augmented, body frozen
 CYCLES = args.cycles or row["cycles"]
@@ -138,7 +140,7 @@ setup(args)  # seeds, threads, the output folder
 hyper = dict(momentum=0.9, weight_decay=WEIGHT_DECAY)
 fast = dict(mixed_precision=BF16, channels_last=BF16)  # for fit on images
 settings = {k: v for k, v in globals().items() if k.isupper() and k not in ("ARGV", "MAIN")}
-report = io.Report(args.out, MODE, settings=settings, main=MAIN)
+report = io.Report(args.out, MODE, settings=settings, main=MAIN, run=args.run, device=args.device)
 
 
 # %% [markdown]
@@ -183,15 +185,17 @@ def classes_of(x, y, classes):
 
 
 def subset(xy, n):  # a stratified sample of n, or all of them
-    return xy if n is None else stratified_subset(*xy, n, seed=args.seed)
+    return xy if n is None or n >= len(xy[1]) else stratified_subset(*xy, n, seed=args.seed)
 
 
 source = None
 if args.data is not None:
-    folder = io.load_folder(args.data, args.size or 128)
+    folder = io.load_folder(args.data, SIZES[-1])  # at the size it trains at, as predict reads it
     n_valid = max(len(folder.train[1]) // 10, len(folder.classes))
     train, valid = train_valid_split(*folder.train, n_valid, seed=args.seed)
     test, classes, name = folder.valid, folder.classes, str(args.data)
+    if MODE == "quick":  # seconds: a few of your images
+        train, test = subset(train, N_LABELLED), subset(test, row["n_test"])
 else:
     (x_all, y_all), test, names = io.load_fashion()
     if TRANSFER:  # the source classes for step 0; of the target classes a labelled sample
@@ -238,6 +242,9 @@ if ARCH == "simple_resnet" and TRANSFER:
     cached = io.load_body(pretrained, cache)
     if not cached:
         source_batches = io.training_batches(*source, 128, args)
+        pretrained.to(args.device)
+        step_seconds = io.seconds_per_step(pretrained, source_batches, mixed_precision=BF16)
+        report.estimate("step 0", step_seconds * PRETRAIN_EPOCHS * len(source_batches))
         opt = SGD(pretrained.parameters(), PRETRAIN_LR, **hyper)
         lr_at = functools.partial(cosine_lr, total_steps=PRETRAIN_EPOCHS * len(source_batches),
                                   lr_max=PRETRAIN_LR)
@@ -330,6 +337,8 @@ if TRANSFER:
     opt = SGD(param_groups(model, lr, **hyper), lr, **hyper)  # one group per layer group
     frozen_steps = total_steps(FROZEN_CYCLES, steps_per_cycle=steps_per_epoch)
     frozen_lr_at = functools.partial(sgdr_lr, steps_per_cycle=steps_per_epoch, lr_max=lr)
+    step_seconds = io.seconds_per_step(model, small["train"], mixed_precision=BF16)
+    report.estimate("step 4", step_seconds * frozen_steps)
     fit(model, small["train"], None, opt, frozen_lr_at, frozen_steps // len(small["train"]),
         augment=augment, verbose=False, **fast)
     after = evaluate(model, small["valid"], mixed_precision=BF16)[1]
@@ -365,6 +374,8 @@ else:
 
 # %%
 started = time.perf_counter()
+step_seconds = io.seconds_per_step(model, small["global_train"], mixed_precision=BF16)
+report.estimate("step 7", step_seconds * LR_FIND_STEPS)  # at most: a loss that blows up stops it
 opt = SGD(param_groups(model, lrs, **hyper), lrs[-1], **hyper)
 found = lr_find(model, small["global_train"], opt, num_iter=LR_FIND_STEPS, end_lr=10.0)
 show(io.plot_lr_find(found, args.out / "lr_find_unfrozen.png"))
@@ -391,6 +402,9 @@ snapshots, histories, stopped = Snapshots(), [], None
 schedule = dict(steps_per_cycle=steps_per_epoch, cycle_mult=2)
 ends = cycle_end_steps(CYCLES, **schedule)
 lr_at = functools.partial(sgdr_lrs, lr_maxes=lrs, **schedule)
+small_steps = ends[-2] + 1 if CYCLES > 1 else 0  # every cycle but the last: the small size
+report.estimate("step 8", io.fit_seconds(model, small, small_steps, mixed_precision=BF16)
+                + io.fit_seconds(model, full, ends[-1] + 1 - small_steps, mixed_precision=BF16))
 for cycle in range(CYCLES):
     started, before = time.perf_counter(), report.last_accuracy
     stage = full if cycle == CYCLES - 1 else small
@@ -430,6 +444,10 @@ def tta(m, b):  # a new seeded generator each call: every snapshot sees the same
 
 
 started = time.perf_counter()
+image_seconds = io.seconds_per_step(model, full["valid"], mixed_precision=BF16, backward=False,
+                                    per_image=True)
+passes = len(snapshots) * (2 + (TTA_VIEWS or 1))  # plain, and TTA's plain + views, each snapshot
+report.estimate("predicting", image_seconds * passes * (len(full["valid"].x) + len(full["test"].x)))
 plain = functools.partial(predict, mixed_precision=BF16)
 # each snapshot's probabilities (N, C) on each split, plain and with TTA
 each = {(split, how): predict_each(model, snapshots, full[split], predict_fn=fn)
@@ -481,6 +499,23 @@ if TRANSFER:
     won, noise = winner(p1, p2, n, ("the pretrained recipe", "training from scratch"))
     report.comparison(recipe_seconds, p1, scratch_seconds, epochs, scratch_lr, scratch_results,
                       scratch_way, n, won=won, noise=noise)
+
+# %% [markdown]
+# ## The model, kept
+#
+# `model.pt` holds the last weights with all a prediction needs: the architecture, the class
+# names, the image size and channels, the augmentation preset (for TTA) and their test
+# accuracy. `python -m minicnn.predict runs/.../model.pt IMAGES...` predicts new images with
+# it, and `minicnn.export.load_model` rebuilds it without any training code.
+
+# %%
+if MAIN:
+    export_model(args.out / "model.pt", model, arch=ARCH,
+                 arch_kwargs={"widths": WIDTHS} if ARCH == "simple_resnet" else {},
+                 classes=list(classes), size=SIZES[-1], channels=channels, preset=args.preset,
+                 test_accuracy=results["last weights"]["test"])  # the last weights, plain
+    report.say(f"the model (last weights, test accuracy {results['last weights']['test']:.4f}) "
+               f"in {args.out / 'model.pt'}")
 
 # %% [markdown]
 # ## The report, the figures, and a self-check

@@ -5,8 +5,9 @@ Run:
     python lessons/lesson2_augment.py              # CPU: about 3 minutes on 2 cores
     python lessons/lesson2_augment.py --quick      # a smoke run, under 30 seconds
     python lessons/notebooks.py lesson2_augment    # this file as an executed notebook
-Writes augmented.png, side_on_vs_top_down.png, losses_{plain,augmented,progressive}.png and
-tta_views.png to runs/lesson2_augment (--out), and prints a table of the three runs.
+Writes augmented.png, side_on_vs_top_down.png, losses_{plain,augmented,progressive}.png,
+tta_views.png and model.pt (the augmented run) to runs/lesson2_augment (--out), and prints a
+table of the three runs.
 """
 import copy
 import time
@@ -28,6 +29,7 @@ from common import (
 )
 from minicnn.augment import lighting, random_affine, resize, side_on, top_down
 from minicnn.data import Batches, stratified_subset
+from minicnn.export import export_model
 from minicnn.models import simple_resnet
 from minicnn.plots import plot_augmented, plot_losses
 from minicnn.schedule import cosine_lr
@@ -336,6 +338,22 @@ print(f"progressive resizing vs full size, same pixel budget: accuracy "
       f"{h_prog.valid_acc[-1]:.4f} vs {h_aug.valid_acc[-1]:.4f}, "
       f"training time {t_prog:.0f}s vs {t_aug:.0f}s")
 print(f"\ntotal {time.perf_counter() - started:.0f}s; figures in {args.out}")
+
+# %% [markdown]
+# ## The model, kept
+#
+# `model.pt` keeps the augmented run's weights (trained at full size) with all a prediction
+# needs: the architecture, the class names, the image size and channels, and the augmentation
+# it was trained with, `side_on`, so that a prediction can use TTA's views.
+# `python -m minicnn.predict runs/lesson2_augment/model.pt IMAGES... --tta` predicts new images
+# with it, and `minicnn.export.load_model` rebuilds it without any training code.
+
+# %%
+# no test accuracy: this lesson measures none
+export_model(args.out / "model.pt", augmented, arch="simple_resnet",
+             arch_kwargs={"widths": (16, 32, 64)},  # simple_resnet's default, as built above
+             classes=data["classes"], size=28, channels=1, preset="side_on")
+print(f"the augmented run's model in {args.out / 'model.pt'}")
 
 # %% [markdown]
 # ## Self-check

@@ -6,8 +6,9 @@ Run:
     python lessons/lesson2_fine_tune.py --quick      # a smoke run, under 30 seconds
     python lessons/lesson2_fine_tune.py --full       # meant for a GPU: all 50,000 images at 64x64
     python lessons/notebooks.py lesson2_fine_tune    # this file as an executed notebook
-Writes lr_find_head.png (and lr_find_unfrozen.png), losses_{head,frozen,unfrozen}.png and
-steps.png to runs/lesson2_fine_tune (--out), and caches the body's features in its features/.
+Writes lr_find_head.png (and lr_find_unfrozen.png), losses_{head,frozen,unfrozen}.png,
+steps.png and model.pt (the fine-tuned network) to runs/lesson2_fine_tune (--out), and caches
+the body's features in its features/.
 """
 import time
 from functools import partial
@@ -34,6 +35,7 @@ from common import (
 )
 from minicnn.augment import resize, side_on
 from minicnn.data import Batches, stratified_subset
+from minicnn.export import export_model
 from minicnn.fashion_mnist import load_fashion_mnist
 from minicnn.freeze import bn_freeze, differential_lrs, freeze, param_groups, unfreeze
 from minicnn.lr_find import lr_find
@@ -378,6 +380,22 @@ show(plot_steps(results, {"cached\nfeatures": epoch_on_features,
                 args.out / "steps.png"))
 print(f"test accuracy ({len(x_test)} images): {test_acc:.4f}; "
       f"total {time.perf_counter() - started:.0f}s; figures in {args.out}")
+
+# %% [markdown]
+# ## The model, kept
+#
+# `model.pt` keeps the fine-tuned network with all a prediction needs: the architecture, the
+# class names, the image size it was trained at and its channels (grey), the augmentation it
+# was trained with, `side_on`, and the test accuracy just measured.
+# `python -m minicnn.predict runs/lesson2_fine_tune/model.pt IMAGES...` predicts new images with
+# it, resized as here, and `minicnn.export.load_model` rebuilds it without any training code
+# and without downloading ImageNet's weights.
+
+# %%
+export_model(args.out / "model.pt", model, arch="efficientnet_lite0", arch_kwargs={},
+             classes=data["classes"], size=args.size, channels=1, preset="side_on",
+             test_accuracy=test_acc)
+print(f"the fine-tuned model (test accuracy {test_acc:.4f}) in {args.out / 'model.pt'}")
 
 # %% [markdown]
 # ## Self-check

@@ -4,16 +4,21 @@ results.json. Under torchrun, process 0 alone reads the cache and writes files. 
 itself (every step, every choice: which images, which rates, who won) is in lesson2.py.
 """
 import argparse
+import copy
 import hashlib
+import itertools
 import json
+import statistics
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from common import N_FASHION_TRAIN, add_common_args, float_above, int_in, load_or_exit, out_folder
+from common import (N_FASHION_TRAIN, ROOT, add_common_args, float_above, int_in, load_or_exit,
+                    out_folder)
 import minicnn.distributed as distributed
 from minicnn.augment import resize
 from minicnn.checkpoint import atomic_write, load_checked, save_checked
@@ -37,7 +42,13 @@ def parse_args(argv):
         "Lesson 2 end to end: the fast.ai recipe's 8 steps, on a pretrained body and few labels, "
         "against a network trained from scratch for the same seconds."))
     add_common_args(parser, out="lesson2", limit=False,
-                    batch_help="default 64; --quick 32, --accuracy 128, --full 256")
+                    batch_help="default 64; --quick 32, --accuracy 128, --full 256",
+                    out_help="folder for the report, figures and model.pt (default: runs/lesson2/"
+                             "<data>-<mode> in the checkout, e.g. runs/lesson2/fashion-mnist-cpu)")
+    parser.set_defaults(out=None)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let --out replace a folder that holds another run (another --data "
+                             "or mode) or other files")
     parser.add_argument("--accuracy", action="store_true",
                         help="from scratch on all 50,000 images and 10 classes (the accuracy run)")
     parser.add_argument("--full", action="store_true",
@@ -52,7 +63,8 @@ def parse_args(argv):
                              "default), or an ImageNet one (--data's default: efficientnet_lite0)")
     parser.add_argument("--size", type=int_in(8, 1024), default=None,
                         help="image size, no progressive resizing (default: 28, --quick 20, "
-                             "--accuracy 20 then 28, --full 28 then 32; --data 128)")
+                             "--accuracy 20 then 28, --full 28 then 32; --data 128, with "
+                             "--quick 32)")
     parser.add_argument("--cycles", type=int_in(1, 8), default=None,
                         help="SGDR cycles in step 8, of 1, 2, 4, ... epochs (default 3; --quick 2, "
                              "--accuracy and --full 5)")
@@ -71,12 +83,22 @@ def parse_args(argv):
         parser.error(f"--{' and --'.join(modes)}: choose one mode "
                      "(only --accuracy takes --quick too)")
     args.mode = modes[0] if modes else "cpu"
+    if args.data is not None and not args.data.is_dir():
+        parser.error(f"argument --data: {args.data} is not a folder (it should hold "
+                     "train/<class>/* and valid/<class>/*)")
+    # which run this is: the data and the mode; its folder may hold no other run
+    kind = "quick-accuracy" if args.quick and args.accuracy else args.mode
+    args.run = dict(data=str(args.data.resolve()) if args.data else "fashion-mnist", mode=kind)
+    if args.out is None:
+        name = args.data.resolve().name if args.data else "fashion-mnist"
+        args.out = out_folder(str(ROOT / "runs" / "lesson2" / f"{name}-{kind}"))
+    other = other_run(args.out, args.run)
+    if other and not args.overwrite:
+        parser.error(f"argument --out: {args.out} {other}; give another --out, or --overwrite to "
+                     "replace it")
     args.cache = args.cache or args.out / "cache"
     scratch = args.mode in ("accuracy", "full")
     if args.data is not None:
-        if not args.data.is_dir():
-            parser.error(f"argument --data: {args.data} is not a folder (it should hold "
-                         "train/<class>/* and valid/<class>/*)")
         if scratch:
             parser.error(f"argument --data: --{args.mode} trains Fashion-MNIST from scratch; "
                          "leave it out")
@@ -93,6 +115,22 @@ def parse_args(argv):
         parser.error(f"argument --labelled: {args.labelled} is more than the {most:,} images of "
                      "the 5 new classes left after the validation images")
     return args
+
+
+def other_run(out, run):
+    """What stops a run from writing into `out`, in words, or None: a run of other data or
+    another mode (its run.json says which), or files that are no lesson2 run's."""
+    out = Path(out)
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    try:
+        theirs = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        return "holds files that are not a lesson2 run (no readable run.json)"
+    if theirs != run:
+        return (f"holds a run of {theirs.get('data')} in mode {theirs.get('mode')}, and this one "
+                f"is of {run['data']} in mode {run['mode']}")
+    return None
 
 
 def cpu_computes_bf16():
@@ -119,6 +157,37 @@ def load_fashion():
     """Fashion-MNIST -> (x, y) of the 60,000 training images, (x, y) of the 10,000 test images,
     the class names; a missing copy is said without a traceback."""
     return load_or_exit(load_fashion_mnist)
+
+
+def seconds_per_step(model, batches, *, mixed_precision=False, backward=True, steps=3,
+                     per_image=False):
+    """Median seconds of a step (forward, and backward unless backward=False) over a few of epoch
+    0's batches, or of one image of them (per_image), on a copy of the model: what the estimates
+    said before long steps rest on. Changes nothing: not the model, not a random number."""
+    model = copy.deepcopy(model)
+    device = next(model.parameters()).device
+    times = []
+    for x, y in itertools.islice(batches.epoch(0), steps + 1):  # the first one warms up
+        started = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(mixed_precision)):
+            with torch.set_grad_enabled(backward):
+                loss = F.cross_entropy(model(x.to(device)).float(), y.to(device))
+        if backward:
+            loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - started) / (len(x) if per_image else 1))
+    return statistics.median(times[1:] or times)
+
+
+def fit_seconds(model, stage, steps, *, mixed_precision=False):
+    """About how long fit takes for `steps` steps of stage["train"] with, after each epoch, an
+    evaluation (forward passes only) of every image of stage["valid"] and stage["train_eval"]."""
+    step = seconds_per_step(model, stage["train"], mixed_precision=mixed_precision)
+    image = seconds_per_step(model, stage["valid"], mixed_precision=mixed_precision,
+                             backward=False, per_image=True)
+    evaluated = sum(len(b.x) for b in (stage["valid"], stage["train_eval"]))
+    return step * steps + image * evaluated * steps / len(stage["train"])
 
 
 def at_size(x, size):
@@ -266,10 +335,20 @@ class Report:
     """report.md and results.json: a row per step (what, seconds, validation accuracy before and
     after), the predictions, the from-scratch comparison, the diagnosis."""
 
-    def __init__(self, out, mode, settings, *, main=True):
+    def __init__(self, out, mode, settings, *, main=True, run=None, device="cpu"):
         self.out, self.mode, self.settings, self.main = Path(out), mode, settings, main
         self.rows, self.begun, self.last_accuracy = [], time.perf_counter(), None
         self.results, self.scratch = {}, None
+        self.where = "this GPU" if str(device).startswith("cuda") else "this CPU"
+        if main and run is not None:  # the folder is this run's now (parse_args' other_run)
+            atomic_write(self.out / "run.json", json.dumps(run))
+
+    def estimate(self, what, seconds):
+        """Say beforehand how long `what` will take, from a few timed batches."""
+        words = ("under a second" if seconds < 1 else f"about {seconds:.0f} seconds"
+                 if seconds < 90 else f"about {seconds / 60:.0f} minutes" if seconds < 5400
+                 else f"about {seconds / 3600:.1f} hours")
+        self.say(f"  {what}: {words} on {self.where}")
 
     def say(self, text):
         if self.main:  # under torchrun, rank 0 alone

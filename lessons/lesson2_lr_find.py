@@ -4,9 +4,9 @@ Run:
     python lessons/lesson2_lr_find.py            # CPU: about 3-4 minutes on 2 cores
     python lessons/lesson2_lr_find.py --quick    # a smoke run, under 30 seconds
     python lessons/notebooks.py lesson2_lr_find  # this file as an executed notebook
-Writes lr_find.png, losses_{0.1x,1x,10x}.png and report.json (the curve, every run's history
-and diagnosis) to --out (default runs/lesson2_lr_find), and prints the table and the diagnoses.
---help lists the options.
+Writes lr_find.png, losses_{0.1x,1x,10x}.png, report.json (the curve, every run's history
+and diagnosis) and model.pt (the run at the suggested rate) to --out (default
+runs/lesson2_lr_find), and prints the table and the diagnoses. --help lists the options.
 """
 import copy
 import json
@@ -18,6 +18,7 @@ from common import (check, check_accuracy, command_line, fashion_data, int_in, p
                     threads_note)
 from minicnn.checkpoint import atomic_write
 from minicnn.diagnose import diagnose
+from minicnn.export import export_model
 from minicnn.lr_find import lr_find
 from minicnn.models import simple_resnet
 from minicnn.plots import plot_losses, plot_lr_find
@@ -134,7 +135,8 @@ print(f"suggested lr: {lr:.3g}   (figure: {args.out / 'lr_find.png'})")
 
 # %%
 def short_run(initial, lr, data, args, epochs):
-    """Train a copy of the initial weights, lr annealed to 0 -> (history, diagnosis or None)."""
+    """Train a copy of the initial weights, lr annealed to 0 -> (model, history, diagnosis), all
+    three None if it diverged."""
     model = simple_resnet(10).to(args.device)
     model.load_state_dict(initial)  # every arm starts from the same weights
     try:
@@ -144,14 +146,14 @@ def short_run(initial, lr, data, args, epochs):
                       train_eval=data["train_eval"])
     except FloatingPointError as error:  # 10x may blow up; that is a result, not a crash
         print(f"  lr {lr:.3g}: diverged ({error})")
-        return None, None
-    return history, diagnose(history)
+        return None, None, None
+    return model, history, diagnose(history)
 
 
-rows = []
+rows, models = [], {}
 for name, factor in [("0.1x", 0.1), ("1x", 1.0), ("10x", 10.0)]:
     print(f"\n{name}: lr {lr * factor:.3g} annealed to 0 over {epochs} epochs")
-    history, diagnosis = short_run(initial, lr * factor, data, args, epochs)
+    models[name], history, diagnosis = short_run(initial, lr * factor, data, args, epochs)
     if history is not None:
         show(plot_losses(history, args.out / f"losses_{name}.png",
                          title=f"lr {lr * factor:.3g}: {diagnosis.verdict}"))
@@ -187,6 +189,23 @@ report = dict(suggested_lr=lr, reason=result.reason, lrs=result.lrs,
                     for name, run_lr, history, diagnosis in rows})
 atomic_write(args.out / "report.json", json.dumps(report, indent=1))
 print(f"\ntotal {time.perf_counter() - started:.0f}s; figures and report.json in {args.out}")
+
+# %% [markdown]
+# ## The model, kept
+#
+# The suggested rate is the one the recipe goes on with, so `model.pt` keeps the 1x run's
+# weights, with all a prediction needs: the architecture, the class names, the image size and
+# channels. `python -m minicnn.predict runs/lesson2_lr_find/model.pt IMAGES...` predicts new
+# images with it, and `minicnn.export.load_model` rebuilds it without any training code.
+
+# %%
+if models["1x"] is None:  # a diverged run's weights are NaN: nothing worth keeping
+    print("the run at the suggested lr diverged: no model.pt")
+else:  # no test accuracy: this lesson measures none
+    export_model(args.out / "model.pt", models["1x"], arch="simple_resnet",
+                 arch_kwargs={"widths": (16, 32, 64)},  # simple_resnet's default, as built above
+                 classes=data["classes"], size=28, channels=1)
+    print(f"the model of the run at the suggested lr {lr:.3g} (1x) in {args.out / 'model.pt'}")
 
 # %% [markdown]
 # ## Self-check

@@ -16,6 +16,7 @@ MODES = {
         batch_size=64,
         # image sizes: every cycle of step 8 but the last at the first, the last at the last
         sizes=(28,),
+        data_size=128,  # --data: the image size (your photos, for an ImageNet body)
         head_epochs=30,  # step 3, on cached activations: seconds
         cycles=3,  # step 8: SGDR cycles of 1, 2, 4, ... epochs
         min_cycle_steps=30,  # few labels: a cycle of 1 "epoch" is at least this many steps
@@ -26,8 +27,8 @@ MODES = {
     ),
     "quick": dict(
         widths=(16, 32, 64), n_labelled=200, n_valid=200, n_source=2000, n_test=500,
-        pretrain_epochs=2, batch_size=32, sizes=(20,), head_epochs=5, cycles=2, min_cycle_steps=12,
-        lr_find_steps=50, tta_views=2,
+        pretrain_epochs=2, batch_size=32, sizes=(20,), data_size=32, head_epochs=5, cycles=2,
+        min_cycle_steps=12, lr_find_steps=50, tta_views=2,
         # test accuracy over seeds 0-2 x 1 and 2 threads: 0.736-0.824 (--accuracy --quick, 10
         # classes from scratch on 200 images: 0.332-0.562)
         floor=0.55, floor_from_scratch=0.2,

@@ -4,8 +4,9 @@ Run:
     python lessons/lesson2_sgdr.py            # CPU: about 3-4 minutes on 2 cores
     python lessons/lesson2_sgdr.py --quick    # a smoke run, under 30 seconds
     python lessons/notebooks.py lesson2_sgdr  # this file as an executed notebook
-Writes sgd_momentum.png, schedules.png and training.png to --out (default runs/lesson2_sgdr),
-and prints each schedule's validation accuracy, losses and seconds. --help lists the options.
+Writes sgd_momentum.png, schedules.png, training.png and model.pt (the SGDR arm) to --out
+(default runs/lesson2_sgdr), and prints each schedule's validation accuracy, losses and seconds.
+--help lists the options.
 Library: minicnn/optim.py (SGD), minicnn/schedule.py (sgdr_lr, step_decay_lr, ...).
 """
 import math
@@ -19,6 +20,7 @@ from matplotlib.figure import Figure
 from common import (check, check_accuracy, check_size, command_line, fashion_data, float_above,
                     int_in, parse_args, show, split_sizes, threads_note)
 from minicnn.data import Batches, stratified_subset
+from minicnn.export import export_model
 from minicnn.models import simple_resnet
 from minicnn.optim import SGD
 from minicnn.plots import save_png
@@ -281,6 +283,21 @@ for name, acc, loss, train_loss, last_lr, seconds in rows:
     print(f"{name:22s} {acc:9.4f} {loss:10.4f} {train_loss:11.4f} {last_lr:9.2e} {seconds:8.0f}")
 print("* the mean minibatch loss of the last epoch (train mode)")
 print(f"figures in {args.out}: sgd_momentum.png, schedules.png, training.png")
+
+# %% [markdown]
+# ## The model, kept
+#
+# The SGDR arm trained last, so `model` holds its weights now. `model.pt` keeps them with all a
+# prediction needs: the architecture, the class names, the image size and channels.
+# `python -m minicnn.predict runs/lesson2_sgdr/model.pt IMAGES...` predicts new images with it,
+# and `minicnn.export.load_model` rebuilds it without any training code.
+
+# %%
+# model holds the last arm's weights, SGDR's; no test accuracy: this lesson measures none
+export_model(args.out / "model.pt", model, arch="simple_resnet",
+             arch_kwargs={"widths": (16, 32, 64)},  # simple_resnet's default, as built above
+             classes=data["classes"], size=28, channels=1)
+print(f"the SGDR arm's model in {args.out / 'model.pt'}")
 
 # %% [markdown]
 # ## Self-check

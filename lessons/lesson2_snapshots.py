@@ -5,9 +5,9 @@ Run:
     python lessons/lesson2_snapshots.py              # CPU: about 3-4 minutes on 2 cores
     python lessons/lesson2_snapshots.py --quick      # a smoke run, under 30 seconds
     python lessons/notebooks.py lesson2_snapshots    # this file as an executed notebook
-Writes schedule.png, losses.png, snapshots.png, resume.png, batch_size.png and
-checkpoint_cyc_{i}.pt to runs/lesson2_snapshots (--out). Validation images only: the test set
-is kept for lesson2.py's end.
+Writes schedule.png, losses.png, snapshots.png, resume.png, batch_size.png,
+checkpoint_cyc_{i}.pt and model.pt (the run's final weights) to runs/lesson2_snapshots (--out).
+Validation images only: the test set is kept for lesson2.py's end.
 """
 import time
 
@@ -32,6 +32,7 @@ from minicnn.augment import side_on
 from minicnn.batch_size import find_batch_size
 from minicnn.checkpoint import load_checkpoint, save_checkpoint
 from minicnn.data import Batches, stratified_subset
+from minicnn.export import export_model
 from minicnn.models import simple_resnet
 from minicnn.optim import SGD
 from minicnn.plots import plot_losses, plot_schedule, save_png
@@ -256,6 +257,24 @@ last, best = rows[len(snaps) - 1], max(rows[len(snaps):], key=lambda r: r[1])
 print(f"best ensemble ({best[0]}) minus the last snapshot: "
       f"{100 * (best[1] - last[1]):+.2f} points plain, {100 * (best[2] - last[2]):+.2f} with "
       f"TTA; TTA on the last: {100 * (last[2] - last[1]):+.2f}")
+
+# %% [markdown]
+# ## The model, kept
+#
+# `model.pt` keeps the run's final weights, the last snapshot, with all a prediction needs: the
+# architecture, the class names, the image size and channels, and the augmentation it was
+# trained with, `side_on`, so that a prediction can use TTA's views. It is written now: at the
+# end of this lesson the model trains 3 more steps, at the batch size found.
+# `python -m minicnn.predict runs/lesson2_snapshots/model.pt IMAGES... --tta` predicts new
+# images with it, and `minicnn.export.load_model` rebuilds it without any training code.
+
+# %%
+# model holds the final weights again (predict_each put them back); no test accuracy: this
+# lesson measures none
+export_model(args.out / "model.pt", model, arch="simple_resnet",
+             arch_kwargs={"widths": (16, 32, 64)},  # simple_resnet's default, as built above
+             classes=data["classes"], size=28, channels=1, preset="side_on")
+print(f"\nthe run's final model (the last snapshot) in {args.out / 'model.pt'}")
 
 # %% [markdown]
 # ## Resume from a checkpoint, exactly

@@ -220,9 +220,11 @@ def fit(model, train, valid, opt, lr_at, end_epoch=None, *, loss_fn=F.cross_entr
             losses.append(loss_value)
             if step in cycle_ends:
                 on_cycle_end(model, step)
-            if live:
-                print(f"\r  epoch {epoch}: batch {i + 1}/{steps_per_epoch} loss {loss_value:.4f}",
-                      end="", flush=True)
+            if live:  # images/s so far; left = elapsed / batches done * batches to go
+                done, elapsed = i + 1 - skip, time.perf_counter() - started
+                print(f"\r  epoch {epoch}: batch {i + 1}/{steps_per_epoch} loss {loss_value:.4f}, "
+                      f"{done * len(y) / elapsed:.0f} images/s, {elapsed:.0f}s elapsed, "
+                      f"{elapsed / done * (steps_per_epoch - i - 1):.0f}s left", end="", flush=True)
         check_epoch_length(batches, epoch, i + 1 - skip, steps_per_epoch, skip)
         # evaluate
         history.train_loss.append(sum(losses) / max(len(losses), 1))

@@ -9,6 +9,7 @@ fail for the reason they name, not for another.
 import argparse
 import functools
 import importlib
+import json
 import math
 import runpy
 import sys
@@ -266,6 +267,33 @@ def test_lesson2_modes_and_defaults():
     for mode in ("quick", "accuracy", "full"):
         args = io.parse_args([f"--{mode}", "--out", "runs/x"])
         assert args.mode == mode and args.cache == Path("runs/x/cache")
+
+
+def test_lesson2s_out_is_one_folder_a_data_and_mode_and_holds_no_other_run(tmp_path, capsys):
+    """Each data and mode its own folder by default; a folder holding another run (its run.json)
+    or other files is refused by name unless --overwrite; the same run may write there again."""
+    io = importlib.import_module("lesson2_io")
+    data = tmp_path / "pets"
+    data.mkdir()
+    assert io.parse_args([]).out == io.ROOT / "runs" / "lesson2" / "fashion-mnist-cpu"
+    assert io.parse_args(["--accuracy", "--quick"]).out.name == "fashion-mnist-quick-accuracy"
+    assert io.parse_args(["--data", str(data), "--quick"]).out.name == "pets-quick"
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"data": "fashion-mnist", "mode": "cpu"}))
+    assert io.parse_args(["--out", str(out)]).out == out  # the same run again
+    for argv in (["--quick"], ["--data", str(data)]):
+        with pytest.raises(SystemExit) as e:
+            io.parse_args(argv + ["--out", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "argument --out" in err and "--overwrite" in err, err
+        assert io.parse_args(argv + ["--out", str(out), "--overwrite"]).out == out
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit):
+        io.parse_args(["--out", str(tmp_path / "mine")])
+    assert "not a lesson2 run" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_lesson2_script_refuses_before_any_work(tmp_path):

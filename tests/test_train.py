@@ -2,6 +2,7 @@
 any loader works, and every bad input or fault gets an error that says what to do."""
 import functools
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -481,3 +482,17 @@ def test_a_model_without_parameters_is_refused():
     x, y = blobs(8)
     with pytest.raises(ValueError, match="the model has no parameters to train"):
         fit(nn.Flatten(), [(x, y)], None, torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1), lambda s: 0.1, 1)
+
+
+def test_on_a_terminal_each_batch_says_images_a_second_and_the_seconds_left(monkeypatch, capsys):
+    x, y = blobs(64)
+    train = Batches(x, y, 16, shuffle=True, generator=torch.Generator().manual_seed(0))
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    fit(model, train, None, opt, lambda step: 0.05, 1)
+    lines = capsys.readouterr().out.split("\r")
+    progress = [line for line in lines if "batch" in line]
+    assert [line.split("batch ")[1].split()[0] for line in progress] == ["1/4", "2/4", "3/4", "4/4"]
+    assert all("images/s" in line and "elapsed" in line for line in progress)
+    assert progress[-1].endswith(" 0s left")  # the last batch leaves nothing to do
