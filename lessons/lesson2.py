@@ -13,6 +13,7 @@ Writes report.md, results.json, model.pt and the figures into --out (default:
 runs/lesson2/<data>-<mode>, e.g. runs/lesson2/fashion-mnist-cpu).
 """
 
+import atexit
 import functools
 import os
 import time
@@ -125,9 +126,6 @@ if me.world_size > 1:
 
     def predict_tta(*a, **k):
         return distributed.gather(_predict_tta(*a, **k))
-
-    import atexit
-
     atexit.register(distributed.teardown)
 
 
@@ -139,7 +137,8 @@ def agreed(value):
 setup(args)  # seeds, threads, the output folder
 hyper = dict(momentum=0.9, weight_decay=WEIGHT_DECAY)
 fast = dict(mixed_precision=BF16, channels_last=BF16)  # for fit on images
-settings = {k: v for k, v in globals().items() if k.isupper() and k not in ("ARGV", "MAIN")}
+settings = {k: v for k, v in globals().items()
+            if k.isupper() and k not in ("ARGV", "MAIN", "MODES", "SGD")}  # this run's constants
 report = io.Report(args.out, MODE, settings=settings, main=MAIN, run=args.run, device=args.device)
 
 

@@ -18,8 +18,14 @@ import time
 
 import torch
 
-OOM_MESSAGES = ("out of memory",                                  # CUDA, MPS: "... out of memory"
-                "DefaultCPUAllocator: can't allocate memory")     # the CPU allocator
+# CUDA, MPS, XPU: torch.OutOfMemoryError (torch.cuda's before torch 2.5)
+TORCH_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+# the CPU allocator: a RuntimeError whose message, after "[enforce fail at alloc_cpu.cpp:127]
+# err == 0. ", starts so (words inside another error's text are not enough: "ran out of
+# memory-mapped file handles" is not running out of memory)
+CPU_OOM = ("DefaultCPUAllocator: can't allocate memory",  # Linux, macOS
+           "DefaultCPUAllocator: not enough memory",      # Windows
+           "MPS backend out of memory")                   # Apple GPUs (older torch)
 # oneDNN (the CPU's convolution library) says exactly this when memory runs out while it builds
 # a kernel ("... primitive descriptor ..." means unsupported: another error).
 ONEDNN_OOM = "could not create a primitive"
@@ -29,17 +35,21 @@ ONEDNN_ADVICE = ("oneDNN (CPU convolutions) ran out of memory while building a k
                  "bound the search by `limit` rather than by memory.")
 
 
+def _without_location(error):
+    """The error's text without the C++ location "[enforce fail at ...] err == 0. "."""
+    return re.sub(r"^\[enforce fail at [^\]]*\][^.]*\.\s*", "", str(error).strip())
+
+
 def is_out_of_memory(error):
-    """True for torch.OutOfMemoryError, Python's MemoryError, and a RuntimeError saying so."""
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+    """True for torch.OutOfMemoryError, Python's MemoryError and the CPU allocator's error only."""
+    if isinstance(error, (TORCH_OOM, MemoryError)):
         return True
-    return isinstance(error, RuntimeError) and any(m in str(error) for m in OOM_MESSAGES)
+    return isinstance(error, RuntimeError) and _without_location(error).startswith(CPU_OOM)
 
 
 def _short(error):
     """'RuntimeError: DefaultCPUAllocator: ...' without the C++ source location, one line."""
-    # without the C++ location "[enforce fail at ...] err == 0. "
-    text = re.sub(r"^\[enforce fail at [^\]]*\][^.]*\.\s*", "", str(error).strip())
+    text = _without_location(error)
     return type(error).__name__ + (f": {text.splitlines()[0][:120]}" if text else "")
 
 

@@ -148,7 +148,13 @@ def atomic_write(path, data):
     # system (not tempfile.mkstemp: its 0600 mode would survive the rename; here the umask
     # applies, as for open())
     tmp = path.parent / f".{path.name}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except PermissionError as error:  # Python's message would name the temporary file
+        raise PermissionError(error.errno, f"{error.strerror}: {path} cannot be written: this "
+                              f"user may not create files in its folder {path.parent} (the file "
+                              "there before, if any, is unchanged); save into another folder, or "
+                              "make this one writable") from error
     try:
         with os.fdopen(fd, "wb") as f:
             try:

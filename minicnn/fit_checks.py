@@ -154,6 +154,18 @@ def raise_clearly(error, x, y, model, where):
                          f"{want} (input {tuple(x.shape)}): build the model for {got} channels, or "
                          "convert the images (grey to RGB: x.expand(-1, 3, -1, -1); RGB to grey: "
                          "x.mean(1, keepdim=True))") from error
+    widths = re.search(r"running_mean should contain (\d+) elements not (\d+)", text)
+    if widths:  # a BatchNorm layer fed another width: its name, from the running_mean it holds
+        got, want = (int(n) for n in widths.groups())
+        layers = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
+                  if isinstance(getattr(m, "running_mean", None), torch.Tensor)
+                  and m.running_mean.numel() == want]
+        raise ValueError(f"{where}: layer {' or '.join(layers) or '(a BatchNorm)'} expects {want} "
+                         f"features per sample (channels, for images) but got {got} (input "
+                         f"{tuple(x.shape)}): the input and this layer come from different models "
+                         "or widths. A head on precomputed features: take the body and the head "
+                         f"from one model (body_and_head), or build the head for {got} "
+                         "features") from error
     if x.dtype != weight.dtype and "type" in text:  # Input type (double) and bias type (float) ...
         raise TypeError(f"{where}: the images are {x.dtype}, the model's weights {weight.dtype}: "
                         f"pass x.to({weight.dtype}) (uint8 pixels: x.float() / 255, as Batches "

@@ -338,6 +338,28 @@ def test_a_full_disk_during_the_save_keeps_the_old_checkpoint_and_says_so(tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
 
 
+def test_a_folder_that_cannot_be_written_is_named_with_the_target_and_the_old_file_kept(tmp_path, monkeypatch):
+    """The tests run as root, which chmod cannot keep out of a folder: os.open refuses to create the
+    temporary file here as it does in a folder without write permission for its user."""
+    import errno
+    model, opt, _ = small_checkpoint(tmp_path / "c.pt")
+    real_open = os.open
+
+    def refused(path, flags, *args):
+        if flags & os.O_CREAT:  # creating a file in the folder
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+    monkeypatch.setattr(os, "open", refused)
+    with pytest.raises(PermissionError, match=r"Permission denied: .*c\.pt cannot be written: this user may not "
+                                              r"create files in its folder .*unchanged.*another folder") as error:
+        save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=9)
+    monkeypatch.undo()
+    assert error.value.errno == errno.EACCES and ".tmp" not in str(error.value)
+    assert f"{tmp_path / 'c.pt'} cannot be written" in str(error.value) and f"folder {tmp_path} " in str(error.value)
+    assert load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt).step == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
 def test_single_bit_flips_are_refused_by_name_and_never_load_altered_values(tmp_path):
     """200 single-bit flips spread over a small checkpoint: each is refused with the file's name, or (in bytes
     that cannot matter, e.g. zip metadata) loads values identical to the saved ones; none loads altered ones."""

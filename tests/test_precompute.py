@@ -96,6 +96,22 @@ def test_head_trained_on_features_predicts_the_same_inside_the_full_model():
     torch.testing.assert_close(on_images, on_features, atol=1e-6, rtol=1e-5)
 
 
+def test_a_head_fed_features_of_another_width_names_its_layer_and_both_widths():
+    """torch says only "running_mean should contain 16 elements not 32"."""
+    body, _ = body_and_head(tiny_model())  # 2 x 8 = 16 features
+    _, head = body_and_head(GroupedModel(nn.Identity(), fastai_head(16, 3, hidden=16)))  # its layer 2: BatchNorm1d(32)
+    x, y = tiny_images(8)
+    features = precompute_features(body, x, batch_size=8)
+    opt = torch.optim.SGD(head.parameters(), lr=0.05)
+    match = (r"layer 2 \(BatchNorm1d\) expects 32 features per sample .* but got 16 \(input \(8, 16\)\): "
+             r"the input and this layer come from different models or widths.*body_and_head")
+    with pytest.raises(ValueError, match="fit, step 0 .epoch 0.: " + match) as error:
+        fit(head, [(features, y)], None, opt, lambda step: 0.05, 1, verbose=False)
+    assert "running_mean should contain 16 elements not 32" in str(error.value.__cause__)
+    with pytest.raises(ValueError, match="predict: " + match):
+        predict(head, [(features, y)])
+
+
 def test_body_and_head_share_the_models_modules():
     model = tiny_model()
     body, head = body_and_head(model)
