@@ -11,6 +11,7 @@ lr, of the longest run of steps falling at least as steeply as the mean descent 
 Sources: Smith 2015, "Cyclical Learning Rates for Training Neural Networks"; fast.ai 2018
 lesson 2, steps 2 and 7 ("the highest rate where the loss is clearly improving").
 docs/lr_find.md: the rule step by step, what is restored, and fastai, Lightning, pytorch-lr-finder.
+Needs minicnn/fit_checks.py: its words for torch's errors on a batch (labels, BatchNorm, ...).
 """
 import copy
 import itertools
@@ -21,6 +22,8 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+
+from minicnn.fit_checks import raise_clearly
 
 RULE = "middle of the longest steep fall"
 
@@ -120,8 +123,8 @@ def lr_find(model, train_batches, opt, *, loss_fn=F.cross_entropy, start_lr=1e-7
             with torch.enable_grad():
                 try:
                     loss = loss_fn(model(x.to(device)), y.to(device))
-                except (RuntimeError, IndexError, ValueError) as error:
-                    _raise_clearly(error, i, y)
+                except (RuntimeError, IndexError, ValueError) as error:  # torch's words -> ours
+                    raise_clearly(error, x, y, model, f"lr_find, step {i}")
             value = loss.item()
             lrs.append(lr)
             losses.append(value)
@@ -171,22 +174,6 @@ def _check_args(start_lr, end_lr, num_iter, beta, diverge, skip_start, loss_fn):
                          f"got {num_iter}, {beta}, {diverge}, {skip_start}")
     if not callable(loss_fn):
         raise TypeError(f"lr_find: loss_fn must be a function (logits, y) -> loss, got {loss_fn!r}")
-
-
-def _raise_clearly(error, step, y):
-    """The label and BatchNorm errors of a sweep's forward pass in words; others unchanged."""
-    text = str(error)
-    if "out of bounds" in text:
-        raise ValueError(f"lr_find, step {step}: labels must be class indices 0 .. n_classes - 1; "
-                         f"this batch's run {int(y.min())} .. {int(y.max())} ({text})") from error
-    if "target dtype" in text:
-        raise TypeError(f"lr_find, step {step}: the labels are {y.dtype}, the loss needs integer "
-                        f"class indices (torch.long): pass y.long() ({text})") from error
-    if "Expected more than 1 value per channel when training" in text:
-        raise ValueError(f"lr_find, step {step}: a batch of 1 sample; BatchNorm in train mode "
-                         "needs more. It is the last, short batch of a pass: use "
-                         "Batches(..., drop_last=True)") from error
-    raise error
 
 
 def _cycle(batches):

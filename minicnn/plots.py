@@ -1,11 +1,11 @@
 """The figures of the lessons: LR finder curve, schedules, losses, augmented samples, confusions.
 
 Each function builds a matplotlib Figure on the Agg canvas (no pyplot: no window, no global
-figure list to leak memory in long runs), saves it as a PNG when given a path (save_png:
-written aside, then renamed onto it) and returns the Figure, so a test or notebook can look
-inside. Inputs are read by attribute (an LRFindResult, a History, or anything with the same
-fields), so this file imports nothing from minicnn. Images are float tensors (K, C, H, W) in
-[0, 1], C = 1 or 3.
+figure list to leak memory in long runs), saves it as a PNG when given a path (save_png, with
+minicnn/checkpoint.py's atomic_write: a kill or a full disk leaves the old file) and returns
+the Figure, so a test or notebook can look inside. Inputs are read by attribute (an
+LRFindResult, a History, or anything with the same fields). Images are float tensors
+(K, C, H, W) in [0, 1], C = 1 or 3.
 
     top losses: loss_i = -log p_i(true class), worst first
 
@@ -14,13 +14,14 @@ Source: the plots of fastai 0.7 (sched.plot, sched.plot_lr, most_by_uncertain), 
 import io
 import math
 import numbers
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from minicnn.checkpoint import atomic_write
 
 
 def _new_figure(width, height):
@@ -35,16 +36,9 @@ def save_png(fig, path):
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"plots are saved as PNG: give a path ending in .png, not {str(path)!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     image = io.BytesIO()
-    # drawn in memory, then written beside the path and renamed onto it
-    fig.savefig(image, format="png")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(image.getbuffer())
-        os.replace(tmp, path)  # all or nothing
-    finally:
-        tmp.unlink(missing_ok=True)
+    fig.savefig(image, format="png")  # drawn in memory, then written all or nothing
+    atomic_write(path, image.getvalue())
     return path
 
 

@@ -238,17 +238,18 @@ def test_path_must_be_png(tmp_path):
 
 def test_a_full_disk_while_saving_a_figure_keeps_the_old_png(tmp_path, monkeypatch):
     import errno
-    import pathlib
+    import io
+    import os
     path = tmp_path / "s.png"
     plot_schedule([0.1, 0.2], path)
     old = path.read_bytes()
     assert old[:8] == b"\x89PNG\r\n\x1a\n"
 
-    def full_disk(self, data):  # half the bytes fit, then the disk is full
-        with open(self, "wb") as f:
-            f.write(bytes(data)[:len(data) // 2])
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(pathlib.Path, "write_bytes", full_disk)
+    class FullDisk(io.FileIO):  # half the bytes fit, then the disk is full
+        def write(self, data):
+            super().write(bytes(data)[:len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fdopen", FullDisk)
     with pytest.raises(OSError, match="No space left"):
         plot_schedule([0.3, 0.1, 0.05], path)
     monkeypatch.undo()
