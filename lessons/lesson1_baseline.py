@@ -12,17 +12,8 @@ import time
 
 import torch
 
-from common import (
-    check,
-    check_accuracy,
-    command_line,
-    fashion_data,
-    float_above,
-    int_in,
-    parse_args,
-    show,
-    threads_note,
-)
+from common import (check, check_accuracy, command_line, fashion_data, float_above, int_in,
+                    parse_args, show, threads_note)
 from minicnn.export import export_model
 from minicnn.models import simple_resnet
 from minicnn.plots import plot_losses

@@ -482,7 +482,11 @@ if TRANSFER:
     opt = SGD(scratch.parameters(), FALLBACK_LR, **hyper)
     found = lr_find(scratch, small["global_train"], opt, num_iter=LR_FIND_STEPS, end_lr=10.0)
     scratch_lr = choose_lr(found)[0]
-    seconds_per_epoch = sum(history.seconds) / len(history.seconds)  # step 8's: same images
+    if ARCH == "simple_resnet":  # the recipe's network: step 8's epochs, measured, same images
+        seconds_per_epoch = sum(history.seconds) / len(history.seconds)
+    else:  # another network than the recipe's: its own epoch, timed on a few batches
+        seconds_per_epoch = io.fit_seconds(scratch, small, len(small["train"]),
+                                           mixed_precision=BF16)
     left = recipe_seconds - (time.perf_counter() - started)
     epochs = agreed(max(1, round(left / seconds_per_epoch)))  # the epochs that fill the seconds
     lr_at = functools.partial(cosine_lr, total_steps=epochs * len(small["train"]),

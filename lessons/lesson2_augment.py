@@ -14,19 +14,8 @@ import time
 
 import torch
 
-from common import (
-    check,
-    check_accuracy,
-    check_size,
-    command_line,
-    fashion_data,
-    float_above,
-    int_in,
-    parse_args,
-    show,
-    split_sizes,
-    threads_note,
-)
+from common import (check, check_accuracy, check_size, command_line, fashion_data, float_above,
+                    int_in, parse_args, show, split_sizes, threads_note, winner)
 from minicnn.augment import lighting, random_affine, resize, side_on, top_down
 from minicnn.data import Batches, stratified_subset
 from minicnn.export import export_model
@@ -361,9 +350,10 @@ print(f"the augmented run's model in {args.out / 'model.pt'}")
 # Always: TTA gives one row of probabilities per image, each summing to 1, and every run beats
 # a floor, the most common class's share and what guessing could reach by luck, on a
 # validation sample that holds every class; a network that learned nothing cannot pass. The
-# default run must also show what the lesson claims: augmentation narrows the gap, TTA costs
-# at most 0.3 points, and progressive resizing comes within a point of full size. The quick run
-# is too small to test those claims, so it does not.
+# default run must also show what the lesson claims: augmentation narrows the gap, and neither
+# TTA nor progressive resizing is worse beyond the noise of 2,000 validation images (about 2
+# points: a difference smaller than that is luck either way). The quick run is too small to
+# test those claims, so it does not.
 
 # %%
 check(p_tta.shape == p_plain.shape
@@ -376,7 +366,13 @@ if not args.quick:
     check(gap["augmented"] < gap["plain"],
           f"augmentation narrows the train/valid gap: {gap['plain']:.4f} -> "
           f"{gap['augmented']:.4f}")
-    check(acc_tta >= acc_plain - 0.003, f"TTA does not hurt: {acc_plain:.4f} -> {acc_tta:.4f}")
-    check(h_prog.valid_acc[-1] >= h_aug.valid_acc[-1] - 0.01,
-          f"progressive resizing within 1 point of full size: {h_prog.valid_acc[-1]:.4f} vs "
-          f"{h_aug.valid_acc[-1]:.4f}")
+    # TTA and progressive resizing: not worse beyond the noise of the validation images (2
+    # standard errors of a difference: one image is 0.0005 of 2,000, 2 SE about 0.022)
+    won, noise = winner(acc_plain, acc_tta, len(y_valid), ("plain", "TTA"))
+    check(won != "plain", f"TTA is not worse than the plain view beyond the noise {noise:.4f}: "
+                          f"{acc_plain:.4f} -> {acc_tta:.4f}")
+    won, noise = winner(h_aug.valid_acc[-1], h_prog.valid_acc[-1], len(y_valid),
+                        ("full size", "progressive"))
+    check(won != "full size", "progressive resizing is not worse than full size beyond the "
+                              f"noise {noise:.4f}: {h_prog.valid_acc[-1]:.4f} vs "
+                              f"{h_aug.valid_acc[-1]:.4f}")

@@ -17,22 +17,9 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from common import (
-    N_FASHION_TEST,
-    QUICK_LIMIT,
-    check,
-    check_accuracy,
-    check_size,
-    command_line,
-    fashion_data,
-    float_above,
-    int_in,
-    load_or_exit,
-    parse_args,
-    show,
-    split_sizes,
-    threads_note,
-)
+from common import (N_FASHION_TEST, QUICK_LIMIT, check, check_accuracy, check_size, command_line,
+                    fashion_data, float_above, int_in, load_or_exit, parse_args, show, split_sizes,
+                    threads_note)
 from minicnn.augment import resize, side_on
 from minicnn.data import Batches, stratified_subset
 from minicnn.export import export_model

@@ -15,19 +15,8 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from common import (
-    check,
-    check_accuracy,
-    check_size,
-    command_line,
-    fashion_data,
-    float_above,
-    int_in,
-    parse_args,
-    show,
-    split_sizes,
-    threads_note,
-)
+from common import (check, check_accuracy, check_size, command_line, fashion_data, float_above,
+                    int_in, parse_args, show, split_sizes, threads_note)
 from minicnn.augment import side_on
 from minicnn.batch_size import find_batch_size
 from minicnn.checkpoint import load_checkpoint, save_checkpoint
