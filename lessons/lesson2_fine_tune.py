@@ -95,8 +95,8 @@ def options(parser):
     parser.add_argument("--cycles", type=int_in(1, 8),
                         help=f"step 8: SGDR cycles of 1, 2, 4.. epochs, 1 to 8 "
                              f"({run_defaults('cycles')})")
-    # 10 as in the course ([1e-4, 1e-3, 1e-2]); on the CPU default, 3 lost 3 points in the
-    # unfrozen epoch. --lr-ratio as in lesson2.py; --ratio, its old name, still works.
+    # 10 as in the course ([1e-4, 1e-3, 1e-2]); an earlier version of this lesson lost 3 points
+    # in the unfrozen epoch with 3 (docs/fine_tuning.md). --ratio, its old name, still works.
     parser.add_argument("--lr-ratio", "--ratio", type=float_above(1, or_equal=True), default=10.0,
                         help="LR ratio between layer groups, >= 1: each group that much lower "
                              "than the next (default %(default)s)")
@@ -291,7 +291,8 @@ body_unchanged = all(torch.equal(v, body.state_dict()[k]) for k, v in pretrained
 unfreeze(model)
 # The body's BatchNorm stays on its running statistics (fastai 0.7's bn_freeze(True)): grey
 # 48x48 clothes are far from ImageNet, and batch statistics would change the very features
-# the head was trained on (measured: -11 to -20 points after an epoch; with bn_freeze +1.4).
+# the head was trained on (an earlier version measured -11 to -20 points after an epoch
+# without bn_freeze: docs/fine_tuning.md).
 if not args.train_body_bn:
     bn_freeze(model)
 lrs = differential_lrs(lr, 3, ratio=args.lr_ratio)
