@@ -28,6 +28,13 @@ class Started(Exception):
 
 
 @pytest.fixture(autouse=True)
+def lesson2_runs_in_tmp(monkeypatch, tmp_path):
+    """lesson2's default --out (ROOT/runs/lesson2/<data>-<mode>) below tmp_path: what the
+    checkout's runs/ holds (another run there is refused) must not decide these tests."""
+    monkeypatch.setattr(importlib.import_module("lesson2_io"), "ROOT", tmp_path / "checkout")
+
+
+@pytest.fixture(autouse=True)
 def no_work(monkeypatch):
     def setup(args):
         raise Started(vars(args))
@@ -275,7 +282,7 @@ def test_lesson2s_out_is_one_folder_a_data_and_mode_and_holds_no_other_run(tmp_p
     io = importlib.import_module("lesson2_io")
     data = tmp_path / "pets"
     data.mkdir()
-    assert io.parse_args([]).out == io.ROOT / "runs" / "lesson2" / "fashion-mnist-cpu"
+    assert io.parse_args([]).out == tmp_path / "checkout" / "runs" / "lesson2" / "fashion-mnist-cpu"
     assert io.parse_args(["--accuracy", "--quick"]).out.name == "fashion-mnist-quick-accuracy"
     assert io.parse_args(["--data", str(data), "--quick"]).out.name == "pets-quick"
     out = tmp_path / "run"
