@@ -8,7 +8,7 @@ every cell in a fresh kernel, and writes the notebook, outputs included.
 
 Run:
     python lessons/notebooks.py                          # every lesson, defaults, into notebooks/
-    python lessons/notebooks.py --quick                  # every lesson's smoke run (seconds each)
+    python lessons/notebooks.py --quick                  # every smoke run, into notebooks/quick/
     python lessons/notebooks.py lesson2 -- --labelled 1000   # one lesson, with its own options
 `make notebooks` runs the first. A lesson opens as a notebook directly in VS Code or in Jupyter
 with jupytext installed (it is in the dev extra).
@@ -68,12 +68,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Run the lessons as notebooks, outputs included.")
     parser.add_argument("names", nargs="*", help="lessons to run (default: all), e.g. lesson2")
     parser.add_argument("--quick", action="store_true", help="each lesson's --quick smoke run")
-    parser.add_argument("--out", type=Path, default=ROOT / "notebooks", help="folder (notebooks/)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder (notebooks/; with --quick, notebooks/quick/)")
     argv = sys.argv[1:] if argv is None else argv
     ours, lesson_argv = (
         (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     )
     args = parser.parse_args(ours)
+    args.out = args.out or ROOT / "notebooks" / ("quick" if args.quick else "")
     unknown = sorted(set(args.names) - set(lessons()))
     if unknown:
         parser.error(f"no such lesson: {', '.join(unknown)}; choose from {', '.join(lessons())}")
