@@ -158,11 +158,9 @@ def choose_lr(found, *, floor=0.0):
         return found.suggested_lr, found.reason
     blew_up = len(found.lrs) < LR_FIND_STEPS  # the sweep stopped early: past it the loss diverged
     lr = found.lrs[-1] / 10 if blew_up else FALLBACK_LR
-    return lr, f"no usable suggestion ({found.reason}); " + (
-        f"a tenth of the rate where the loss blew up: {lr:.2g}"
-        if blew_up
-        else f"{FALLBACK_LR} (FALLBACK_LR)"
-    )
+    fallback = f"a tenth of the rate where the loss blew up: {lr:.2g}" if blew_up else (
+        f"{FALLBACK_LR} (FALLBACK_LR)")
+    return lr, f"no usable suggestion ({found.reason}); {fallback}"
 
 
 # %% [markdown]
