@@ -186,13 +186,7 @@ class Batches:
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError("Batches: generator must be a torch.Generator or None, got "
                              f"{generator!r}; for a seed, pass torch.Generator().manual_seed(seed)")
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise ValueError(f"Batches: device={device!r} is not a device ({e})") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"Batches: device={str(device)!r} but CUDA is not available here; "
-                             "use device='cpu'")
+        device = parse_device(device)
         self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
         self.device, self.drop_last = device, drop_last
         # One seed drawn now; epoch e's order is randperm seeded with (seed, e).
@@ -226,6 +220,20 @@ class Batches:
     def __iter__(self):
         self.epochs_seen += 1
         return self.epoch(self.epochs_seen - 1)
+
+
+def parse_device(spec):
+    """'cpu', 'cuda', 'cuda:1' or a torch.device -> a torch.device this machine has; else a
+    ValueError naming it and what to give instead (the one device check of minicnn and lessons)."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {spec!r} is not a device; give cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {spec!r}: this machine has {torch.cuda.device_count()} CUDA "
+                         "GPU(s); use cpu" + (f" or cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+                                              if torch.cuda.device_count() else ""))
+    return device
 
 
 # the old `python -m minicnn.data [--download]`: the same, from its new place

@@ -501,7 +501,7 @@ def test_batches_refuse_samples_they_cannot_serve(x, match):
     (dict(shuffle="yes"), r"shuffle must be True or False, got 'yes'"),
     (dict(drop_last=1), r"drop_last must be True or False, got 1"),
     (dict(generator=0), r"generator must be a torch.Generator or None, got 0.*manual_seed"),
-    (dict(device="gpu"), r"device='gpu' is not a device"),
+    (dict(device="gpu"), r"device 'gpu' is not a device"),
 ])
 def test_batches_refuse_bad_arguments_by_name(kwargs, match):
     args = dict(batch_size=2, shuffle=False) | kwargs
@@ -511,7 +511,7 @@ def test_batches_refuse_bad_arguments_by_name(kwargs, match):
 
 def test_batches_refuse_cuda_where_there_is_none(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match=r"device='cuda:1' but CUDA is not available here; use device='cpu'"):
+    with pytest.raises(ValueError, match=r"device 'cuda:1'.*use cpu"):
         Batches(torch.zeros(6, 1), torch.arange(6), 2, shuffle=False, device="cuda:1")
 
 
