@@ -4,10 +4,13 @@ CI runs on a noisy 2-core machine: hypothesis is derandomized (the same examples
 run) and has no deadline, since a torch call can take a while when the machine is busy.
 """
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+from minicnn.fashion_mnist import fashion_mnist_folders
 
 settings.register_profile(
     "ci",
@@ -19,6 +22,12 @@ settings.register_profile(
 )
 settings.register_profile("dev", deadline=None, max_examples=100)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# Tests that read the real Fashion-MNIST files (make test installs them; a bare checkout skips).
+HAVE_DATA = any((Path(f) / name).is_file() for f in fashion_mnist_folders()
+                for name in ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte"))
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST not installed "
+                                "(make test installs it)")
 
 # Tiny tensors are faster on one thread, and several test runs may share the machine.
 torch.set_num_threads(1)

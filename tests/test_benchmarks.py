@@ -10,16 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import needs_data
 
-from minicnn.fashion_mnist import fashion_mnist_folders
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_time_to_accuracy import ARMS, THRESHOLDS, minicnn_result, seconds_to  # noqa: E402
 
-HAVE_DATA = any((Path(f) / "train-images-idx3-ubyte.gz").is_file() or (Path(f) / "train-images-idx3-ubyte").is_file()
-                for f in fashion_mnist_folders())
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST not installed (make test installs it)")
 # PASSIVE: OpenMP threads sleep instead of spinning when the cores are busy (as in test_lessons)
 ENV = {**os.environ, "MPLBACKEND": "Agg", "OMP_WAIT_POLICY": "PASSIVE"}
 

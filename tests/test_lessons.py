@@ -10,17 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import needs_data
 import torch
 
-from minicnn.fashion_mnist import fashion_mnist_folders
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "lessons"))
 import common  # noqa: E402
 
-HAVE_DATA = any((Path(f) / "train-images-idx3-ubyte.gz").is_file() or (Path(f) / "train-images-idx3-ubyte").is_file()
-                for f in fashion_mnist_folders())
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST not installed (make test installs it)")
 
 
 @pytest.mark.slow
@@ -50,7 +47,7 @@ def _args(**given):
 @pytest.mark.parametrize("limit", [common.MIN_LIMIT, common.QUICK_LIMIT])
 def test_limited_splits_hold_every_class_in_its_share(limit):
     data = common.fashion_data(_args(limit=limit, seed=3))
-    sizes = common.split_sizes(_args(limit=limit))
+    sizes = common.split_sizes(limit)
     for split in ("train", "valid", "test"):
         y = data[f"y_{split}"]
         counts = torch.bincount(y, minlength=10)

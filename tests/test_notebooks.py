@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "lessons"))
 import notebooks  # noqa: E402
-from test_lessons import needs_data  # noqa: E402
+from conftest import needs_data  # noqa: E402
 
 LESSONS = notebooks.lessons()
 
