@@ -13,7 +13,7 @@ Arms, each in a fresh process with the same threads (--threads), network, data a
            same batches and augmentation; skipped with a line when fastai is not installed
            (pip install -e ".[bench]").
 Shared: simple_resnet with lesson2's widths and batch size (read from lesson2.py's settings and
-checked against its results.json), the 50,000/10,000 split train_valid_split(x, y, 10_000, seed=0),
+checked against its results.json), the 50,000/10,000 split of lessons/common.py (fashion_splits),
 the 10,000 test images predicted once at the end, bf16 autocast + channels_last exactly where
 lesson2 uses them (CUDA, or a CPU that computes bf16). Each arm's clock starts where its training
 starts, its LR range test included (the recipe's step 7, fastai's lr_find), and runs through every
@@ -58,18 +58,16 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "lessons"))
 from minicnn.augment import side_on  # noqa: E402
 from minicnn.checkpoint import atomic_write  # noqa: E402
-from minicnn.data import Batches, stratified_subset, train_valid_split  # noqa: E402
-from minicnn.fashion_mnist import load_fashion_mnist  # noqa: E402
+from minicnn.data import Batches  # noqa: E402
 from minicnn.lr_find import lr_find  # noqa: E402
 from minicnn.models import simple_resnet  # noqa: E402
 from minicnn.train import accuracy  # noqa: E402
-from common import device, float_above, int_in, load_or_exit, out_folder  # noqa: E402  (lessons/common.py)
+from common import device, fashion_splits, float_above, int_in, out_folder  # noqa: E402 (lessons/)
 from lesson2_settings import MODES  # noqa: E402
 
 ARMS = ("minicnn", "plain", "fastai")
 THRESHOLDS = (0.92, 0.93)
-N_VALID = 10_000  # held out of the 60,000 training images, as lesson2 --accuracy does
-QUICK_SIZES = dict(train=2000, valid=500, test=500)  # --quick: stratified slices
+QUICK_TRAIN = 2000  # --quick: stratified slices of 2,000 / 200 / 200 images
 # lesson2 --accuracy's range test picked 0.2 for simple_resnet at batch 128 (docs/recipe.md, step 7),
 # inside the 0.1-0.4 usual for SGD with Nesterov on a ResNet at this batch; --max-lr find measures it
 MAX_LR = 0.2
@@ -100,13 +98,10 @@ def shared_settings(args):
 # ---- the data every in-process arm trains on ------------------------------------------------------
 
 def load_data(args):
-    """-> dict(train, valid, test: (x uint8 (N, 1, 28, 28), y)): lesson2 --accuracy's split, or slices."""
-    (x_all, y_all), test, _ = load_or_exit(load_fashion_mnist)
-    train, valid = train_valid_split(x_all, y_all, N_VALID, seed=args.seed)
-    data = dict(train=train, valid=valid, test=test)
-    if args.quick:
-        data = {split: stratified_subset(*data[split], QUICK_SIZES[split], seed=args.seed) for split in data}
-    return data
+    """-> dict(train, valid, test: (x uint8 (N, 1, 28, 28), y)): lesson2 --accuracy's split, or
+    --quick's stratified 2,000 / 200 / 200 images (lessons/common.py's split)."""
+    train, valid, test, _ = fashion_splits(args.seed, QUICK_TRAIN if args.quick else None)
+    return dict(train=train, valid=valid, test=test)
 
 
 def probabilities(model, x, s, device, *, flip=False):

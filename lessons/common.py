@@ -183,11 +183,12 @@ def setup(args):
     args.out.mkdir(parents=True, exist_ok=True)
 
 
-def split_sizes(args):
-    """How many images fashion_data gives each split (known before loading, to check options)."""
-    if not args.limit:
+def split_sizes(limit):
+    """How many images fashion_splits gives each split with --limit (known before loading, to
+    check options)."""
+    if not limit:
         return dict(train=N_FASHION_TRAIN - N_VALID, valid=N_VALID, test=N_FASHION_TEST)
-    return dict(train=args.limit, valid=args.limit // 10, test=max(args.limit // 10, 100))
+    return dict(train=limit, valid=limit // 10, test=max(limit // 10, 100))
 
 
 def check_size(error, name, value, *, low=N_CLASSES, high, what):
@@ -209,23 +210,30 @@ def load_or_exit(load, *args, argument=None, **kwargs):
         raise SystemExit(f"argument {argument}: {error}" if argument else str(error)) from None
 
 
-def fashion_data(args, *, batch_size=None):
-    """Fashion-MNIST split into train / valid (held out of train) / test Batches on args.device.
+def fashion_splits(seed, limit=None):
+    """Fashion-MNIST as uint8/int64 (x, y) pairs on the CPU: train, valid (N_VALID held out of
+    the 60,000 training images) and the 10,000 test images; the one split every lesson and
+    benchmark trains on. With limit: a stratified subset of split_sizes' sizes, every class in
+    its share (a slice x[:n] of class-sorted images would hold few classes)."""
+    (x_all, y_all), (x_test, y_test), classes = load_or_exit(load_fashion_mnist)
+    sizes = split_sizes(limit)
+    if limit:
+        x_all, y_all = stratified_subset(x_all, y_all, sizes["train"] + sizes["valid"], seed=seed)
+        x_test, y_test = stratified_subset(x_test, y_test, sizes["test"], seed=seed)
+    train, valid = train_valid_split(x_all, y_all, sizes["valid"], seed=seed)
+    return train, valid, (x_test, y_test), classes
 
-    With --limit (or --quick) every split is a stratified subset: every class in its share.
+
+def fashion_data(args, *, batch_size=None):
+    """fashion_splits as train / valid / test Batches on args.device (--limit or --quick: subsets).
+
     -> dict(train, valid, test: Batches; train_eval: a 2,000-image training sample for the
     eval-mode training loss; x_train, y_train, x_valid, y_valid, x_test, y_test: uint8/int64
     tensors on the CPU; classes).
     """
     batch_size = batch_size or args.batch_size
-    (x_all, y_all), (x_test, y_test), classes = load_or_exit(load_fashion_mnist)
-    sizes = split_sizes(args)
-    if args.limit:  # a slice x[:n] of class-sorted images would hold few classes
-        x_all, y_all = stratified_subset(x_all, y_all, sizes["train"] + sizes["valid"],
-                                         seed=args.seed)
-        x_test, y_test = stratified_subset(x_test, y_test, sizes["test"], seed=args.seed)
-    (x_train, y_train), (x_valid, y_valid) = train_valid_split(x_all, y_all, sizes["valid"],
-                                                               seed=args.seed)
+    (x_train, y_train), (x_valid, y_valid), (x_test, y_test), classes = fashion_splits(
+        args.seed, args.limit)
     generator = torch.Generator().manual_seed(args.seed)
     sample = torch.randperm(len(x_train), generator=generator)[:2000]
     return dict(

@@ -60,7 +60,7 @@ QUICK_FLOOR = 0.25  # the three runs' validation accuracy 0.382-0.549 over seeds
 def check_options(args, error):
     """Defaults that depend on --quick (cut to what --limit leaves); sizes within the splits; a
     pixel budget that adds up."""
-    sizes = split_sizes(args)
+    sizes = split_sizes(args.limit)
     args.n_train = args.n_train or min(512 if args.quick else 3000, sizes["train"])
     args.n_valid = args.n_valid or min(2000, sizes["valid"])
     args.epochs = args.epochs or (2 if args.quick else 14)

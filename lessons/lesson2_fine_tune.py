@@ -96,8 +96,8 @@ def options(parser):
                         help=f"step 8: SGDR cycles of 1, 2, 4.. epochs, 1 to 8 "
                              f"({run_defaults('cycles')})")
     # 10 as in the course ([1e-4, 1e-3, 1e-2]); an earlier version of this lesson lost 3 points
-    # in the unfrozen epoch with 3 (docs/fine_tuning.md). --ratio, its old name, still works.
-    parser.add_argument("--lr-ratio", "--ratio", type=float_above(1, or_equal=True), default=10.0,
+    # in the unfrozen epoch with 3 (docs/fine_tuning.md).
+    parser.add_argument("--lr-ratio", type=float_above(1, or_equal=True), default=10.0,
                         help="LR ratio between layer groups, >= 1: each group that much lower "
                              "than the next (default %(default)s)")
     parser.add_argument("--n-test", type=int_in(1),
@@ -121,7 +121,7 @@ def check_options(args, error):
     for name, value in run.items():
         if getattr(args, name) is None:  # not given on the command line
             setattr(args, name, value)
-    train = split_sizes(args)["train"]
+    train = split_sizes(args.limit)["train"]
     check_size(error, "--n-train", args.n_train, high=train,
                what=f"the training split holds {train:,} images; a bigger --limit gives more")
     check_size(error, "--n-test", args.n_test, high=N_FASHION_TEST, what="Fashion-MNIST's test set")

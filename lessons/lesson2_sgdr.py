@@ -65,7 +65,7 @@ QUICK_FLOOR = 0.35  # annealed arms' validation accuracy 0.539-0.677 over seeds 
 
 def check_options(args, error):
     """--train-size: 7,000 (--quick: 448) or all that --limit leaves; at most the training split."""
-    train = split_sizes(args)["train"]
+    train = split_sizes(args.limit)["train"]
     args.train_size = args.train_size or min(QUICK_TRAIN_SIZE if args.quick else TRAIN_SIZE, train)
     check_size(error, "--train-size", args.train_size, high=train,
                what=f"the training split holds {train:,} images; a bigger --limit gives more")

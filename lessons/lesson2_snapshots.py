@@ -87,7 +87,7 @@ def extra_args(parser):
 def check_options(args, error):
     """Defaults that depend on --quick (cut to what --limit leaves); sizes within the training
     split."""
-    train = split_sizes(args)["train"]
+    train = split_sizes(args.limit)["train"]
     args.train_size = args.train_size or min(512 if args.quick else 15_000, train)
     check_size(error, "--train-size", args.train_size, high=train,
                what=f"the training split holds {train:,} images; a bigger --limit gives more")

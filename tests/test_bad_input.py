@@ -157,7 +157,6 @@ CASES = [
     ("lesson2_augment", ["--epochs", "1"], "--small-epochs"),            # 4 at 14px use the whole budget
     ("lesson2_fine_tune", ["--cycles", "0"], "--cycles"),
     ("lesson2_fine_tune", ["--lr-ratio", "0.5"], "--lr-ratio"),
-    ("lesson2_fine_tune", ["--ratio", "0.5"], "--lr-ratio"),             # the old name, same check
     ("lesson2_fine_tune", ["--head-epochs", "0"], "--head-epochs"),
     ("lesson2_fine_tune", ["--frozen-epochs", "-1"], "--frozen-epochs"),
     ("lesson2_fine_tune", ["--size", "16"], "--size"),
@@ -189,7 +188,7 @@ GOOD = [
     ("lesson2_sgdr", ["--quick", "--train-size", "1024"]), ("lesson2_sgdr", ["--train-size", "50000"]),
     ("lesson2_lr_find", ["--quick", "--num-iter", "10"]),
     ("lesson2_augment", ["--quick"]), ("lesson2_augment", ["--epochs", "2", "--small", "14", "--small-epochs", "4"]),
-    ("lesson2_fine_tune", ["--quick"]), ("lesson2_fine_tune", ["--ratio", "1", "--quick", "--batch-size", "85",
+    ("lesson2_fine_tune", ["--quick"]), ("lesson2_fine_tune", ["--lr-ratio", "1", "--quick", "--batch-size", "85",
                                                                "--n-train", "255"]),
     ("lesson2_snapshots", ["--quick", "--search-limit", "512", "--n-aug", "0"]),
 ]
@@ -230,7 +229,7 @@ def test_size_defaults_shrink_to_what_limit_leaves(lesson, name, limit):
     shrinks to the split; only a size given on the command line is held to it."""
     with pytest.raises(Started) as started:
         run_lesson(lesson, ["--limit", str(limit)])
-    split = common.split_sizes(argparse.Namespace(limit=limit))["valid" if name == "n_valid" else "train"]
+    split = common.split_sizes(limit)["valid" if name == "n_valid" else "train"]
     assert started.value.args[0][name] == split
 
 
