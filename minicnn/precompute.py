@@ -5,8 +5,9 @@ While the body is frozen it is a fixed function, so its output for an image neve
     features = body(x)                 once, in eval mode under no_grad, (N, F), cached on disk
     each step: logits = head(features[batch])      instead of head(body(x[batch]))
 The cache file, <cache>/<arch>-<H>x<W>-data<hash of x>-weights<hash of the body>.pt, is written
-and checked with minicnn/checkpoint.py (atomic, sha256), the one other module this file needs;
-a cache file that is damaged or does not match x and the body is recomputed, with a warning.
+and checked with minicnn/checkpoint.py (atomic, sha256); a cache file that is damaged or does not
+match x and the body is recomputed, with a warning. Float images are checked by check_images of
+minicnn/augment.py, the other module this file needs.
 Source: fastai 0.7, ConvLearner.pretrained(..., precompute=True). docs/precompute.md: why
 augmentation does nothing here, how it differs from fastai, the speed measured.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from minicnn.augment import check_images
 from minicnn.checkpoint import load_checked, save_checked
 
 FORMAT = "minicnn-features-1"
@@ -30,15 +32,10 @@ def body_and_head(model, *, n_pool=2):
     (pooling and flatten: no parameters); head = the rest of the last group. Training
     `head` trains the model's own head. Needs model.layer_groups[-1] to be an nn.Sequential.
     """
-    groups = list(getattr(model, "layer_groups", []))
-    if not groups or not isinstance(groups[-1], nn.Sequential):
-        raise TypeError("body_and_head needs model.layer_groups whose last group is an "
-                        "nn.Sequential (pooling first), as minicnn.models builds them")
+    groups = list(model.layer_groups)
     pool, head = groups[-1][:n_pool], groups[-1][n_pool:]
-    if any(True for _ in pool.parameters()):
-        raise ValueError(f"the head's first {n_pool} modules have parameters, so their output is "
-                         "not fixed while the head trains; choose n_pool so that only "
-                         "pooling/flatten come first")
+    if any(True for _ in pool.parameters()):  # else the body holds weights the head should train
+        raise ValueError(f"n_pool={n_pool} moves layers with weights into the body; lower it")
     return nn.Sequential(*groups[:-1], *pool), head
 
 
@@ -67,22 +64,6 @@ def cache_key(arch, x, body):
     return f"{arch}-{x.shape[-2]}x{x.shape[-1]}-data{data_hash(x)}-weights{h.hexdigest()}"
 
 
-def _check_images(x, batch_size):
-    if type(batch_size) is not int or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or len(x) == 0:
-        raise ValueError(f"x must be a non-empty (N, C, H, W) tensor of images, got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.dtype != torch.uint8 and not x.dtype.is_floating_point:
-        raise ValueError(f"x must be uint8 (0..255) or float (0..1) images, got {x.dtype}; "
-                         "for 0..255 values use x.to(torch.uint8)")
-    if x.dtype.is_floating_point and not (torch.isfinite(x).all() and 0 <= x.min()
-                                          and x.max() <= 1):
-        raise ValueError("float images must lie in [0, 1], got values in "
-                         f"[{float(x.min())}, {float(x.max())}] (NaN or inf?); "
-                         "divide 0..255 values by 255, or pass uint8")
-
-
 def _run(body, x, batch_size, device):
     """body(x) batch by batch, eval mode, no_grad -> float32 (N, ...) on the CPU; every
     module's mode restored."""
@@ -95,15 +76,7 @@ def _run(body, x, batch_size, device):
                 xb = x[start:start + batch_size].to(device)
                 # (B, C, H, W) in [0, 1]
                 xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb.float()
-                try:
-                    out.append(body(xb).float().cpu())  # features = body(x), (B, F) each
-                except RuntimeError as error:
-                    # the first batch: x does not fit the body (not out of memory)
-                    if start > 0 or "memory" in str(error).lower():
-                        raise
-                    raise ValueError(f"the body cannot take x of shape {tuple(x.shape)}: "
-                                     f"{error}; give images with the channels and size the body "
-                                     "was built for") from error
+                out.append(body(xb).float().cpu())  # features = body(x), (B, F) each
     finally:
         for module, training in modes:
             module.training = training
@@ -138,21 +111,19 @@ def precompute_features(body, x, *, batch_size, cache=None, arch=None, device=No
     device: where the body runs (default: where its parameters are). Every module's mode is
     restored.
     """
-    if not isinstance(body, nn.Module):
-        raise TypeError("body must be an nn.Module (e.g. from body_and_head), "
-                        f"got {type(body).__name__}")
-    _check_images(x, batch_size)
+    if x.dtype != torch.uint8:  # float: in [0, 1]; 0..255 floats would give wrong features
+        check_images(x)
+    if x.dim() != 4 or len(x) == 0 or batch_size < 1:  # else an empty or unbatched pass
+        raise ValueError(f"need images x (N, C, H, W), N >= 1, and batch_size >= 1, got "
+                         f"{tuple(x.shape)}, batch_size={batch_size}")
     if device is None:
         # a body without weights runs on the CPU
         device = next(body.parameters(), torch.empty(0)).device
     path = None
     if cache is not None:
-        if not arch or not isinstance(arch, str) or Path(arch).name != arch:
-            raise ValueError("with cache=, give arch= (the body's name, e.g. 'efficientnet_lite0', "
-                             f"no folders): it is part of the cache file's name; got {arch!r}")
-        if Path(cache).exists() and not Path(cache).is_dir():
-            raise NotADirectoryError(f"cache={cache} is a file; "
-                                     "give a folder for the feature files")
+        if not arch or Path(arch).name != arch:  # the file's name, in the cache folder
+            raise ValueError(f"with cache=, arch= must name the body (no folders), got {arch!r}")
+        Path(cache).mkdir(parents=True, exist_ok=True)  # a file there fails now, not after the pass
         key = cache_key(arch, x, body)
         path = Path(cache) / f"{key}.pt"
         if path.exists() and (features := _cached(path, key, x)) is not None:

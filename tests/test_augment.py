@@ -1,7 +1,6 @@
 """augment.py: identity parameters give the input back, flips/rotations equal torch's, a seed fixes
 the batch, each image gets its own draw, lighting follows its formula, every error path."""
 import functools
-import re
 
 import pytest
 import torch
@@ -230,43 +229,29 @@ def test_cuda_batch_stays_on_cuda_and_matches_the_cpu_result():
 
 # ---- error paths -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("call, error, words", [
-    (lambda: random_affine(torch.rand(1, 8, 8), generator=None), ValueError, "(N, C, H, W)"),
-    (lambda: lighting(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), generator=None), TypeError, "x.float() / 255"),
-    (lambda: random_affine(torch.rand(1, 1, 4, 4), generator=None, padding="circular"), ValueError, "padding"),
-    (lambda: affine(torch.rand(1, 1, 4, 4), torch.eye(2, 3)[None], padding="wrap"), ValueError, "padding"),
-    (lambda: random_affine(torch.rand(1, 1, 4, 4), generator=None, flip=1.5), ValueError, "flip"),
-    (lambda: random_affine(torch.rand(1, 1, 4, 4), generator=None, max_zoom=0.9), ValueError, "max_zoom"),
-    (lambda: random_affine(torch.rand(1, 1, 4, 4), generator=None, max_rotate=-1), ValueError, "max_rotate"),
-    (lambda: random_affine(torch.rand(1, 1, 4, 6), generator=None, dihedral=True), ValueError, "square"),
-    (lambda: random_affine(torch.rand(1, 1, 4, 4), generator=0), TypeError, "torch.Generator"),
-    (lambda: lighting(torch.rand(1, 1, 4, 4), generator=None, max_brightness=2), ValueError, "max_brightness"),
-    (lambda: lighting(torch.rand(1, 1, 4, 4), generator=None, p=-0.1), ValueError, "p must"),
-    (lambda: side_on(max_zoom=0.5), ValueError, "max_zoom"),
-    (lambda: side_on(p=2.0), ValueError, "p must be in [0, 1], got 2.0"),   # not p_affine: the caller wrote p
-    (lambda: top_down(p=-0.5), ValueError, "p must be in [0, 1], got -0.5"),
-    (lambda: side_on(max_zoom="big"), TypeError, "max_zoom must be a number in [1, 10], got 'big'"),
-    (lambda: side_on(p=None), TypeError, "p must be a number in [0, 1], got None"),
-    # flip is a probability: True would have meant "always", where a reader means "random flips"
-    (lambda: random_affine(torch.rand(1, 1, 4, 4), generator=None, flip=True), TypeError, "flip must be a number"),
-    (lambda: top_down(padding="nope"), ValueError, "padding"),
-    (lambda: augment(torch.rand(1, 1, 4, 4), None, "sideways"), ValueError, "side_on"),
-    (lambda: augment(torch.rand(1, 1, 4, 4), None, lambda x: x.flip(-1)), TypeError, "must take generator="),
-    (lambda: resize(torch.rand(1, 4, 4), 2), ValueError, "(N, C, H, W)"),
-    (lambda: resize(torch.rand(1, 1, 4, 4), 0), ValueError, "positive"),
-    (lambda: center_crop(torch.rand(1, 1, 4, 4), 5), ValueError, "fit"),
-    (lambda: resize(torch.rand(1, 1, 4, 4), 2.5), ValueError, "size must be a positive int or a pair"),
-    (lambda: resize(torch.rand(1, 1, 4, 4), (3,)), ValueError, "size must be a positive int or a pair"),
-    (lambda: resize(torch.rand(1, 1, 4, 4), True), ValueError, "size must be a positive int or a pair"),
-    (lambda: resize(torch.zeros(1, 1, 4, 4, dtype=torch.int64), 2), TypeError, "float or uint8"),
-    (lambda: center_crop(torch.rand(1, 1, 4, 4), (2, 0)), ValueError, "size must be a positive int or a pair"),
-    (lambda: center_crop(torch.rand(1, 1, 4, 4), 2.5), ValueError, "size must be a positive int or a pair"),
-    (lambda: center_crop([[0.0]], 1), ValueError, "(..., H, W)"),
-    (lambda: center_crop(torch.rand(5), 2), ValueError, "(..., H, W)"),
-    (lambda: affine(torch.rand(2, 1, 4, 4), torch.eye(2, 3)[None]), ValueError, "(2, 2, 3)"),
+@pytest.mark.parametrize("call, words", [
+    (lambda: random_affine(torch.rand(1, 8, 8), generator=None), r"x must be float.*\(1, 8, 8\)"),
+    (lambda: lighting(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), generator=None), "uint8"),
+    (lambda: random_affine(torch.rand(1, 1, 4, 4), generator=None, flip=1.5), r"flip.*1\.5"),
+    (lambda: random_affine(torch.rand(1, 1, 4, 4), generator=None, max_zoom=0.9), r"zoom.*0\.9"),
+    (lambda: random_affine(torch.rand(1, 1, 4, 4), generator=None, max_rotate=-1), "max_rotate"),
+    (lambda: random_affine(torch.rand(1, 1, 4, 4), generator=None, max_translate=2), "translate"),
+    (lambda: random_affine(torch.rand(1, 1, 4, 6), generator=None, dihedral=True), r"square.*4x6"),
+    (lambda: top_down(generator=None)(torch.rand(2, 1, 4, 6)), r"square.*4x6"),
+    (lambda: lighting(torch.rand(1, 1, 4, 4), generator=None, max_brightness=2), "max_brightness"),
+    (lambda: lighting(torch.rand(1, 1, 4, 4), generator=None, max_contrast=-1), "max_contrast"),
+    (lambda: lighting(torch.rand(1, 1, 4, 4), generator=None, p=-0.1), r"^p .*-0\.1"),
+    (lambda: side_on(max_zoom=0.5), r"max_zoom.*0\.5"),
+    (lambda: side_on(max_lighting=float("nan")), "max_lighting"),
+    (lambda: side_on(p=2.0), r"^p .*2\.0"),        # the caller wrote p, not p_affine
+    (lambda: top_down(p=-0.5), r"^p .*-0\.5"),
+    # flip is a probability: True would mean "always", where a reader means "random flips"
+    (lambda: random_affine(torch.rand(1, 1, 4, 4), generator=None, flip=True), "flip.*True"),
+    (lambda: center_crop(torch.rand(1, 1, 4, 4), 5), r"crop size.*\(4, 4\)"),
+    (lambda: center_crop(torch.rand(1, 1, 4, 4), (2, 0)), "crop size"),
 ])
-def test_bad_input_says_what_is_wrong(call, error, words):
-    with pytest.raises(error, match=re.escape(words)):
+def test_bad_input_says_what_is_wrong(call, words):
+    with pytest.raises(ValueError, match=words):
         call()
 
 
@@ -309,14 +294,13 @@ CALLS = {
 
 @pytest.mark.parametrize("call", CALLS.values(), ids=list(CALLS))
 @pytest.mark.parametrize("x, words", [
-    (images(3, 1, 8, 8) * 255, "found values in [0.3152, 254.3]"),   # 0..255 floats: 99% would clamp to 1
-    (images(3, 1, 8, 8) * 255, "divide by 255"),
-    (images(3, 1, 8, 8) - 0.5, "normalise after augmenting"),      # already normalised
-    (torch.full((2, 1, 4, 4), float("inf")), "[0, 1]"),
-    (nan_images(), "1 NaN pixels"),
-], ids=["0-255", "0-255 hint", "normalised", "inf", "nan"])
+    (images(3, 1, 8, 8) * 255, r"in \[0, 1\].*\[0\.3152, 254\.3\]"),  # 0..255: 99% would clamp to 1
+    (images(3, 1, 8, 8) - 0.5, r"\[-0\.\d+, 0\.\d+\]"),                     # already normalised
+    (torch.full((2, 1, 4, 4), float("inf")), "inf"),
+    (nan_images(), "nan"),
+], ids=["0-255", "normalised", "inf", "nan"])
 def test_pixels_outside_0_1_are_refused_before_any_work(call, x, words):
-    with pytest.raises(ValueError, match=re.escape(words)):
+    with pytest.raises(ValueError, match=words):
         call(x)
 
 

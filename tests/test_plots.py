@@ -85,12 +85,9 @@ def test_plot_lr_find_with_a_real_flat_sweep_never_says_suggested():
 
 
 @pytest.mark.parametrize("fields, match", [
-    (dict(lrs=[1e-3, 1e-2, 1e-1], smoothed_losses=[1.0]), "give one smoothed loss per LR"),
-    (dict(lrs=[], smoothed_losses=[]), "holds no points"),
-    (dict(lrs=[0.0, 1e-2], smoothed_losses=[1.0, 2.0]), "positive finite rates"),
-    (dict(lrs=[1e-3, 1e-2], smoothed_losses=[1.0, 2.0], suggested_lr=1e-3, suggested_index=5),
-     "suggested_index=5"),
+    (dict(lrs=[], smoothed_losses=[]), "stop=0, 0 lrs"),
     (dict(lrs=[1e-3, 1e-2], smoothed_losses=[1.0, 2.0], skip_start=2), "skip_start=2"),
+    (dict(lrs=[1e-3, 1e-2], smoothed_losses=[1.0, 2.0], stop=3), "stop=3"),
 ])
 def test_plot_lr_find_rejects_results_it_cannot_draw(fields, match):
     fields.setdefault("suggested_lr", None)
@@ -106,12 +103,10 @@ def test_plot_schedule_dict_and_list(tmp_path):
     np.testing.assert_allclose(ax.lines[1].get_xdata(), [0, 1, 2, 3])
     assert ax.get_title() == "two" and _is_png(tmp_path / "s.png")
     np.testing.assert_allclose(plot_schedule(a).axes[0].lines[0].get_ydata(), a)
-    with pytest.raises(ValueError, match="at least one"):
+    with pytest.raises(ValueError, match="schedules"):
         plot_schedule({})
-    with pytest.raises(ValueError, match="schedule 'lr' holds no steps"):
+    with pytest.raises(ValueError, match=r"schedules.*'lr': \[\]"):
         plot_schedule([])
-    with pytest.raises(ValueError, match="schedule 'b' must be a list of learning rates"):
-        plot_schedule({"a": [0.1], "b": ["fast"]})
 
 
 def test_plot_losses_epoch_axis_lines_up_with_batches(tmp_path):
@@ -132,8 +127,6 @@ def test_plot_losses_hand_made_history_without_batches():
     assert labels == ["train (running)", "valid"]
     with pytest.raises(ValueError, match="no losses"):
         plot_losses(SimpleNamespace(batch_loss=[], train_loss=[], valid_loss=[]))
-    with pytest.raises(TypeError, match=r"dict lacks \['train_loss', 'valid_loss'\]"):
-        plot_losses({"train_loss": [1.0], "valid_loss": [0.5]})
 
 
 def test_plot_losses_marks_sgdr_restarts_where_their_step_begins():
@@ -153,10 +146,10 @@ def test_plot_losses_marks_sgdr_restarts_where_their_step_begins():
     plain = plot_losses(history).axes[0]
     assert not [line for line in plain.lines if line.get_linestyle() == ":"]
     assert "SGDR restart" not in [text.get_text() for text in plain.get_legend().get_texts()]
-    for bad in ([0], [12], [2.5], [True]):
-        with pytest.raises(ValueError, match=r"not steps 1\.\.11"):
+    for bad in ([0], [12], [4, -8]):
+        with pytest.raises(ValueError, match=r"restarts.*1\.\.11"):
             plot_losses(history, restarts=bad)
-    with pytest.raises(ValueError, match="needs history.batch_loss"):
+    with pytest.raises(ValueError, match="restarts.*batch_loss"):  # nowhere to place them
         plot_losses(SimpleNamespace(train_loss=[1.0], valid_loss=[0.9]), restarts=[1])
 
 
@@ -172,18 +165,13 @@ def test_plot_augmented_shows_pixels_grey_and_rgb(tmp_path):
 
 
 def test_plot_augmented_rejects_bad_images():
-    with pytest.raises(ValueError, match="C = 1 or 3"):
-        plot_augmented({"x": torch.rand(2, 2, 8, 8)})
-    with pytest.raises(ValueError, match=r"\(K, C, H, W\)"):
+    """augment.check_images, named by the row: shape, dtype and the [0, 1] range."""
+    with pytest.raises(ValueError, match=r"rows\['x'\].*\(8, 8\)"):
         plot_augmented({"x": torch.rand(8, 8)})
-    with pytest.raises(TypeError, match="divide uint8 by 255"):
+    with pytest.raises(ValueError, match=r"rows\['x'\].*uint8"):
         plot_augmented({"x": torch.zeros(1, 1, 8, 8, dtype=torch.uint8)})
-    with pytest.raises(ValueError, match="at least one"):
-        plot_augmented({})
-    with pytest.raises(ValueError, match="row 'a' holds no images"):
-        plot_augmented({"a": torch.rand(0, 1, 4, 4)})
-    with pytest.raises(TypeError, match="rows must be a dict"):
-        plot_augmented([torch.rand(2, 1, 4, 4)])
+    with pytest.raises(ValueError, match=r"rows\['b'\].*255"):  # 0..255 floats: all white
+        plot_augmented({"a": torch.rand(1, 1, 4, 4), "b": torch.rand(1, 1, 4, 4) * 255})
 
 
 def test_plot_confusion_counts(tmp_path):
@@ -193,15 +181,17 @@ def test_plot_confusion_counts(tmp_path):
     expected = np.array([[1, 1, 0], [0, 2, 1], [0, 0, 1]])
     np.testing.assert_array_equal(fig.axes[0].images[0].get_array(), expected)
     assert fig.axes[0].get_title() == "accuracy 0.667" and _is_png(tmp_path / "c.png")
-    with pytest.raises(ValueError, match="0..2"):
+    with pytest.raises(ValueError, match=r"0\.\.2"):
         plot_confusion([0, 3], [0, 1], ["a", "b", "c"])
-    with pytest.raises(ValueError, match="2 labels"):
+    with pytest.raises(ValueError, match=r"0\.\.2"):
+        plot_confusion([0, -1], [0, 1], ["a", "b", "c"])
+    with pytest.raises(ValueError, match="2, 1"):  # one label would broadcast against two
         plot_confusion([0, 1], [0], ["a", "b", "c"])
-    with pytest.raises(ValueError, match="classes is empty"):
+    with pytest.raises(ValueError, match=r"0\.\.-1"):
         plot_confusion([0], [0], [])
-    with pytest.raises(ValueError, match=r"pass probs.argmax\(1\)"):  # probabilities, not classes
+    with pytest.raises(ValueError, match=r"y_pred.*\[2, 2\]"):  # probabilities, not classes
         plot_confusion([0, 1], torch.tensor([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"])
-    with pytest.raises(ValueError, match="whole class indices"):  # would truncate to class 0
+    with pytest.raises(ValueError, match="y_pred.*float"):  # would truncate to class 0
         plot_confusion([0, 1], [0.9, 0.7], ["a", "b"])
 
 
@@ -217,23 +207,24 @@ def test_plot_top_losses_worst_first(tmp_path):
     np.testing.assert_allclose(shown[0].images[0].get_array(), x[2, 0].numpy())
     assert shown[1].get_title() == "cat/dog\n0.92/0.40"
     assert _is_png(tmp_path / "t.png")
-    with pytest.raises(ValueError, match="must agree"):
-        plot_top_losses(x, y[:3], probs, ["cat", "dog"])
-    with pytest.raises(ValueError, match="k must be"):
-        plot_top_losses(x, y, probs, ["cat", "dog"], k=0)
-    with pytest.raises(ValueError, match="k must be"):
-        plot_top_losses(x, y, probs, ["cat", "dog"], k=2.5)
-    with pytest.raises(ValueError, match=r"y_true must lie in 0..1"):
-        plot_top_losses(x, torch.tensor([0, 1, 5, 1]), probs, ["cat", "dog"])
-    with pytest.raises(ValueError, match="probs has 2 columns but classes names 3"):
-        plot_top_losses(x, y, probs, ["cat", "dog", "cow"])
-    with pytest.raises(ValueError, match="no images given"):
-        plot_top_losses(x[:0], y[:0], probs[:0], ["cat", "dog"])
+    cases = [((x, y[:3], probs, ["cat", "dog"]), {}, "4, 3, "),
+             ((x, y, probs, ["cat", "dog"]), dict(k=0), "k=0"),
+             ((x, y, probs, ["cat", "dog"]), dict(k=-1), "k=-1"),  # would show all but one
+             ((x, torch.tensor([0, 1, 5, 1]), probs, ["cat", "dog"]), {}, r"y_true.*0\.\.1"),
+             ((x, torch.tensor([0, 1, -1, 1]), probs, ["cat", "dog"]), {}, r"y_true.*0\.\.1"),
+             ((x, y, probs, ["cat", "dog", "cow"]), {}, r"probs \(N, 3\).*\(4, 2\)"),
+             ((x[:0], y[:0], probs[:0], ["cat", "dog"]), {}, "N > 0")]
+    for args, kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            plot_top_losses(*args, **kwargs)
+    with pytest.raises(ValueError, match=r"x must be float.*\[0, 1\]"):  # normalised images
+        plot_top_losses(x - 0.5, y, probs, ["cat", "dog"])
 
 
 def test_path_must_be_png(tmp_path):
-    with pytest.raises(ValueError, match=".png"):
+    with pytest.raises(ValueError, match=r"\.png.*s\.jpg"):
         plot_schedule([0.1], tmp_path / "s.jpg")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_full_disk_while_saving_a_figure_keeps_the_old_png(tmp_path, monkeypatch):
