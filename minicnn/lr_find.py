@@ -1,5 +1,4 @@
-"""The LR range test: raise the LR exponentially batch by batch, watch the loss, put
-everything back.
+"""LR range test: raise the LR exponentially batch by batch, watch the loss, put everything back.
 
     lr_i = start_lr * (end_lr / start_lr) ** (i / (num_iter - 1))       i = 0 .. num_iter-1
     avg_i = beta * avg_{i-1} + (1 - beta) * loss_i,  avg_{-1} = 0
@@ -10,13 +9,11 @@ the optimizer and the RNG states are as they were, bit for bit. suggest_lr: the 
 lr, of the longest run of steps falling at least as steeply as the mean descent to the minimum.
 Sources: Smith 2015, "Cyclical Learning Rates for Training Neural Networks"; fast.ai 2018
 lesson 2, steps 2 and 7 ("the highest rate where the loss is clearly improving").
-docs/lr_find.md: the rule step by step, what is restored, and fastai, Lightning, pytorch-lr-finder.
-Needs minicnn/fit_checks.py: its words for torch's errors on a batch (labels, BatchNorm, ...).
+Needs minicnn/fit_checks.py (raise_clearly). docs/lr_find.md: the rule, what is restored, peers.
 """
 import copy
 import itertools
 import math
-import numbers
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -104,12 +101,8 @@ def lr_find(model, train_batches, opt, *, loss_fn=F.cross_entropy, start_lr=1e-7
     train_batches: (x, y) minibatches, read again from the start when they run out (Batches as
     .epoch(0), .epoch(1), ...; a list or a DataLoader with iter()); moved to the model's device.
     """
-    _check_args(start_lr, end_lr, num_iter, beta, diverge, skip_start, loss_fn)
-    last_lr = opt.param_groups[-1]["lr"]
-    if not last_lr > 0:
-        raise ValueError(f"the last param group's lr is {last_lr}; it must be > 0: the groups' LRs "
-                         "give the ratios the sweep keeps")
-    ratios = [group["lr"] / last_lr for group in opt.param_groups]
+    _check_args(opt, start_lr, end_lr, num_iter, beta, diverge)
+    ratios = [group["lr"] / opt.param_groups[-1]["lr"] for group in opt.param_groups]  # they stay
     device = torch.device(device) if device is not None else next(model.parameters()).device
     saved = _save_state(model, opt)
     lrs, losses, smoothed, avg, best, stop_reason = [], [], [], 0.0, math.inf, None
@@ -145,47 +138,23 @@ def lr_find(model, train_batches, opt, *, loss_fn=F.cross_entropy, start_lr=1e-7
     finally:
         _restore_state(model, opt, saved)
     if not lrs:
-        raise ValueError("train_batches yielded no batches "
-                         "(an empty list, or a generator already used up?)")
+        raise ValueError("lr_find: train_batches gave no batches (a generator already used up?)")
     if stop_reason is None:
         stop_reason = f"ran {num_iter} steps" if len(lrs) == num_iter else (
-            f"the batches ran out after {len(lrs)} of {num_iter} steps, at lr {lrs[-1]:.2g} "
-            f"(end_lr {end_lr:g}): a one-shot generator or iterator gives one pass only; pass a "
-            "list, a DataLoader or Batches")
+            f"the batches ran out after {len(lrs)} of {num_iter} steps, at lr {lrs[-1]:.2g}: a "
+            "one-shot generator gives one pass; pass a list, a DataLoader or Batches")
     s = suggest_lr(lrs, smoothed, skip_start=skip_start)
     return LRFindResult(lrs, losses, smoothed, s.lr, s.index, RULE, f"{s.reason}; {stop_reason}",
                         s.loss_fell, s.skip_start, s.stop, stop_reason)
 
 
-def _check_args(start_lr, end_lr, num_iter, beta, diverge, skip_start, loss_fn):
-    for name, value in (("start_lr", start_lr), ("end_lr", end_lr), ("beta", beta),
-                        ("diverge", diverge)):
-        if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-                or not math.isfinite(value)):
-            raise TypeError(f"lr_find: {name} must be a finite number, got {value!r}")
-    for name, value in (("num_iter", num_iter),
-                        ("skip_start", 0 if skip_start is None else skip_start)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"lr_find: {name} must be an integer, got {value!r}")
-    if not 0 < start_lr < end_lr:
-        raise ValueError(f"need 0 < start_lr < end_lr, got {start_lr} and {end_lr}")
-    if num_iter < 2 or not 0 <= beta < 1 or diverge <= 1 or (skip_start or 0) < 0:
-        raise ValueError("need num_iter >= 2, 0 <= beta < 1, diverge > 1, skip_start >= 0; "
-                         f"got {num_iter}, {beta}, {diverge}, {skip_start}")
-    if not callable(loss_fn):
-        raise TypeError(f"lr_find: loss_fn must be a function (logits, y) -> loss, got {loss_fn!r}")
-
-
 def _cycle(batches):
-    """Epoch after epoch; Batches is read as .epoch(0), .epoch(1).. so the test never moves it
-    on."""
+    """Pass after pass; Batches as .epoch(0), .epoch(1), ..., so its own epoch counter stays."""
     for e in itertools.count():
-        epoch = batches.epoch(e) if hasattr(batches, "epoch") else iter(batches)
-        empty = True
-        for xy in epoch:
-            empty = False
+        n = 0
+        for n, xy in enumerate(batches.epoch(e) if hasattr(batches, "epoch") else batches, 1):
             yield xy
-        if empty:
+        if n == 0:  # an empty pass: a used-up generator, or no batches at all
             return
 
 
@@ -217,3 +186,15 @@ def _restore_state(model, opt, saved):
     torch.set_rng_state(saved["rng"])
     if saved["cuda_rng"] is not None:
         torch.cuda.set_rng_state_all(saved["cuda_rng"])
+
+
+def _check_args(opt, start_lr, end_lr, num_iter, beta, diverge):
+    """Each rule broken would give a sweep of NaN, or none (NaN fails every comparison)."""
+    last_lr = opt.param_groups[-1]["lr"]  # the groups' LRs give the ratios the sweep keeps
+    for rule, value, ok in (
+            ("0 < start_lr < end_lr < inf", (start_lr, end_lr), 0 < start_lr < end_lr < math.inf),
+            ("num_iter >= 2", num_iter, num_iter >= 2), ("0 <= beta < 1", beta, 0 <= beta < 1),
+            ("diverge > 1", diverge, diverge > 1),
+            ("the last param group's lr > 0", last_lr, last_lr > 0)):
+        if not ok:
+            raise ValueError(f"lr_find needs {rule}, got {value}")

@@ -421,8 +421,7 @@ def _mismatches(rank):
             ("gather", lambda: gather(torch.zeros(3, 2 + rank))),
             ("broadcast", lambda: distributed.broadcast_weights(nn.Linear(4, 2 + rank))),
             ("shard", lambda: Shard(Batches(*blobs(), 8, shuffle=True))),  # seed from each rank's own RNG
-            ("average", lambda: distributed.average_gradients(*_gradients(rank, layers=1 + rank))),
-            ("setup", lambda: distributed.setup())]:
+            ("average", lambda: distributed.average_gradients(*_gradients(rank, layers=1 + rank)))]:
         torch.manual_seed(rank)
         try:
             call()
@@ -442,11 +441,11 @@ def _gradients(rank, layers=1):
 
 def test_what_must_agree_across_ranks_is_checked_on_every_rank(tmp_path):
     for errors in values(run_ranks(_mismatches, folder=tmp_path)):
-        assert "differ beyond their first dimension" in errors["gather"]
-        assert "models' tensors" in errors["broadcast"] and "differ across ranks" in errors["broadcast"]
-        assert "seeds" in errors["shard"] and "differ across ranks" in errors["shard"]
-        assert "freeze, unfreeze and bn_freeze on every rank" in errors["average"]
-        assert errors["setup"].startswith("RuntimeError: setup: the process group is already set up")
+        assert errors["gather"].startswith("ValueError: gather") and "dimension" in errors["gather"]
+        for name, words in [("broadcast", "broadcast_weights"), ("shard", "seeds"),
+                            ("average", "freeze")]:
+            assert errors[name].startswith("ValueError") and words in errors[name], errors[name]
+            assert "differ across ranks" in errors[name]
 
 
 def _average_and_fit_without_hooks(rank):
@@ -510,8 +509,6 @@ def test_without_torchrun_everything_is_one_process(no_torchrun):
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))  # untouched, not g * n / n
     assert distributed.broadcast_weights(model) is model
     assert run_on_main(lambda a, b=0: a + b, 1, b=2) == 3
-    assert distributed.global_batch_and_lr(64, 0.1) == (64, 0.1)
-    assert distributed.global_batch_and_lr(64, 0.1, per_rank=True, world_size=4) == (256, 0.4)
     distributed.teardown()  # nothing to end
 
 
@@ -536,73 +533,27 @@ def test_shards_cover_every_global_batch_once_in_order():
 
 def test_bad_input_to_the_helpers_is_refused_by_name():
     batches = global_batches()
-    with pytest.raises(ValueError, match="rank= and world_size= together"):
-        Shard(batches, rank=0)
-    with pytest.raises(ValueError, match=r"rank=2 must be in 0 .. world_size - 1 = 1"):
+    with pytest.raises(ValueError, match=r"rank=2.*world_size"):  # else an empty share, silently
         Shard(batches, rank=2, world_size=2)
-    with pytest.raises(ValueError, match="world_size must be an int >= 1"):
+    with pytest.raises(ValueError, match=r"rank=0.*world_size"):
         rank_slice(10, rank=0, world_size=0)
-    with pytest.raises(TypeError, match="must have a len"):
-        Shard(iter(batches), rank=0, world_size=2)
-    with pytest.raises(ValueError, match="batches of 4 sample.* cannot be shared by 8 ranks"):
+    with pytest.raises(ValueError, match=r"batch of 4.*8 ranks"):  # seen when the Shard is built
         Shard(Batches(*blobs(), 4, shuffle=False), rank=0, world_size=8)
-    with pytest.raises(ValueError, match="batches of 1 sample.*drop_last=True"):
+    with pytest.raises(ValueError, match=r"batch of 1.*drop_last"):
         Shard(Batches(*blobs(41), 8, shuffle=False), rank=0, world_size=2)  # 41 = 5 x 8 + 1
     Shard(Batches(*blobs(41), 8, shuffle=False, drop_last=True), rank=0, world_size=2)
     short = Shard([blobs(8), blobs(1)], rank=1, world_size=2)  # a list: seen only when read
-    with pytest.raises(ValueError, match="a batch of 1 sample"):
+    with pytest.raises(ValueError, match=r"batch of 1.*2 ranks"):
         list(short.epoch(0))
-    with pytest.raises(ValueError, match="3 samples cannot be shared by 4 ranks"):
-        rank_slice(3, rank=0, world_size=4)
-    with pytest.raises(ValueError, match="n must be an int >= 0"):
-        rank_slice(2.0)
-    with pytest.raises(TypeError, match="must be a tensor"):
-        gather([1, 2])
-    with pytest.raises(TypeError, match="model must be an nn.Module"):
-        distributed.average_gradients("model", 3)
-    with pytest.raises(ValueError, match="n must be >= 1"):
-        distributed.average_gradients(mlp(), 0)
-    with pytest.raises(ValueError, match="loss a number"):
-        distributed.average_gradients(mlp(), 3, loss="0.5")
-    with pytest.raises(TypeError, match="model must be an nn.Module"):
-        distributed.broadcast_weights({"weight": torch.zeros(2)})
-    with pytest.raises(TypeError, match="fn must be callable"):
-        run_on_main(0.1)
-    with pytest.raises(ValueError, match="lr must be a number > 0"):
-        distributed.global_batch_and_lr(64, float("nan"))
-    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
-        distributed.global_batch_and_lr(0, 0.1)
 
 
-@pytest.mark.parametrize("env, error, match", [
-    ({"RANK": "0"}, RuntimeError, "WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not: start every process with"),
-    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, RuntimeError, "MASTER_ADDR, MASTER_PORT not"),
-    ({"RANK": "one", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, ValueError, "must be integers"),
-    ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, ValueError, "need 0 <= RANK, LOCAL_RANK < WORLD_SIZE"),
-])
-def test_setup_refuses_a_partial_or_wrong_environment(env, error, match, no_torchrun):
-    if "MASTER_ADDR" not in match:
-        no_torchrun.setenv("MASTER_ADDR", "127.0.0.1")
-        no_torchrun.setenv("MASTER_PORT", "29500")
-    for name, value in env.items():
+def test_setup_refuses_a_rank_outside_the_world(no_torchrun):
+    """RANK >= WORLD_SIZE: init_process_group would wait, until its timeout, for a missing rank."""
+    for name, value in dict(RANK="2", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="29500").items():
         no_torchrun.setenv(name, value)
-    with pytest.raises(error, match=match):
+    with pytest.raises(ValueError, match=r"RANK=2.*WORLD_SIZE"):
         distributed.setup()
-    assert not torch.distributed.is_initialized()
-
-
-@pytest.mark.parametrize("kwargs, match", [
-    ({"backend": "mpi"}, "backend='mpi'; use 'gloo'"),
-    ({"backend": "nccl"} if not torch.cuda.is_available() else {"timeout": -1}, "nccl|timeout"),
-    ({"timeout": 0}, "timeout must be a number of seconds > 0"),
-    ({"timeout": "5"}, "timeout must be a number of seconds > 0"),
-])
-def test_setup_refuses_a_bad_backend_or_timeout(kwargs, match, no_torchrun):
-    for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                            MASTER_PORT=str(_free_port())).items():
-        no_torchrun.setenv(name, value)
-    with pytest.raises(ValueError, match=match):
-        distributed.setup(**kwargs)
     assert not torch.distributed.is_initialized()
 
 
@@ -612,5 +563,5 @@ def test_setup_refuses_more_processes_than_gpus(no_torchrun):
         no_torchrun.setenv(name, value)
     no_torchrun.setattr(torch.cuda, "is_available", lambda: True)
     no_torchrun.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(RuntimeError, match="LOCAL_RANK=1 but this machine has 1 GPU"):
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK=1.*1 GPU.*nproc_per_node"):
         distributed.setup()

@@ -153,7 +153,7 @@ def test_fewer_batches_than_steps_cycles_through_epochs_in_order():
     assert len(r.lrs) == 5
     expected = [y for e in range(3) for _, y in data.epoch(e)][:5]
     assert all(torch.equal(a, b) for a, b in zip(labels, expected))
-    with pytest.raises(ValueError, match="no batches"):
+    with pytest.raises(ValueError, match="train_batches gave no batches"):
         lr_find(model, [], torch.optim.SGD(model.parameters(), lr=0.1))
 
 
@@ -172,7 +172,7 @@ def test_groups_keep_their_ratios_and_get_theirs_back():
         assert lr2 == lr and lr0 == pytest.approx(lr / 30) and lr1 == pytest.approx(lr / 10)
     assert [g["lr"] for g in opt.param_groups] == [0.001, 0.003, 0.03]
     opt.param_groups[-1]["lr"] = 0.0
-    with pytest.raises(ValueError, match="last param group"):
+    with pytest.raises(ValueError, match="last param group's lr > 0, got 0.0"):
         lr_find(model, tiny_data(), opt)
 
 
@@ -253,32 +253,31 @@ def test_label_and_batchnorm_errors_of_the_sweep_say_what_to_do():
     x, y = torch.rand(8, 1, 6, 6), torch.tensor([0, 1, 2, 1, 0, 2, 1, 0])
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = _snapshot(model, opt)
-    with pytest.raises(ValueError, match=r"lr_find, step 0: labels must be class indices.*run 0 \.\. 9"):
+    with pytest.raises(ValueError, match=r"lr_find, step 0: labels run 0 \.\. 9"):
         lr_find(model, [(x, torch.where(y == 2, 9, y))], opt)
-    with pytest.raises(TypeError, match=r"the labels are torch.float32.*y\.long\(\)"):
+    with pytest.raises(TypeError, match=r"labels are torch.float32.*y\.long\(\)"):
         lr_find(model, [(x, y.float())], opt)
     _assert_same(before, _snapshot(model, opt))  # restored after the error too
     net = nn.Sequential(nn.Flatten(), nn.Linear(36, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
-    with pytest.raises(ValueError, match="lr_find, step 1: a training batch of 1 sample.*drop_last=True"):
+    with pytest.raises(ValueError, match="lr_find, step 1: a batch of 1 sample.*drop_last=True"):
         lr_find(net, [(x, y), (x[:1], y[:1])], torch.optim.SGD(net.parameters(), lr=0.1))
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(start_lr=0), ValueError, "start_lr"), (dict(start_lr=1, end_lr=0.1), ValueError, "start_lr"),
-    (dict(num_iter=1), ValueError, "num_iter"), (dict(beta=1.0), ValueError, "beta"),
-    (dict(diverge=1.0), ValueError, "diverge"), (dict(skip_start=-1), ValueError, "skip_start >= 0"),
-    (dict(num_iter=10.5), TypeError, "num_iter must be an integer"),
-    (dict(skip_start=2.0), TypeError, "skip_start must be an integer"),
-    (dict(end_lr=math.nan), TypeError, "end_lr must be a finite number"),
-    (dict(start_lr="1e-7"), TypeError, "start_lr must be a finite number"),
-    (dict(beta=None), TypeError, "beta must be a finite number"),
-    (dict(loss_fn="cross_entropy"), TypeError, "loss_fn must be a function"),
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(start_lr=0), r"start_lr < end_lr.*\(0, 10.0\)"),
+    (dict(start_lr=1, end_lr=0.1), r"start_lr < end_lr.*\(1, 0.1\)"),
+    (dict(end_lr=math.nan), r"end_lr < inf.*nan"), (dict(end_lr=math.inf), r"end_lr < inf.*inf"),
+    (dict(num_iter=1), "num_iter >= 2, got 1"), (dict(beta=1.0), "beta < 1, got 1.0"),
+    (dict(beta=math.nan), "beta < 1, got nan"), (dict(diverge=1.0), "diverge > 1, got 1.0"),
+    (dict(diverge=math.nan), "diverge > 1, got nan"),
 ])
-def test_bad_arguments(kwargs, error, match):
+def test_bad_arguments(kwargs, match):
     model = Scalar()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    with pytest.raises(error, match=match):
+    before = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=match):
         lr_find(model, ONE_BATCH, opt, **{"loss_fn": quadratic(1.0), **kwargs})
+    _assert_same(before, _snapshot(model, opt))
 
 
 def test_suggest_needs_one_loss_per_lr():
