@@ -34,18 +34,16 @@ def read_idx(path):
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:  # gzip raises these for truncated or non-gzip files
-        raise ValueError(f"{path}: cannot read ({e}); delete it and fetch the data again") from e
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path}: not an IDX file of uint8 (bad magic number {raw[:4].hex()})")
+        raise ValueError(f"{path}: cannot read ({e}); delete it and fetch it again") from e
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":  # 0x08: unsigned bytes
+        raise ValueError(f"{path}: not an IDX file of uint8 (magic number {raw[:4].hex()})")
     ndim = raw[3]
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(f"{path}: truncated header")
+    # D sizes, big-endian uint32 each (a short header reads as too few bytes below)
     shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     expected = header + int(torch.tensor(shape).prod())
     if len(raw) != expected:
-        raise ValueError(f"{path}: {len(raw)} bytes, the header {shape} says {expected}; "
-                         "the file is truncated or corrupt")
+        raise ValueError(f"{path}: {len(raw)} bytes, its header says {expected}: truncated?")
     if expected == header:  # no values (frombuffer refuses an empty buffer)
         return torch.empty(shape, dtype=torch.uint8)
     return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
@@ -61,9 +59,6 @@ def _find_idx(folder, name):
 def _explicit(root):
     """The folder the caller named -> (what, folder), or None: root= first, then $MINICNN_DATA."""
     if root is not None:
-        if str(root) == "":
-            raise ValueError("root='' names no folder: pass the folder of the four IDX files, "
-                             "or None")
         return f"root={root}", Path(root)
     if os.environ.get("MINICNN_DATA"):  # set and not empty
         return f"MINICNN_DATA={os.environ['MINICNN_DATA']}", Path(os.environ["MINICNN_DATA"])
@@ -87,35 +82,26 @@ def load_fashion_mnist(root=None):
     found = [{key: _find_idx(folder, name) for key, name in IDX_FILES.items()}
              for folder in folders]
     paths = next((p for p in found if all(p.values())), None)
-    if paths is None and explicit:
+    if paths is None and explicit:  # used or refused, never replaced by another folder
         what, folder = explicit
         if not folder.is_dir():
-            raise FileNotFoundError(f"{what}: no such folder; pass the folder that holds the four "
-                                    "Fashion-MNIST IDX files "
-                                    f"({', '.join(IDX_FILES.values())}, .gz or not)")
+            raise FileNotFoundError(f"{what}: no such folder")
         best = max(found, key=lambda p: sum(v is not None for v in p.values()))
         missing = [IDX_FILES[key] for key, path in best.items() if path is None]
-        raise FileNotFoundError(
-            f"{what}: {folder} lacks {', '.join(missing)} (or .gz); it holds "
-            f"{4 - len(missing)} of the 4 Fashion-MNIST IDX files. A folder you name is used or "
-            "refused, never replaced: put the missing files there"
-            + (", or unset MINICNN_DATA to use Debian's copy or the user cache." if root is None
-               else "."))
+        raise FileNotFoundError(f"{what}: lacks {', '.join(missing)} (or .gz); put them there"
+                                + (", or unset MINICNN_DATA" if root is None else ""))
     if paths is None:
-        raise FileNotFoundError(
-            "Fashion-MNIST not found in " + ", ".join(map(str, folders))
-            + ". Get it with `apt-get install dataset-fashion-mnist` (Debian), or "
-            "`python -m minicnn.fashion_mnist --download` (torchvision, needs internet), or put "
-            "the four IDX files in a folder and pass root= or set MINICNN_DATA.")
+        raise FileNotFoundError(f"Fashion-MNIST not in {', '.join(map(str, folders))}: "
+                                "apt-get install dataset-fashion-mnist, or python -m "
+                                "minicnn.fashion_mnist --download, or pass root=")
     arrays = {key: read_idx(path) for key, path in paths.items()}
     for split in ("train", "test"):
         x, y = arrays[split + "_x"], arrays[split + "_y"]
-        if (x.dim() != 3 or x.shape[1:] != (28, 28) or y.dim() != 1 or len(x) != len(y)
-                or len(y) == 0):
-            raise ValueError(f"{paths[split + '_x']}: images {tuple(x.shape)} and labels "
-                             f"{tuple(y.shape)} do not make (N, 28, 28) images with N >= 1 labels")
-        if int(y.max()) >= 10:
-            raise ValueError(f"{paths[split + '_y']}: label {int(y.max())} is not one of 0..9")
+        # (N, 28, 28) images, N labels 0..9: else a mixed-up file would train on wrong pairs
+        top = int(y.max()) if len(y) else None
+        if x.shape[1:] != (28, 28) or y.shape != (len(x),) or top is None or top > 9:
+            raise ValueError(f"{paths[split + '_x']}, {paths[split + '_y']}: {tuple(x.shape)} "
+                             f"images, {tuple(y.shape)} labels up to {top}; want N >= 1, 0..9")
     return ((arrays["train_x"].unsqueeze(1), arrays["train_y"].long()),
             (arrays["test_x"].unsqueeze(1), arrays["test_y"].long()), list(FASHION_MNIST_CLASSES))
 

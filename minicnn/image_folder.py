@@ -26,13 +26,47 @@ SUPPORTED = ", ".join(sorted(IMAGE_SUFFIXES))
 CPP_SOURCE = re.compile(r"^[\w ]+, \S+:\d+, ")
 
 
+def _decode(path, io):
+    """One image file -> (uint8 (3, H, W), frames): 16-bit scaled to 8 bits, an animation's
+    first frame."""
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"a symlink to {os.readlink(path)}, which does not exist")
+    # (3, H, W), uint8 or uint16
+    image, frames = io.decode_image(str(path), mode=io.ImageReadMode.RGB), 1
+    if image.dim() == 4:  # an animated GIF: (frames, 3, H, W)
+        frames, image = len(image), image[0]
+    if image.dtype == torch.uint16:  # 16-bit PNG: v8 = round(v16 * 255 / 65535)
+        image = ((image.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
+    return image, frames
+
+
+def load_images(paths, size, broken, animated):
+    """Decode, make RGB, resize the short side to size, centre-crop -> uint8 (N, 3, size, size).
+    A file that will not decode is appended to broken, an animation to animated."""
+    import torchvision.transforms.v2.functional as TF
+    # torchvision 0.29 warns that torchcodec will take decoding over
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import torchvision.io as io
+        images = []
+        for path in paths:
+            try:
+                image, frames = _decode(path, io)
+            except Exception as e:  # RuntimeError or ValueError, depending on the codec
+                broken.append(f"{path} ({CPP_SOURCE.sub('', str(e))})")
+                continue
+            if frames > 1:
+                animated.append(f"{path} ({frames} frames)")
+            images.append(TF.center_crop(TF.resize(image, size, antialias=True), [size, size]))
+    return torch.stack(images) if images and not broken else None
+
+
 def _entries(folder):
     """The entries of a folder, sorted; a folder that cannot be listed is named."""
     try:
         return sorted(folder.iterdir())
     except OSError as e:
-        raise ValueError(f"{folder}: cannot list it ({e.strerror}); "
-                         "check that it is a readable folder") from e
+        raise ValueError(f"{folder}: cannot list it ({e.strerror})") from e
 
 
 def _is_image(p):
@@ -84,51 +118,12 @@ def _scan_split(split, problems, skipped, classes=None):
     return files
 
 
-def _decode(path, io):
-    """One image file -> (uint8 (3, H, W), frames): 16-bit scaled to 8 bits, an animation's
-    first frame."""
-    if path.is_symlink() and not path.exists():
-        raise ValueError(f"a symlink to {os.readlink(path)}, which does not exist")
-    # (3, H, W), uint8 or uint16
-    image, frames = io.decode_image(str(path), mode=io.ImageReadMode.RGB), 1
-    if image.dim() == 4:  # an animated GIF: (frames, 3, H, W)
-        frames, image = len(image), image[0]
-    if image.dtype == torch.uint16:  # 16-bit PNG: v8 = round(v16 * 255 / 65535)
-        image = ((image.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
-    return image, frames
-
-
-def load_images(paths, size, broken, animated):
-    """Decode, make RGB, resize the short side to size, centre-crop -> uint8 (N, 3, size, size).
-    A file that will not decode is appended to broken, an animation to animated."""
-    import torchvision.transforms.v2.functional as TF
-    # torchvision 0.29 warns that torchcodec will take decoding over
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import torchvision.io as io
-        images = []
-        for path in paths:
-            try:
-                image, frames = _decode(path, io)
-            except Exception as e:  # RuntimeError or ValueError, depending on the codec
-                broken.append(f"{path} ({CPP_SOURCE.sub('', str(e))})")
-                continue
-            if frames > 1:
-                animated.append(f"{path} ({frames} frames)")
-            images.append(TF.center_crop(TF.resize(image, size, antialias=True), [size, size]))
-    return torch.stack(images) if images and not broken else None
-
-
 def load_image_folder(path, size):
     """train/<class>/*, valid/<class>/* (and optional test/*) -> ImageFolder of uint8 tensors.
     The whole tree is checked before any image is decoded; every problem is named in one error."""
-    given = size
-    try:
-        size = None if isinstance(size, bool) else operator.index(size)
-    except TypeError:
-        size = None
-    if size is None or size < 1:
-        raise ValueError(f"size must be an int >= 1 (the side of the square images), got {given!r}")
+    size = operator.index(size)  # an int: 2.5 or "64" is a TypeError here, before any work
+    if size < 1:
+        raise ValueError(f"size={size}: give the side of the square images, 1 or more")
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such folder")

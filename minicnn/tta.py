@@ -10,25 +10,7 @@ Source: fast.ai 2018 lesson 2 (learn.TTA(): the plain view plus 4 augmented view
 Learner.tta (n=4, beta=0.25). Copied alone it works with any augment function; a preset given
 by name ("side_on") needs minicnn/augment.py too (imported only then).
 """
-import numbers
-
 import torch
-
-
-def _augmentation(augment, generator):
-    if isinstance(augment, str):
-        from minicnn.augment import AUGMENTATIONS               # only for a preset given by name
-        if augment not in AUGMENTATIONS:
-            raise ValueError(f"augment must be one of {sorted(AUGMENTATIONS)} or a function "
-                             f"x -> x, got {augment!r}")
-        return AUGMENTATIONS[augment](generator=generator)
-    if not callable(augment):
-        raise TypeError("augment must be a function x -> x or a preset name, "
-                        f"got {type(augment).__name__}")
-    if generator is not None:
-        raise ValueError("generator is used only with a preset name; a function x -> x draws from "
-                         "its own generator (make it with side_on(generator=g))")
-    return augment
 
 
 def predict_tta(model, batches, *, augment, n_aug=4, generator=None, beta=None):
@@ -39,20 +21,9 @@ def predict_tta(model, batches, *, augment, n_aug=4, generator=None, beta=None):
     n_aug: augmented views per image (0: the plain prediction).
     beta: weight of the plain view (fastai 2 uses 0.25); None: all n_aug + 1 views equal.
     """
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a module (x -> logits), got {type(model).__name__}")
-    if isinstance(batches, torch.Tensor) or not hasattr(batches, "__iter__"):
-        raise TypeError("batches must be an iterable of (x, y) pairs (a Batches, a DataLoader, "
-                        f"a list), got {type(batches).__name__}; "
-                        "for one tensor x pass [(x, None)]")
+    if n_aug < 0 or beta is not None and not 0 <= beta <= 1:  # NaN fails too
+        raise ValueError(f"n_aug={n_aug} must be >= 0 and beta={beta} None or in [0, 1]")
     augment = _augmentation(augment, generator)
-    if isinstance(n_aug, bool) or not isinstance(n_aug, int) or n_aug < 0:
-        raise ValueError(f"n_aug must be an int >= 0, got {n_aug!r}")
-    if beta is not None and (isinstance(beta, bool) or not isinstance(beta, numbers.Real)
-                             or not 0 <= beta <= 1):
-        raise ValueError(f"beta must be in [0, 1] or None, got {beta!r}")
-    if beta is not None and n_aug == 0 and beta != 1:
-        raise ValueError("beta mixes the plain view with augmented ones; give n_aug >= 1")
     # eval mode (running BN statistics, no dropout); each module's own mode is put back, even
     # after an error, so a frozen BN inside a training model stays in eval mode
     modes = {module: module.training for module in model.modules()}
@@ -65,31 +36,8 @@ def predict_tta(model, batches, *, augment, n_aug=4, generator=None, beta=None):
         for module, training in modes.items():
             module.training = training
     if not probs:
-        raise ValueError("predict_tta got no batches "
-                         "(an empty dataset, or an iterator already used up?)")
+        raise ValueError("predict_tta got no batches (an empty data set, or an iterator used up?)")
     return torch.cat(probs)
-
-
-def _images(batch, i):
-    """x of batch i, a pair (x, y): float images (B, C, H, W)."""
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        what = (f"a tensor of shape {tuple(batch.shape)}" if isinstance(batch, torch.Tensor)
-                else type(batch).__name__)
-        raise TypeError(f"batch {i} must be a pair (x, y), got {what}; "
-                        "pass [(x, None)] for images alone")
-    x = batch[0]
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-        raise TypeError(f"batch {i}: x must be float images in [0, 1], got {what}; "
-                        "convert uint8 with x.float() / 255")
-    return x
-
-
-def _softmax(logits, x):
-    if logits.dim() != 2 or len(logits) != len(x):
-        raise ValueError(f"the model gave {tuple(logits.shape)} for {len(x)} images; "
-                         f"predict_tta needs logits ({len(x)}, n_classes)")
-    return torch.softmax(logits, dim=1)                                  # (B, n_classes)
 
 
 def _predict_batch(model, x, augment, n_aug, beta):
@@ -101,3 +49,28 @@ def _predict_batch(model, x, augment, n_aug, beta):
     if beta is None:
         return (plain + n_aug * augmented) / (n_aug + 1)  # (p_plain + sum p_aug) / (n + 1)
     return beta * plain + (1 - beta) * augmented          # beta * p_plain + (1 - beta) * mean
+
+
+def _softmax(logits, x):
+    """softmax(logits) (B, n_classes) for the B images of x; torch would broadcast other shapes."""
+    if logits.dim() != 2 or len(logits) != len(x):
+        raise ValueError(f"the model gave {tuple(logits.shape)} for {len(x)} images: not logits")
+    return torch.softmax(logits, dim=1)                                  # (B, n_classes)
+
+
+def _augmentation(augment, generator):
+    """A preset name -> its function, drawing from generator; a function x -> x as it is."""
+    if isinstance(augment, str):
+        from minicnn.augment import AUGMENTATIONS               # only for a preset given by name
+        return AUGMENTATIONS[augment](generator=generator)    # KeyError: not a preset's name
+    if generator is not None:  # it would be ignored: a function draws from its own generator
+        raise ValueError("generator is only for a preset name; seed your function's own")
+    return augment
+
+
+def _images(batch, i):
+    """x of batch i, a pair (x, y): float images (B, C, H, W)."""
+    x = batch[0]  # a batch that is one tensor (batches = x, or [x]) gives images of 2 or 3 dims
+    if not (x.is_floating_point() and x.dim() == 4):  # the model would fail deep inside
+        raise TypeError(f"batch {i}: x is {x.dtype} {tuple(x.shape)}; need float x (B, C, H, W)")
+    return x

@@ -57,13 +57,13 @@ def test_fashion_mnist_reads_idx_values_and_shapes(tmp_path, gz):
 
 def test_truncated_idx_names_the_file(tmp_path):
     write_fashion(tmp_path, corrupt="t10k-images-idx3-ubyte")
-    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.*truncated or corrupt"):
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.*bytes"):
         load_fashion_mnist(tmp_path)
 
 
 def test_bad_magic_and_broken_gzip_are_named(tmp_path):
     (tmp_path / "a").write_bytes(b"\x00\x00\x09\x01\x00\x00\x00\x01\x05")
-    with pytest.raises(ValueError, match="a: not an IDX file"):
+    with pytest.raises(ValueError, match="a: not an IDX"):
         read_idx(tmp_path / "a")
     (tmp_path / "b.gz").write_bytes(b"this is not gzip")
     with pytest.raises(ValueError, match="b.gz: cannot read"):
@@ -73,7 +73,7 @@ def test_bad_magic_and_broken_gzip_are_named(tmp_path):
 def test_labels_out_of_range_are_refused(tmp_path):
     write_fashion(tmp_path, gz=False)
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.array([0, 1, 2, 3, 4, 12])))
-    with pytest.raises(ValueError, match="label 12"):
+    with pytest.raises(ValueError, match="train-labels-idx1-ubyte.*up to 12"):
         load_fashion_mnist(tmp_path)
 
 
@@ -114,21 +114,18 @@ def test_an_incomplete_named_folder_is_refused_never_replaced(tmp_path, monkeypa
     (tmp_path / "mine").mkdir()
     write_fashion(tmp_path / "mine")
     (tmp_path / "mine" / "t10k-labels-idx1-ubyte.gz").unlink()
-    with pytest.raises(FileNotFoundError, match=r"root=.*mine.* lacks t10k-labels-idx1-ubyte \(or .gz\); "
-                                                 r"it holds 3 of the 4"):
+    with pytest.raises(FileNotFoundError, match=r"root=.*mine: lacks t10k-labels-idx1-ubyte \("):
         load_fashion_mnist(tmp_path / "mine")
     with pytest.raises(FileNotFoundError, match=r"root=.*nowhere: no such folder"):
         load_fashion_mnist(tmp_path / "nowhere")
     monkeypatch.setenv("MINICNN_DATA", str(tmp_path / "mine"))
-    with pytest.raises(FileNotFoundError, match=r"MINICNN_DATA=.*mine.* lacks t10k-labels.*unset MINICNN_DATA"):
+    with pytest.raises(FileNotFoundError, match=r"MINICNN_DATA=.*mine: lacks t10k-labels.*unset MINICNN_DATA"):
         load_fashion_mnist()
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv("MINICNN_DATA", str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="lacks train-images-idx3-ubyte, train-labels-idx1-ubyte, "
                                                 "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"):
         load_fashion_mnist()
-    with pytest.raises(ValueError, match="root=''"):
-        load_fashion_mnist("")
 
 
 def test_a_named_folder_may_hold_torchvisions_layout(tmp_path):
@@ -255,7 +252,7 @@ def test_an_empty_valid_class_is_refused_by_name(tmp_path):
 def test_a_single_class_is_refused(tmp_path):
     save_image(tmp_path / "train" / "cat" / "a.png", "RGB")
     save_image(tmp_path / "valid" / "cat" / "b.png", "RGB")
-    with pytest.raises(ValueError, match=r"train: only the class \['cat'\]; a classifier needs at least 2 classes"):
+    with pytest.raises(ValueError, match=r"train: only the class \['cat'\].*at least 2 classes"):
         load_image_folder(tmp_path, 8)
 
 
@@ -330,9 +327,9 @@ def test_a_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
         load_image_folder(tmp_path, 8)
 
 
-@pytest.mark.parametrize("size", [0, -3, 2.5, "64", True])
+@pytest.mark.parametrize("size", [0, -3])
 def test_size_is_checked_before_any_work(tmp_path, size):
-    with pytest.raises(ValueError, match=f"size must be"):
+    with pytest.raises(ValueError, match=f"size={size}"):
         load_image_folder(tmp_path / "nowhere", size)
 
 
@@ -437,7 +434,7 @@ def test_batches_without_shuffle_and_drop_last():
     assert len(b) == 2 and [yb.tolist() for _, yb in b] == [[0, 1, 2], [3, 4, 5]]
     with pytest.raises(ValueError, match="batch_size"):
         Batches(torch.zeros(7, 1), torch.arange(7), 0, shuffle=False)
-    with pytest.raises(ValueError, match="7 images but 6 labels"):
+    with pytest.raises(ValueError, match=r"y .*\(6,\) for 7 samples"):
         Batches(torch.zeros(7, 1), torch.arange(6), 2, shuffle=False)
 
 
@@ -471,10 +468,8 @@ def test_batches_keep_integer_labels_as_int64_and_labels_may_be_absent():
 
 
 @pytest.mark.parametrize("y, match", [
-    (torch.arange(6).float(), r"y must hold integer class labels, got torch.float32.*y.long\(\)"),
-    (torch.zeros(6, dtype=torch.bool), r"y must hold integer class labels, got torch.bool"),
-    (torch.zeros(6, 1, dtype=torch.long), r"y must be 1-D \(N,\), got shape \(6, 1\)"),
-    ([0, 1, 0, 1, 0, 1], r"y must be a torch tensor of class labels, got list"),
+    (torch.arange(6).float(), r"y is torch.float32"),  # .long() would truncate them silently
+    (torch.zeros(6, 1, dtype=torch.long), r"y is torch.int64 \(6, 1\)"),  # would broadcast
 ])
 def test_batches_refuse_labels_that_are_not_1d_integers(y, match):
     with pytest.raises(ValueError, match=match):
@@ -482,11 +477,10 @@ def test_batches_refuse_labels_that_are_not_1d_integers(y, match):
 
 
 @pytest.mark.parametrize("x, match", [
-    (np.zeros((6, 1), np.float32), r"x must be a tensor of N >= 1 samples.*got ndarray"),
-    (torch.zeros(6), r"x must be a tensor of N >= 1 samples.*got shape \(6,\)"),
-    (torch.zeros(0, 1), r"x must be a tensor of N >= 1 samples.*got shape \(0, 1\)"),
-    (torch.zeros(6, 1, dtype=torch.int64), r"x is torch.int64; pass uint8 images"),
-    (torch.zeros(6, 1, dtype=torch.float64), r"x is torch.float64.*x.float\(\)"),
+    (torch.zeros(6), r"x is torch.float32 \(6,\)"),
+    (torch.zeros(0, 1), r"x is torch.float32 \(0, 1\)"),  # no batches at all
+    (torch.zeros(6, 1, dtype=torch.int64), r"x is torch.int64"),
+    (torch.zeros(6, 1, dtype=torch.float64), r"x is torch.float64"),
 ])
 def test_batches_refuse_samples_they_cannot_serve(x, match):
     with pytest.raises(ValueError, match=match):
@@ -494,14 +488,9 @@ def test_batches_refuse_samples_they_cannot_serve(x, match):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(batch_size=2.5), r"batch_size must be an int, got 2.5"),
-    (dict(batch_size="8"), r"batch_size must be an int, got '8'"),
-    (dict(batch_size=True), r"batch_size must be an int, got True"),
-    (dict(batch_size=-1), r"batch_size must be >= 1, got -1"),
-    (dict(shuffle="yes"), r"shuffle must be True or False, got 'yes'"),
-    (dict(drop_last=1), r"drop_last must be True or False, got 1"),
-    (dict(generator=0), r"generator must be a torch.Generator or None, got 0.*manual_seed"),
-    (dict(device="gpu"), r"device 'gpu' is not a device"),
+    (dict(batch_size=0), r"batch_size=0"),
+    (dict(batch_size=-1), r"batch_size=-1"),
+    (dict(device="gpu"), r"device 'gpu'"),
 ])
 def test_batches_refuse_bad_arguments_by_name(kwargs, match):
     args = dict(batch_size=2, shuffle=False) | kwargs
@@ -515,16 +504,13 @@ def test_batches_refuse_cuda_where_there_is_none(monkeypatch):
         Batches(torch.zeros(6, 1), torch.arange(6), 2, shuffle=False, device="cuda:1")
 
 
-def test_batches_refuse_an_epoch_or_skip_out_of_range():
+def test_batches_refuse_a_skip_out_of_range():
     b = Batches(torch.zeros(6, 1), torch.arange(6), 2, shuffle=True)
-    with pytest.raises(ValueError, match=r"skip=4 is past the 3 batches"):
+    assert list(b.epoch(0, skip=3)) == []  # the end of the epoch: a resume at its last step
+    with pytest.raises(ValueError, match=r"skip=4.*0 to 3"):  # not a silently empty epoch
         next(b.epoch(0, skip=4))
-    with pytest.raises(ValueError, match=r"skip must be >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"skip=-1"):
         next(b.epoch(0, skip=-1))
-    with pytest.raises(ValueError, match=r"epoch must be an int, got 1.5"):
-        next(b.epoch(1.5))
-    with pytest.raises(ValueError, match=r"epoch must be >= 0, got -1"):
-        b.order(-1)
 
 
 def test_train_valid_split_partitions_and_keeps_every_class_in_both_parts():
@@ -612,26 +598,20 @@ def test_splits_depend_on_the_seed():
 
 def test_a_class_with_a_single_sample_cannot_be_split():
     y = torch.tensor([0, 0, 0, 1, 1, 2])
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(ValueError, match=r"\[2\] have a single sample") as error:
         data.train_valid_split(torch.arange(6), y, 3)
-    assert "class(es) [2] have a single sample, which cannot be in both parts" in str(error.value)
-    assert "between" not in str(error.value)  # no range of n_valid could help
+    assert "n_valid" not in str(error.value)  # no range of n_valid could help
     assert data.stratified_subset(torch.arange(6), y, 3)[1].sort().values.tolist() == [0, 1, 2]  # a subset can
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda x, y: data.train_valid_split(x, y, 0.2), r"n_valid must be an int, got 0.2"),
-    (lambda x, y: data.train_valid_split(x, y, True), r"n_valid must be an int, got True"),
-    (lambda x, y: data.train_valid_split(x, y, -1), r"n_valid=-1: cannot take -1 of 20.*between 2 and 18"),
-    (lambda x, y: data.train_valid_split(x, y.float(), 4), r"y must hold integer class labels, got torch.float32"),
-    (lambda x, y: data.train_valid_split(x, y.view(20, 1), 4), r"y must be 1-D"),
-    (lambda x, y: data.train_valid_split(x, y[:5], 4), r"20 images but 5 labels"),
-    (lambda x, y: data.train_valid_split(x, y, 4, seed=None), r"seed must be an int, got None"),
-    (lambda x, y: data.train_valid_split(x[:0], y[:0], 1), r"y holds no labels"),
-    (lambda x, y: data.stratified_subset(x, y, 1), r"n=1: cannot take 1 of 20 samples with all 2 classes"),
-    (lambda x, y: data.stratified_subset(x, y, 1.5), r"n must be an int, got 1.5"),
-    (lambda x, y: data.stratified_subset(x, y.float(), 100), r"y must hold integer class labels"),  # even all of it
-    (lambda x, y: data.stratified_subset(list(range(20)), y, 4), r"x must be a tensor of samples"),
+    (lambda x, y: data.train_valid_split(x, y, -1), r"n_valid=-1.*2 to 18"),
+    (lambda x, y: data.train_valid_split(x, y.float(), 4), r"y is torch.float32"),
+    (lambda x, y: data.train_valid_split(x, y.view(20, 1), 4), r"y .*\(20, 1\)"),
+    (lambda x, y: data.train_valid_split(x, y[:5], 4), r"y .*\(5,\) for 20 samples"),
+    (lambda x, y: data.train_valid_split(x[:0], y[:0], 1), r"n_valid=1.*0 to 0"),
+    (lambda x, y: data.stratified_subset(x, y, 1), r"n=1.*2 to 20"),  # 2 classes cannot fit in 1
+    (lambda x, y: data.stratified_subset(x, y.float(), 100), r"y is torch.float32"),  # even all of it
 ])
 def test_split_arguments_are_checked_by_name(call, match):
     y = labels_of([10, 10], None)
@@ -660,13 +640,12 @@ def test_normalize_broadcasts_one_value_over_the_channels():
 
 
 @pytest.mark.parametrize("mean, std, match", [
-    ((0.1, 0.2, 0.3), (0.5, 0.6, 0.7), r"mean has 3 values but x has 1 channel"),  # RGB stats on grey images
-    ((0.5,), (0.5, 0.5), r"std has 2 values but x has 1 channel"),
-    ((0.5,), (0.0,), r"std=\[0.0\] must be finite and > 0"),
-    ((0.5,), (-0.3,), r"std=\[-0.3.*must be finite and > 0"),
-    ((0.5,), (float("inf"),), r"std=\[inf\] must be finite and > 0"),
-    ((float("nan"),), (0.5,), r"mean=\[nan\] must be finite"),
-    (("a",), (0.5,), r"mean=\('a',\) is not a number"),
+    ((0.1, 0.2, 0.3), (0.5, 0.6, 0.7), r"mean=\[0.1.*1"),  # RGB stats on grey images: would broadcast to 3
+    ((0.5,), (0.5, 0.5), r"std=\[0.5, 0.5\]"),
+    ((0.5,), (0.0,), r"std=\[0.0\]"),
+    ((0.5,), (-0.3,), r"std=\[-0.3"),
+    ((0.5,), (float("inf"),), r"std=\[inf\]"),
+    ((float("nan"),), (0.5,), r"mean=\[nan\]"),
 ])
 def test_normalize_refuses_statistics_that_do_not_fit(mean, std, match):
     with pytest.raises(ValueError, match=match):
@@ -674,12 +653,10 @@ def test_normalize_refuses_statistics_that_do_not_fit(mean, std, match):
 
 
 def test_normalize_refuses_what_is_not_float_images():
-    with pytest.raises(ValueError, match=r"x must be a float tensor.*uint8.*divide by 255 first"):
+    with pytest.raises(ValueError, match=r"x is torch.uint8"):  # would be 255 times too large
         normalize(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), (0.5,), (0.5,))
-    with pytest.raises(ValueError, match=r"x must be a float tensor \(N, C, H, W\), got torch.float32 \(1, 4, 4\)"):
+    with pytest.raises(ValueError, match=r"x is torch.float32 \(1, 4, 4\)"):  # would broadcast
         normalize(torch.rand(1, 4, 4), (0.5,), (0.5,))
-    with pytest.raises(ValueError, match=r"x must be a float tensor.*got list"):
-        normalize([[0.5]], (0.5,), (0.5,))
 
 
 @pytest.mark.skipif(not os.path.isdir(fashion_mnist.DEBIAN_FASHION_MNIST), reason="dataset-fashion-mnist not installed")
@@ -691,16 +668,3 @@ def test_real_fashion_mnist_statistics():
     assert abs(pixels.mean() - fashion_mnist.FASHION_MNIST_MEAN[0]) < 1e-3
     assert abs(pixels.std() - fashion_mnist.FASHION_MNIST_STD[0]) < 1e-3
 
-
-def test_the_names_that_moved_out_of_data_still_work_with_a_warning():
-    import minicnn.fashion_mnist as fm
-    import minicnn.image_folder as imf
-    for name, module in (("load_fashion_mnist", fm), ("read_idx", fm), ("FASHION_MNIST_CLASSES", fm),
-                         ("load_image_folder", imf), ("ImageFolder", imf)):
-        with pytest.warns(DeprecationWarning, match=f"minicnn.data.{name} moved to {module.__name__}.{name}"):
-            assert getattr(data, name) is getattr(module, name)
-    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
-        data.no_such_name
-    with pytest.warns(DeprecationWarning):
-        from minicnn.data import load_fashion_mnist as old  # the from-import form goes through the same path
-    assert old is fm.load_fashion_mnist

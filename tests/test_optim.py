@@ -209,41 +209,49 @@ def test_per_group_overrides_and_add_param_group():
     assert [p.item() for p in (a, b, c)] == pytest.approx([0.9, 0.5, 0.9]) and c not in opt.state
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(lr=-0.1), ValueError, "lr must be >= 0"),
-    (dict(lr=0.1, momentum=-0.9), ValueError, "momentum must be >= 0"),
-    (dict(lr=0.1, momentum=1.5), ValueError, r"momentum must be in \[0, 1\), got 1.5"),
-    (dict(lr=0.1, momentum=1.0), ValueError, r"momentum must be in \[0, 1\), got 1.0"),
-    (dict(lr=0.1, weight_decay=-1e-4), ValueError, "weight_decay must be >= 0"),
-    (dict(lr=0.1, dampening=1.5), ValueError, "dampening must be in"),
-    (dict(lr=0.1, nesterov=True), ValueError, "Nesterov needs momentum"),
-    (dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True), ValueError, "Nesterov needs"),
-    (dict(lr="0.1"), TypeError, "lr must be a finite number"),
-    (dict(lr=float("nan")), TypeError, "lr must be a finite number"),
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lr=-0.1), "lr=-0.1"),
+    (dict(lr=float("nan")), "lr=nan"),
+    (dict(lr=float("inf")), "lr=inf"),
+    (dict(lr=0.1, weight_decay=-1e-4), "weight_decay=-0.0001"),
+    (dict(lr=0.1, momentum=-0.9), "momentum=-0.9"),
+    (dict(lr=0.1, momentum=1.5), r"momentum=1.5.*\[0, 1\)"),
+    (dict(lr=0.1, momentum=1.0), r"momentum=1.0.*\[0, 1\)"),
+    (dict(lr=0.1, dampening=1.5), "dampening=1.5"),
+    (dict(lr=0.1, nesterov=True), "nesterov.*momentum"),
+    (dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True), "nesterov.*dampening"),
 ])
-def test_bad_hyper_parameters(kwargs, error, match):
-    with pytest.raises(error, match=match):
+def test_bad_hyper_parameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
         SGD([torch.nn.Parameter(torch.ones(1))], **kwargs)
 
 
 def test_bad_params():
     p = torch.nn.Parameter(torch.ones(1))
-    with pytest.raises(TypeError, match="got one tensor"):
-        SGD(p, 0.1)
-    with pytest.raises(ValueError, match="empty parameter list"):
+    with pytest.raises(ValueError, match="params is empty"):
         SGD([], 0.1)
-    with pytest.raises(ValueError, match="appears twice"):
+    with pytest.raises(ValueError, match="twice"):
         SGD([p, p], 0.1)
     opt = SGD([p], 0.1)
-    with pytest.raises(ValueError, match="appears twice"):
+    with pytest.raises(ValueError, match="twice"):
         opt.add_param_group({"params": [p]})
-    with pytest.raises(ValueError, match="momentum must be >= 0"):
+    with pytest.raises(ValueError, match="momentum=-1.0"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(1))], "momentum": -1.0})
-    with pytest.raises(TypeError, match="'params' key"):
-        opt.add_param_group([torch.nn.Parameter(torch.ones(1))])
+    assert len(opt.param_groups) == 1
     other = SGD([p, torch.nn.Parameter(torch.ones(1))], 0.1)
-    with pytest.raises(ValueError, match="build it with the same groups"):
+    with pytest.raises(ValueError, match=r"group sizes \[2\].*\[1\]"):
         opt.load_state_dict(other.state_dict())
+
+
+def test_one_tensor_is_one_parameter():
+    """torch refuses SGD(tensor); here it is [tensor] (iterating it would give its rows, which
+    never get a gradient)."""
+    p = torch.nn.Parameter(torch.ones(2, 3))
+    opt = SGD(p, 0.5)
+    assert opt.param_groups[0]["params"] == [p]
+    p.grad = torch.ones(2, 3)
+    opt.step()
+    assert torch.equal(p.detach(), torch.full((2, 3), 0.5))
 
 
 def stepped(opt_class, **kwargs):
@@ -261,23 +269,20 @@ def assert_unchanged(opt, groups_before, state_before):
         assert torch.equal(opt.state[p]["momentum_buffer"], state_before[p]["momentum_buffer"])
 
 
-@pytest.mark.parametrize("other, looks_like", [
-    (lambda: stepped(torch.optim.SGD, momentum=0.9).state_dict(),
-     r"lacks \['decoupled_weight_decay'\]; it looks like torch.optim.SGD's.*add decoupled_weight_decay=False"),
-    (lambda: stepped(torch.optim.Adam).state_dict(),
-     r"lacks \['dampening', 'momentum', 'nesterov'\]; it looks like torch.optim.Adam or AdamW's"),
-    (lambda: stepped(torch.optim.AdamW).state_dict(), r"torch.optim.Adam or AdamW's"),
+@pytest.mark.parametrize("other, missing", [
+    (lambda: stepped(torch.optim.SGD, momentum=0.9).state_dict(), r"lacks \['decoupled_weight_decay'\]"),
+    (lambda: stepped(torch.optim.Adam).state_dict(), r"lacks \['dampening', 'momentum', 'nesterov'\]"),
+    (lambda: stepped(torch.optim.AdamW).state_dict(), "lacks.*momentum"),
     (lambda: {**stepped(SGD, momentum=0.9).state_dict(), "param_groups": [
-        {**stepped(SGD, momentum=0.9).state_dict()["param_groups"][0], "maximize": True}]}, r"maximize=True"),
+        {**stepped(SGD, momentum=0.9).state_dict()["param_groups"][0], "maximize": True}]}, "maximize"),
 ], ids=["torch SGD", "Adam", "AdamW", "maximize"])
-def test_load_state_dict_of_another_optimizer_is_refused_before_anything_changes(other, looks_like):
+def test_load_state_dict_of_another_optimizer_is_refused_before_anything_changes(other, missing):
     ours = stepped(SGD, momentum=0.5, weight_decay=0.1)
     groups_before = [dict(g) for g in ours.param_groups]
     state_before = {p: {"momentum_buffer": s["momentum_buffer"].clone()} for p, s in ours.state.items()}
-    with pytest.raises(ValueError, match="SGD.load_state_dict: this state dict .*it looks like") as info:
+    with pytest.raises(ValueError, match="state_dict of another optimizer") as info:
         ours.load_state_dict(other())
-    assert "minicnn.optim.SGD's" in str(info.value) and "Load it into the optimizer that saved it" in str(info.value)
-    assert re.search(looks_like, str(info.value)), str(info.value)
+    assert re.search(missing, str(info.value)), str(info.value)
     assert_unchanged(ours, groups_before, state_before)
     p = ours.param_groups[0]["params"][0]
     p.grad = torch.ones(3)
@@ -291,20 +296,23 @@ def test_load_state_dict_checks_every_group_and_buffer_before_changing_one():
     saved = SGD([{"params": [torch.nn.Parameter(torch.ones(2))]}, {"params": [torch.nn.Parameter(torch.ones(3))]}],
                 0.5, momentum=0.5).state_dict()
     saved["param_groups"][1]["momentum"] = 1.5  # the second group is bad: the first must not change either
-    with pytest.raises(ValueError, match="momentum must be in"):
+    with pytest.raises(ValueError, match="momentum=1.5"):
         ours.load_state_dict(saved)
     assert_unchanged(ours, groups_before, state_before)
     saved["param_groups"][1]["momentum"] = 0.5
     saved["state"] = {1: {"momentum_buffer": torch.ones(2)}}  # b has 3 numbers
-    with pytest.raises(ValueError, match="parameter 1's momentum_buffer is torch.Size.*saved from another model"):
+    with pytest.raises(ValueError, match="buffers"):
         ours.load_state_dict(saved)
     assert_unchanged(ours, groups_before, state_before)
-    with pytest.raises(TypeError, match="expected a dict with 'state' and 'param_groups'"):
-        ours.load_state_dict(ours)
+    saved["state"] = {1: {"momentum_buffer": None}}  # torch.optim.SGD's, with momentum 0
+    with pytest.raises(ValueError, match="buffers"):
+        ours.load_state_dict(saved)
+    assert_unchanged(ours, groups_before, state_before)
 
 
 def test_the_advice_for_a_torch_sgd_state_dict_works():
-    """'add decoupled_weight_decay=False to each group': then it continues as torch.optim.SGD would."""
+    """docs/sgd.md: with decoupled_weight_decay=False added to each group, a torch.optim.SGD
+    state dict loads, and the run continues as torch.optim.SGD would."""
     p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
     theirs = torch.optim.SGD([p], lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
     for _ in range(2):

@@ -160,19 +160,22 @@ def test_save_and_load_a_folder_of_cycle_files_in_cycle_order(tmp_path):
     assert loaded.cycles == list(range(11)) and loaded.steps == list(range(11))
     assert all(same_state(a, b) for a, b in zip(loaded.states, snaps.states))
     assert Snapshots.load(tmp_path / "snaps", name="fmnist", keep=3).cycles == [8, 9, 10]
-    with pytest.raises(FileNotFoundError, match="no snapshots other_cyc"):
+    with pytest.raises(FileNotFoundError, match="other_cyc"):
         Snapshots.load(tmp_path / "snaps", name="other")
 
 
 def test_bad_arguments_say_what_to_do(trained):
     model, snaps, _, _, _ = trained
     valid = Batches(*data(8, seed=1), 8, shuffle=False)
-    with pytest.raises(ValueError, match="keep must be a positive int"):
-        Snapshots(keep=0)
-    with pytest.raises(ValueError, match="no snapshots to ensemble"):
+    for keep in (0, -1):  # it would hold none, and a run's snapshots would be lost
+        with pytest.raises(ValueError, match=f"keep.*{keep}"):
+            Snapshots(keep=keep)
+    with pytest.raises(ValueError, match="no snapshots"):
         ensemble_predict(model, Snapshots(), valid)
-    for last in (0, 4, 1.5):
-        with pytest.raises(ValueError, match="choose between 1 and the 3 snapshots"):
+    with pytest.raises(ValueError, match="no snapshots"):
+        predict_each(model, [], valid)
+    for last in (0, 4, -1):  # states[-0:] would be all of them, states[-4:] fewer than asked
+        with pytest.raises(ValueError, match=f"last={last}.*3"):
             ensemble_predict(model, snaps, valid, last=last)
 
 
@@ -222,32 +225,38 @@ def test_predictions_that_are_not_probabilities_or_not_alike_are_refused(trained
         model.eval()
         with torch.no_grad():
             return torch.cat([model(x) for x, _ in batches])
-    with pytest.raises(ValueError, match="snapshot 0's predictions are not probabilities.*not logits"):
+    with pytest.raises(ValueError, match="snapshot 0.*probabilities"):
         ensemble_predict(model, snaps, valid, predict_fn=logits)
     sizes = iter([24, 20, 24])
-    with pytest.raises(ValueError, match=r"snapshot 1 predicted \(20, 3\), snapshot 0 \(24, 3\)"):
+    with pytest.raises(ValueError, match=r"snapshot 1.*\(20, 3\)"):
         predict_each(model, snaps, valid, predict_fn=lambda m, b: predict(m, b)[:next(sizes)])
-    with pytest.raises(ValueError, match="must return probabilities"):
-        predict_each(model, snaps, valid, predict_fn=lambda m, b: predict(m, b).tolist())
+    labels = torch.zeros(24)  # class indices, one number per image
+    with pytest.raises(ValueError, match=r"snapshot 0.*\(24,\).*probabilities"):
+        predict_each(model, snaps, valid, predict_fn=lambda m, b: labels)
     nan = torch.full((24, 3), float("nan"))
-    with pytest.raises(ValueError, match="not probabilities"):
+    with pytest.raises(ValueError, match="snapshot 0.*probabilities"):
         predict_each(model, snaps, valid, predict_fn=lambda m, b: nan)
     assert same_state(model.state_dict(), before)
 
 
-def test_bad_snapshots_and_batches_are_refused_before_any_weights_are_touched(trained):
+def test_one_state_dict_is_a_list_of_one(trained):
+    model, snaps, _, _, _ = trained
+    valid = Batches(*data(24, seed=1), 10, shuffle=False)
+    assert torch.equal(predict_each(model, snaps[0], valid)[0], predict_each(model, [snaps[0]], valid)[0])
+    assert torch.equal(ensemble_predict(model, snaps[1], valid), ensemble_predict(model, [snaps[1]], valid))
+
+
+def test_bad_snapshots_and_batches_are_refused_and_the_weights_put_back(trained):
     model, snaps, _, _, _ = trained
     valid = Batches(*data(24, seed=1), 10, shuffle=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(TypeError, match=r"for one state dict: \[state\]"):
-        predict_each(model, snaps[0], valid)
-    with pytest.raises(TypeError, match="an iterator, which can be read only once"):
+    with pytest.raises(ValueError, match="batches gave no batch"):  # snapshot 1 finds it read
         predict_each(model, snaps, (b for b in valid))
+    assert same_state(model.state_dict(), before)
     other = simple_resnet(5, widths=(4, 8)).state_dict()
-    with pytest.raises(ValueError, match="snapshot 1 does not fit the model.*layer_groups.2.2.weight"):
+    with pytest.raises(RuntimeError, match="layer_groups.2.2.weight"):  # torch names the key
         predict_each(model, [snaps[0], other], valid)
-    with pytest.raises(TypeError, match="model must be the nn.Module the snapshots were taken from"):
-        ensemble_predict(model.state_dict(), snaps, valid)
+    assert same_state(model.state_dict(), before)
     with pytest.raises(ValueError, match="batches gave no batch"):
         predict_each(model, snaps, [])
     assert same_state(model.state_dict(), before)
@@ -313,7 +322,7 @@ def test_foreign_older_renamed_and_mixed_files_are_refused(tmp_path):
         Snapshots.load(tmp_path)
     snaps.save(tmp_path)
     path.rename(tmp_path / "model_cyc_4.pt")
-    with pytest.raises(ValueError, match="model_cyc_4.pt holds cycle 0, not 4: was it renamed"):
+    with pytest.raises(ValueError, match="model_cyc_4.pt.*cycle 0"):
         Snapshots.load(tmp_path)
     (tmp_path / "model_cyc_4.pt").unlink()
     first = Snapshots()
@@ -322,32 +331,26 @@ def test_foreign_older_renamed_and_mixed_files_are_refused(tmp_path):
     first.save(tmp_path)
     again = Snapshots()
     again(tiny_model(), 3)  # ... then a rerun with 1 cycle would leave cycles 1 and 2 to be mixed in
-    with pytest.raises(FileExistsError, match="holds model_cyc_1.pt, model_cyc_2.pt of another run .*1 cycles"):
+    with pytest.raises(FileExistsError, match=r"model_cyc_1.pt.*model_cyc_2.pt.*another run.*\b1 cycle"):
         again.save(tmp_path)
     assert Snapshots.load(tmp_path).steps == [5, 10, 15]  # nothing was written
     other = Snapshots(keep=1)
     for step in (2, 4, 6):  # a run with shorter cycles, of which only the last is saved
         other(tiny_model(), step)
     other.save(tmp_path)
-    with pytest.raises(ValueError, match="model_cyc_2.pt was taken at step 6, not after .*step 10.*different runs"):
+    with pytest.raises(ValueError, match=r"model_cyc_2.pt.*step 6.*10"):
         Snapshots.load(tmp_path)
 
 
-def test_wrong_folders_and_names_are_refused(tmp_path):
+def test_wrong_folders_are_refused_by_name_and_names_taken_literally(tmp_path):
     snaps = Snapshots()
     snaps(tiny_model(), 3)
     (tmp_path / "file").write_text("x")
-    with pytest.raises(NotADirectoryError, match="file is a file, not a folder of snapshots"):
-        snaps.save(tmp_path / "file")
-    with pytest.raises(NotADirectoryError, match="file is a file, not a folder of snapshots"):
-        Snapshots.load(tmp_path / "file")
-    with pytest.raises(FileNotFoundError, match="no folder .*missing; give the folder that Snapshots.save wrote to"):
-        Snapshots.load(tmp_path / "missing")
-    for name in ("sub/model", "", ".hidden", 3):
-        with pytest.raises(ValueError, match="name must be a plain file-name prefix"):
-            snaps.save(tmp_path, name=name)
-    with pytest.raises(ValueError, match="keep must be a positive int"):
-        Snapshots.load(tmp_path, keep=True)
+    for folder in ("file", "missing"):
+        with pytest.raises(FileNotFoundError, match=f"model_cyc.*{folder}"):
+            Snapshots.load(tmp_path / folder)
+    with pytest.raises(ValueError, match="keep.*0"):
+        Snapshots.load(tmp_path, keep=0)
     snaps.save(tmp_path, name="a[1]*")  # glob characters in a name are taken literally
     assert Snapshots.load(tmp_path, name="a[1]*").steps == [3]
 
@@ -355,7 +358,7 @@ def test_wrong_folders_and_names_are_refused(tmp_path):
 def test_save_removes_stale_temporaries_of_every_cycle_of_its_name(tmp_path):
     import subprocess
     import sys
-    from minicnn.checkpoint import HOST
+    from minicnn.atomic import HOST
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a save killed while writing cycle 7, which this run never saves again
     stale = [f".model_cyc_7.pt.{HOST}.{gone.pid}.0123abcd.tmp", f".model_cyc_0.pt.{HOST}.{gone.pid}.0123abcd.tmp"]
