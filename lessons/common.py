@@ -18,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from minicnn.data import Batches, stratified_subset, train_valid_split  # noqa: E402
+from minicnn.data import Batches, parse_device, stratified_subset, train_valid_split  # noqa: E402
 from minicnn.fashion_mnist import load_fashion_mnist  # noqa: E402
 
 N_VALID = 10_000  # held out of the 60,000 training images; the test set is never used to choose
@@ -77,19 +77,13 @@ def out_folder(text):
 
 
 def device(text):
-    """--device: cpu, or cuda (cuda:N) where there is such a GPU."""
+    """--device: cpu, or cuda (cuda:N) where there is such a GPU (minicnn.data.parse_device)."""
     try:
-        d = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device; give cpu or cuda") from None
+        d = parse_device(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     if d.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"{text!r}: the lessons run on cpu or cuda")
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU here; use --device cpu")
-    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: this machine has {torch.cuda.device_count()} GPU(s), "
-            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return str(d)
 
 

@@ -7,16 +7,66 @@ bisect, then keep a safety margin. The process survives every out-of-memory erro
     return min(limit, floor(margin * good))        or `limit` when even `limit` fit
 After each out-of-memory error the failed step's tensors are freed (leave the except block,
 gc.collect(), torch.cuda.empty_cache()); afterwards model, optimizer and RNG are as they were.
+The device is read by minicnn/data.py's parse_device.
 
 Source: fast.ai 2018 lesson 2 ("make it as big as possible until you run out of memory");
 PyTorch Lightning's scale_batch_size (doubling, then binary search). More: docs/batch_size.md.
 """
+import contextlib
 import gc
 import math
 import re
 import time
 
 import torch
+
+from minicnn.data import parse_device
+
+
+def find_batch_size(try_step, *, start=2, limit, margin=0.9, device=None, model=None,
+                    optimizer=None, verbose=False):
+    """The largest batch size b <= limit with try_step(b) not running out of memory, times margin.
+
+    try_step(batch_size): a few real training steps at that size (3 is plenty: the first
+        step allocates, later ones add the optimizer's state); returns nothing and keeps
+        nothing (no output in a global or a closure), or its memory cannot be freed.
+    start: first size tried. limit: the largest size worth having (the dataset's size).
+    margin: keep floor(margin * largest) for headroom; 1 keeps the largest.
+    device: where memory runs out (default: the model's, else the CPU).
+    model, optimizer: restored afterwards (weights, buffers, modes, gradients, state).
+    Raises MemoryError when even `start` does not fit; any other error of try_step is re-raised.
+    """
+    _check_sizes(start, limit, margin)
+    if device is None:  # the model's, else the CPU
+        params = model.parameters() if model is not None else []
+        device = next((p.device for p in params), "cpu")
+    device = parse_device(device)
+    with _put_back(model, optimizer, device):
+        # doubling: start, 2*start, 4*start, ... until out-of-memory or the limit
+        good, bad, size = 0, None, start
+        while True:
+            failure = _out_of_memory(try_step, size, device, verbose)
+            if failure:
+                bad = size
+                break
+            good = size
+            if size == limit:
+                break
+            size = min(2 * size, limit)  # b <- min(2b, limit)
+        if good == 0:
+            raise MemoryError(f"even batch size {start} does not fit in memory on {device} "
+                              f"({failure}); try start=1, a smaller model or mixed precision")
+        # bisection between the last size that fit and the first that did not
+        while bad is not None and bad - good > 1:
+            mid = (good + bad) // 2  # good or bad <- mid, until they are neighbours
+            if _out_of_memory(try_step, mid, device, verbose):
+                bad = mid
+            else:
+                good = mid
+    if bad is None:  # even `limit` fit: memory is not what bounds the batch, no margin needed
+        return limit
+    return min(limit, max(1, math.floor(margin * good)))
+
 
 # CUDA, MPS, XPU: torch.OutOfMemoryError (torch.cuda's before torch 2.5)
 TORCH_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -29,15 +79,9 @@ CPU_OOM = ("DefaultCPUAllocator: can't allocate memory",  # Linux, macOS
 # oneDNN (the CPU's convolution library) says exactly this when memory runs out while it builds
 # a kernel ("... primitive descriptor ..." means unsupported: another error).
 ONEDNN_OOM = "could not create a primitive"
-ONEDNN_ADVICE = ("oneDNN (CPU convolutions) ran out of memory while building a kernel and keeps "
-                 "the failed kernel in its cache: new batch sizes would fail in this process "
-                 "whatever the memory, so the search stops. Start a fresh process; on the CPU "
-                 "bound the search by `limit` rather than by memory.")
-
-
-def _without_location(error):
-    """The error's text without the C++ location "[enforce fail at ...] err == 0. "."""
-    return re.sub(r"^\[enforce fail at [^\]]*\][^.]*\.\s*", "", str(error).strip())
+ONEDNN_ADVICE = ("oneDNN (CPU convolutions) ran out of memory building a kernel and caches the "
+                 "failure, so later sizes would fail too: start a fresh process and bound the "
+                 "search with `limit` (docs/batch_size.md)")
 
 
 def is_out_of_memory(error):
@@ -47,16 +91,15 @@ def is_out_of_memory(error):
     return isinstance(error, RuntimeError) and _without_location(error).startswith(CPU_OOM)
 
 
+def _without_location(error):
+    """The error's text without the C++ location "[enforce fail at ...] err == 0. "."""
+    return re.sub(r"^\[enforce fail at [^\]]*\][^.]*\.\s*", "", str(error).strip())
+
+
 def _short(error):
     """'RuntimeError: DefaultCPUAllocator: ...' without the C++ source location, one line."""
     text = _without_location(error)
     return type(error).__name__ + (f": {text.splitlines()[0][:120]}" if text else "")
-
-
-def _free_memory(device):
-    gc.collect()  # frames of the failed step caught in reference cycles
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # cached blocks back to the driver, so the next try starts clean
 
 
 def _out_of_memory(try_step, batch_size, device, verbose):
@@ -82,55 +125,17 @@ def _out_of_memory(try_step, batch_size, device, verbose):
     return message
 
 
-def _cpu_copy(obj):
-    """Tensors anywhere in a state dict, copied to the CPU; everything else as it is."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu_copy(v) for v in obj)
-    return obj
+def _free_memory(device):
+    gc.collect()  # frames of the failed step caught in reference cycles
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # cached blocks back to the driver, so the next try starts clean
 
 
-def find_batch_size(try_step, *, start=2, limit, margin=0.9, device=None, model=None,
-                    optimizer=None, verbose=False):
-    """The largest batch size b <= limit with try_step(b) not running out of memory, times margin.
-
-    try_step(batch_size): a few real training steps at that size (3 is plenty: the first
-        step allocates, later ones add the optimizer's state); returns nothing and keeps
-        nothing (no output in a global or a closure), or its memory cannot be freed.
-    start: first size tried. limit: the largest size worth having (the dataset's size).
-    margin: keep floor(margin * largest) for headroom; 1 keeps the largest.
-    device: where memory runs out (default: the model's, else the CPU).
-    model, optimizer: restored afterwards (weights, buffers, modes, gradients, state).
-    Raises MemoryError when even `start` does not fit; any other error of try_step is re-raised.
-    """
-    if not callable(try_step):
-        raise TypeError("try_step must be a function batch_size -> None, "
-                        f"got {type(try_step).__name__}")
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ValueError(f"limit must be a positive int (the dataset's size), got {limit!r}")
-    if isinstance(start, bool) or not isinstance(start, int) or not 1 <= start <= limit:
-        raise ValueError(f"start must be an int between 1 and limit={limit}, got {start!r}")
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin <= 1:
-        raise ValueError(f"margin must be in (0, 1], got {margin!r}; 0.9 keeps 10% headroom")
-    if model is not None and (not isinstance(model, torch.nn.Module)
-                              or not any(True for _ in model.parameters())):
-        raise TypeError("model must be a torch.nn.Module with parameters (it is put back "
-                        f"afterwards), got {type(model).__name__}")
-    if optimizer is not None and not all(hasattr(optimizer, a)
-                                         for a in ("state_dict", "load_state_dict")):
-        raise TypeError("optimizer must have state_dict() and load_state_dict(), "
-                        f"got {type(optimizer).__name__}")
-    if device is None:
-        device = next(model.parameters()).device if model is not None else torch.device("cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={device!r} is not a device; "
-                         "give 'cpu', 'cuda', 'cuda:1' or a torch.device") from e
-    # what to put back afterwards
+@contextlib.contextmanager
+def _put_back(model, optimizer, device):
+    """Model weights, modes and gradients, optimizer state and torch's RNG as they were, after
+    the search, whether it ends or fails. The copies live on the CPU: they take no memory from
+    the device being searched."""
     model_state = _cpu_copy(model.state_dict()) if model is not None else None
     modes = [(m, m.training) for m in model.modules()] if model is not None else []
     # copies: backward accumulates into an existing .grad in place; usually they are all None
@@ -139,28 +144,7 @@ def find_batch_size(try_step, *, start=2, limit, margin=0.9, device=None, model=
     rng_state = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     try:
-        # doubling: start, 2*start, 4*start, ... until out-of-memory or the limit
-        good, bad, size = 0, None, start
-        while True:
-            failure = _out_of_memory(try_step, size, device, verbose)
-            if failure:
-                bad = size
-                break
-            good = size
-            if size == limit:
-                break
-            size = min(2 * size, limit)  # b <- min(2b, limit)
-        if good == 0:
-            raise MemoryError(f"even batch size {start} does not fit in memory on {device} "
-                              f"({failure}); try start=1, a smaller model or smaller images, "
-                              "or mixed precision")
-        # bisection between the last size that fit and the first that did not
-        while bad is not None and bad - good > 1:
-            mid = (good + bad) // 2  # good or bad <- mid, until they are neighbours
-            if _out_of_memory(try_step, mid, device, verbose):
-                bad = mid
-            else:
-                good = mid
+        yield
     finally:
         if model is not None:
             model.load_state_dict(model_state)  # copies into the same Parameters, on their device
@@ -173,9 +157,24 @@ def find_batch_size(try_step, *, start=2, limit, margin=0.9, device=None, model=
         torch.set_rng_state(rng_state)
         if cuda_rng is not None:
             torch.cuda.set_rng_state(cuda_rng, device)
-        model_state = optimizer_state = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if bad is None:  # even `limit` fit: memory is not what bounds the batch, no margin needed
-        return limit
-    return min(limit, max(1, math.floor(margin * good)))
+
+
+def _cpu_copy(obj):
+    """Tensors anywhere in a state dict, copied to the CPU; everything else as it is."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+def _check_sizes(start, limit, margin):
+    if not (isinstance(start, int) and isinstance(limit, int) and 1 <= start <= limit):
+        raise ValueError(f"find_batch_size: need whole numbers 1 <= start <= limit, got "
+                         f"start={start!r}, limit={limit!r}")
+    if not 0 < margin <= 1:  # 0 would give 1, above 1 a size that did not fit
+        raise ValueError(f"find_batch_size: margin={margin!r} must be in (0, 1]")

@@ -13,7 +13,6 @@ Source: fast.ai 2018 lesson 2 ("validation loss well below training loss: underf
 docs/diagnose.md: why the eval-mode training loss, and where rule 3 came from.
 """
 import math
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -35,53 +34,34 @@ class Diagnosis:
         return f"{self.verdict}: {self.advice}"
 
 
-def _check_losses(values, name):
-    try:
-        values = [float(v) for v in values]
-    except (TypeError, ValueError):
-        raise TypeError(f"history.{name} must be a list of numbers (one loss per epoch), "
-                        f"got {values!r}") from None
-    if not all(math.isfinite(v) for v in values):
-        raise ValueError(f"history.{name} holds a non-finite loss: {values}; the run diverged, "
-                         "lower the learning rate")
-    return values
-
-
 def diagnose(history, *, margin=0.10, rise=0.03, improving=0.01, min_fall=0.10):
     """Verdict on a History, or a mapping such as dataclasses.asdict(history) -> Diagnosis."""
     if isinstance(history, Mapping):
         get = history.get
-    elif hasattr(history, "valid_loss"):
+    else:  # a train.History
         get = lambda name, default: getattr(history, name, default)  # noqa: E731
-    else:
-        raise TypeError("diagnose needs a train.History (or a dict of its lists), "
-                        f"got a {type(history).__name__}")
-    for name, value in (("margin", margin), ("rise", rise), ("improving", improving),
-                        ("min_fall", min_fall)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
-            raise ValueError(f"diagnose: {name} is a fraction and must be in [0, 1), got {value!r}")
-    valid = _check_losses(get("valid_loss", []) or [], "valid_loss")
+    if not all(0 <= f < 1 for f in (margin, rise, improving, min_fall)):  # fractions
+        raise ValueError(f"diagnose: need 0 <= {margin=}, {rise=}, {improving=}, {min_fall=} < 1")
+    valid = _losses(get("valid_loss", []) or [], "valid_loss")
     if not valid:
-        raise ValueError("diagnose needs per-epoch validation losses: "
-                         "fit(..., valid=Batches) records them")
+        raise ValueError("diagnose needs validation losses: fit(..., valid=Batches) records them")
     train_eval = get("train_eval_loss", []) or []
     if len(train_eval) == len(valid):
-        train, source = _check_losses(train_eval, "train_eval_loss"), "train_eval_loss"
+        train, source = _losses(train_eval, "train_eval_loss"), "train_eval_loss"
         note = "training loss in eval mode on a training sample"
     else:
-        train, source = _check_losses(get("train_loss", []) or [], "train_loss"), "train_loss"
+        train, source = _losses(get("train_loss", []) or [], "train_loss"), "train_loss"
         note = ("running training loss in train mode (no train_eval_loss recorded; it reads high: "
                 "pass train_eval= to fit for a fair one)")
     if len(train) != len(valid):
-        raise ValueError(f"history.{source} has {len(train)} epochs but valid_loss has "
-                         f"{len(valid)}")
+        raise ValueError(f"history.{source} has {len(train)} epochs, valid_loss {len(valid)}")
     epochs, t, v = len(valid), train[-1], valid[-1]
     best = min(range(epochs), key=lambda e: valid[e])  # first epoch of the lowest V
     v_best = valid[best]
     evidence = (f"T {t:.4f} ({note}), V {v:.4f} at epoch {epochs}; "
                 f"best V {v_best:.4f} at epoch {best + 1}")
     # the loss before any step
-    batch_loss = _check_losses((get("batch_loss", []) or [])[:1], "batch_loss")
+    batch_loss = _losses((get("batch_loss", []) or [])[:1], "batch_loss")
 
     if batch_loss and t > (1 - min_fall) * float(batch_loss[0]):
         verdict = "underfitting"
@@ -112,3 +92,11 @@ def diagnose(history, *, margin=0.10, rise=0.03, improving=0.01, min_fall=0.10):
         advice = (f"the validation loss has levelled off near its best (epoch {best + 1}): "
                   "keep this model; more augmentation or data could lower it further")
     return Diagnosis(verdict, f"{advice} [{evidence}]", t, v, v_best, best + 1, epochs, source)
+
+
+def _losses(values, name):
+    """The losses as floats; the NaN diagnosis: a non-finite one means the run diverged."""
+    values = [float(v) for v in values]
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"history.{name}={values} is not finite: the run diverged; lower the LR")
+    return values

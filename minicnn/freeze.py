@@ -12,6 +12,7 @@ same bit for bit. Earlier groups get 3x-10x lower LRs: differential learning rat
 Source: fast.ai 2018 lesson 2 (freeze, unfreeze, bn_freeze, lr=[1e-4, 1e-3, 1e-2]); fastai 2's
 train_bn. How BatchNorm is kept in eval mode, and the measurements behind it: docs/fine_tuning.md.
 """
+import math
 import numbers
 import weakref
 
@@ -25,41 +26,6 @@ BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _hooks = weakref.WeakKeyDictionary()
 
 
-def _layer_groups(model):
-    groups = getattr(model, "layer_groups", None)
-    if groups is None:
-        raise TypeError(f"{type(model).__name__} has no layer_groups; use a model from "
-                        "minicnn.models or give yours a `layer_groups` list of modules "
-                        "(early body, ..., head)")
-    if not isinstance(groups, (list, tuple, nn.ModuleList, nn.Sequential)) or not groups \
-            or not all(isinstance(g, nn.Module) for g in groups):
-        raise TypeError(f"{type(model).__name__}.layer_groups must be a non-empty list of modules "
-                        f"(early body, ..., head), got {type(groups).__name__} {groups!r:.80}")
-    return list(groups)
-
-
-def _check_bool(name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-
-
-def _run_in_eval(bn, inputs):
-    """Forward pre-hook: this BN layer normalises with its running statistics, which stay fixed."""
-    bn.training = False  # only this layer; the rest of the model keeps its mode
-
-
-def _keep_in_eval(bn):
-    if bn not in _hooks:
-        _hooks[bn] = bn.register_forward_pre_hook(_run_in_eval)
-    bn.eval()
-
-
-def _release(bn, training):
-    if bn in _hooks:
-        _hooks.pop(bn).remove()
-        bn.train(training)
-
-
 def freeze_to(model, n, *, train_bn=True):
     """Freeze layer groups 0..n-1, make groups n.. trainable; 0 <= n < number of groups.
 
@@ -67,12 +33,10 @@ def freeze_to(model, n, *, train_bn=True):
     and statistics); False (fastai 0.7): they are frozen and stay in eval mode, on their running
     statistics, even after model.train(), so the frozen body is exactly the function it was.
     """
-    groups = _layer_groups(model)
-    _check_bool("train_bn", train_bn)
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n < len(groups):
-        raise ValueError(f"freeze_to: n={n!r} must be an int in 0..{len(groups) - 1} "
-                         f"(this model has {len(groups)} layer groups; n={len(groups)} would "
-                         "leave nothing to train)")
+    groups = list(model.layer_groups)
+    if not 0 <= n < len(groups):  # n = len(groups) would leave nothing to train
+        raise ValueError(f"freeze_to: n={n} must be in 0..{len(groups) - 1}")
+    _check_flag("train_bn", train_bn)
     for i, group in enumerate(groups):
         frozen = i < n
         for module in group.modules():
@@ -92,7 +56,7 @@ def freeze_to(model, n, *, train_bn=True):
 
 def freeze(model, *, train_bn=True):
     """Only the last layer group (the head) trains."""
-    freeze_to(model, len(_layer_groups(model)) - 1, train_bn=train_bn)
+    freeze_to(model, len(model.layer_groups) - 1, train_bn=train_bn)
 
 
 def unfreeze(model):
@@ -106,9 +70,8 @@ def bn_freeze(model, frozen=True):
     does. False: back to freeze_to's state (only frozen groups' BN with train_bn=False stay).
     freeze_to and unfreeze undo it: call it after them. The head's BN layers were made for
     this data and keep training (fastai 0.7 froze those too)."""
-    groups = _layer_groups(model)
-    _check_bool("frozen", frozen)
-    for group in groups[:-1]:
+    _check_flag("frozen", frozen)
+    for group in list(model.layer_groups)[:-1]:
         for bn in (m for m in group.modules() if isinstance(m, BATCH_NORMS)):
             if frozen:
                 _keep_in_eval(bn)
@@ -116,67 +79,55 @@ def bn_freeze(model, frozen=True):
                 _release(bn, model.training)
 
 
-def _check_lr(lr, what):
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0 or lr == float("inf"):
-        raise ValueError(f"{what} must be a positive finite number, got {lr!r}")
+def _run_in_eval(bn, inputs):
+    """Forward pre-hook: this BN layer normalises with its running statistics, which stay fixed."""
+    bn.training = False  # only this layer; the rest of the model keeps its mode
+
+
+def _keep_in_eval(bn):
+    if bn not in _hooks:
+        _hooks[bn] = bn.register_forward_pre_hook(_run_in_eval)
+    bn.eval()
+
+
+def _release(bn, training):
+    if bn in _hooks:
+        _hooks.pop(bn).remove()
+        bn.train(training)
+
+
+def differential_lrs(lr, n_groups, *, ratio):
+    """[lr / ratio**(n_groups-1), ..., lr / ratio, lr]: each group `ratio` times lower than the
+    next (3 to 10 is usual; 1 gives one LR)."""
+    if not (0 < lr < math.inf and n_groups >= 1 and 1 <= ratio < math.inf):
+        raise ValueError(f"differential_lrs: need lr > 0, n_groups >= 1, ratio >= 1, got {lr=}, "
+                         f"{n_groups=}, {ratio=}")
+    return [lr / ratio ** (n_groups - 1 - i) for i in range(n_groups)]  # lr_g = lr / ratio**(G-1-g)
 
 
 def param_groups(model, lrs, **hyper):
     """One optimizer param group per layer group, frozen ones included -> list of dicts.
 
     lrs: one number for all groups, or a list with one LR per layer group.
-    hyper: other settings copied into every group (momentum=0.9, weight_decay=1e-4, ...).
+    hyper: other settings copied into every group (momentum=0.9, weight_decay=1e-4, ...);
+    params= and lr= are set here, per group (dict() refuses them twice).
     Use: SGD(param_groups(model, differential_lrs(1e-2, 3, ratio=10), momentum=0.9), lr=1e-2).
+    An optimizer refuses a parameter that is in two layer groups.
     """
-    groups = _layer_groups(model)
-    for key in ("params", "lr"):
-        if key in hyper:
-            raise ValueError(f"param_groups: {key}= is set here, one per layer group; "
-                             "give lrs instead and only other settings (momentum=, weight_decay=) "
-                             "as keywords")
-    grouped = [id(p) for group in groups for p in group.parameters()]
-    if len(grouped) != len(set(grouped)):
-        raise ValueError("param_groups: a parameter is in more than one layer group; "
-                         "each must hold its own")
-    everything = model.parameters() if isinstance(model, nn.Module) else ()
-    outside = len({id(p) for p in everything} - set(grouped))
-    if outside:
-        raise ValueError(f"param_groups: {outside} parameter tensors of the model are in no "
-                         "layer group, so no optimizer group would train them; put every module "
-                         "in one of model.layer_groups")
+    groups = list(model.layer_groups)
+    grouped = {id(p) for group in groups for p in group.parameters()}
+    outside = [name for name, p in model.named_parameters() if id(p) not in grouped]
+    if outside:  # no optimizer group would train them
+        raise ValueError(f"param_groups: {', '.join(outside[:4])} in no layer group; add to one")
     if isinstance(lrs, torch.Tensor) and lrs.dim() == 0:
         lrs = lrs.item()
-    if isinstance(lrs, numbers.Real):
-        lrs = [lrs] * len(groups)
-    if isinstance(lrs, (str, bytes)) or not hasattr(lrs, "__iter__"):
-        raise ValueError(f"param_groups: lrs must be a number or a list of {len(groups)} numbers "
-                         f"(one per layer group), got {lrs!r}")
-    lrs = list(lrs)
-    if len(lrs) != len(groups):
-        raise ValueError(f"param_groups: {len(lrs)} learning rates for {len(groups)} layer groups; "
-                         f"give one per group, e.g. differential_lrs(lr, {len(groups)}, ratio=3)")
-    for i, lr in enumerate(lrs):
-        _check_lr(lr, f"param_groups: lrs[{i}]")
-    return [{"params": list(group.parameters()), "lr": lr, **hyper}
+    lrs = [lrs] * len(groups) if isinstance(lrs, numbers.Real) else list(lrs)
+    if len(lrs) != len(groups) or not all(0 < lr < math.inf for lr in lrs):  # NaN fails too
+        raise ValueError(f"param_groups: lrs={lrs} must be {len(groups)} finite numbers > 0")
+    return [dict(params=list(group.parameters()), lr=lr, **hyper)
             for group, lr in zip(groups, lrs)]
 
 
-def differential_lrs(lr, n_groups, *, ratio):
-    """[lr / ratio**(n_groups-1), ..., lr / ratio, lr]: each group `ratio` times lower than the
-    next."""
-    _check_lr(lr, "differential_lrs: lr")
-    if isinstance(n_groups, bool) or not isinstance(n_groups, numbers.Integral) or n_groups < 1:
-        raise ValueError(f"differential_lrs: n_groups={n_groups!r} must be an int >= 1")
-    if (isinstance(ratio, bool) or not isinstance(ratio, numbers.Real)
-            or not 1 <= ratio < float("inf")):
-        raise ValueError(f"differential_lrs: ratio={ratio!r} must be >= 1 "
-                         "(3 to 10 is usual; 1 = one LR)")
-    return [lr / ratio ** (n_groups - 1 - i) for i in range(n_groups)]  # lr_g = lr / ratio**(G-1-g)
-
-
-def discriminative_lrs(lr, n_groups, *, ratio):
-    """Deprecated name of differential_lrs (fastai 2 says "discriminative", the course
-    "differential")."""
-    import warnings
-    warnings.warn("discriminative_lrs is now differential_lrs", DeprecationWarning, stacklevel=2)
-    return differential_lrs(lr, n_groups, ratio=ratio)
+def _check_flag(name, value):
+    if not isinstance(value, bool):  # "False" would read as True
+        raise TypeError(f"{name}={value!r} must be True or False")

@@ -10,7 +10,8 @@ in batches:
     p = softmax(model(x))                                   minicnn/train.py's predict
     --tta: p = (p_plain + p_aug_1 + ... + p_aug_4) / 5      minicnn/tta.py, the stored preset
 A folder stands for its images (recursive, sorted) and its predictions go to a CSV, written
-with minicnn/checkpoint.py's atomic_write. An image that will not decode is named and skipped.
+with minicnn/atomic.py's atomic_write. An image that will not decode is named and skipped.
+--device is read by minicnn/data.py's parse_device.
 Source: fast.ai 2018 lesson 2 (learn.predict, learn.TTA). More: docs/export.md.
 """
 import argparse
@@ -23,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from minicnn.checkpoint import atomic_write
+from minicnn.atomic import atomic_write
+from minicnn.data import parse_device
 from minicnn.export import load_model
 from minicnn.image_folder import IMAGE_SUFFIXES, load_images
 from minicnn.train import predict
@@ -31,6 +33,39 @@ from minicnn.tta import predict_tta
 
 TTA_VIEWS = 4  # augmented views besides the plain one: the course's learn.TTA()
 TTA_SEED = 0  # the views are drawn from a generator seeded with it: the same result every run
+
+
+def predict_images(model, info, paths, *, tta=False, batch_size=64, device=None):
+    """-> (probabilities (N, n_classes) float32 on the CPU, the N paths read, the failures).
+
+    model, info: what export.load_model gives. paths: image files, predicted batch_size at a
+    time on `device` (None: where the model is; else the model is moved there). tta: average
+    the plain view and TTA_VIEWS views of info["preset"], drawn from a seeded generator.
+    failures: "path (why)" for each file that would not decode; those are skipped.
+    """
+    if batch_size < 1:  # range() would give no batch, or refuse a step of 0
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if tta and info.get("preset") is None:
+        raise ValueError("tta=True: this model was exported without its augmentation preset")
+    if device is not None:
+        model.to(device)
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(TTA_SEED) if tta else None
+    probs, read, failures = [], [], []
+    for start in range(0, len(paths), batch_size):
+        x, done = read_images(paths[start:start + batch_size], info["size"], info["channels"],
+                              failures)
+        if x is None:
+            continue
+        x = x.to(device).float().div_(255)  # (B, C, size, size) in [0, 1], as Batches makes it
+        if tta:
+            probs.append(predict_tta(model, [(x, None)], augment=info["preset"],
+                                     n_aug=TTA_VIEWS, generator=generator))
+        else:
+            probs.append(predict(model, [(x, None)]))
+        read += done
+    n_classes = len(info["classes"])
+    return (torch.cat(probs) if probs else torch.zeros(0, n_classes)), read, failures
 
 
 def images_in(folder):
@@ -62,40 +97,6 @@ def read_images(paths, size, channels, failures):
     return x, read
 
 
-def predict_images(model, info, paths, *, tta=False, batch_size=64, device=None):
-    """-> (probabilities (N, n_classes) float32 on the CPU, the N paths read, the failures).
-
-    model, info: what export.load_model gives. paths: image files, predicted batch_size at a
-    time on `device` (None: where the model is; else the model is moved there). tta: average
-    the plain view and TTA_VIEWS views of info["preset"], drawn from a seeded generator.
-    failures: "path (why)" for each file that would not decode; those are skipped.
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
-    if tta and info.get("preset") is None:
-        raise ValueError("tta=True needs the augmentation preset, and this model was exported "
-                         "without one (export_model(..., preset=...))")
-    if device is not None:
-        model.to(device)
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(TTA_SEED) if tta else None
-    probs, read, failures = [], [], []
-    for start in range(0, len(paths), batch_size):
-        x, done = read_images(paths[start:start + batch_size], info["size"], info["channels"],
-                              failures)
-        if x is None:
-            continue
-        x = x.to(device).float().div_(255)  # (B, C, size, size) in [0, 1], as Batches makes it
-        if tta:
-            probs.append(predict_tta(model, [(x, None)], augment=info["preset"],
-                                     n_aug=TTA_VIEWS, generator=generator))
-        else:
-            probs.append(predict(model, [(x, None)]))
-        read += done
-    n_classes = len(info["classes"])
-    return (torch.cat(probs) if probs else torch.zeros(0, n_classes)), read, failures
-
-
 def _parse_args(argv):
     """The options, every one checked before any work (argparse's errors, exit 2), and the
     model -> (args, model, info)."""
@@ -103,7 +104,8 @@ def _parse_args(argv):
         prog="python -m minicnn.predict",
         description="Predict the classes of images with a model.pt that a lesson exported; a "
                     "folder stands for every image in it and its predictions go to a CSV.")
-    parser.add_argument("model", type=Path, help="the model.pt a lesson wrote into its --out")
+    parser.add_argument("model", type=Path,
+                        help="the model.pt a lesson wrote into its --out (or that folder)")
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER",
                         help=f"image files ({', '.join(sorted(IMAGE_SUFFIXES))}) or folders "
                              "of them (searched recursively)")
@@ -122,9 +124,6 @@ def _parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=64,
                         help="images per forward pass (default 64)")
     args = parser.parse_args(argv)
-    if not args.model.is_file():
-        parser.error(f"argument model: {args.model} is a folder; give the model.pt in it"
-                     if args.model.is_dir() else f"argument model: no file {args.model}")
     missing = [str(p) for p in args.images if not p.exists()]
     if missing:
         parser.error(f"argument IMAGE_OR_FOLDER: no such file or folder: {', '.join(missing)}")
@@ -138,17 +137,10 @@ def _parse_args(argv):
     if args.csv is not None and args.csv.parent.exists() and not args.csv.parent.is_dir():
         parser.error(f"argument --csv: {args.csv.parent} is a file, not a folder")
     try:
-        device = torch.device(args.device)
-    except RuntimeError as error:
-        parser.error(f"argument --device: {args.device!r} is not a device ({error})")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"argument --device: {args.device} but CUDA is not available here; "
-                     "use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        parser.error(f"argument --device: {args.device}, but this machine has "
-                     f"{torch.cuda.device_count()} GPU(s), cuda:0 to "
-                     f"cuda:{torch.cuda.device_count() - 1}")
-    try:
+        device = parse_device(args.device)
+    except ValueError as error:
+        parser.error(f"argument --device: {error}")
+    try:  # a missing, damaged or foreign file (a folder: its model.pt)
         model, info = load_model(args.model, device)
     except (OSError, ValueError) as error:
         parser.error(f"argument model: {error}")

@@ -82,8 +82,8 @@ def test_the_limit_caps_the_result_and_no_margin_when_the_whole_dataset_fits():
 
 
 def test_when_even_start_does_not_fit_the_error_says_so_and_why():
-    with pytest.raises(MemoryError, match=r"even batch size 4 does not fit in memory on cpu \(OutOfMemoryError: "
-                                          r"CUDA out of memory. Tried.*\); try start=1"):
+    oom = r"batch size 4 .* cpu \(OutOfMemoryError: CUDA out of memory.*start=1"
+    with pytest.raises(MemoryError, match=oom):
         find_batch_size(fake_step(3, OOM_ERRORS["torch.OutOfMemoryError"]), start=4, limit=100)
 
 
@@ -107,7 +107,7 @@ def test_other_errors_are_re_raised(error):
 def test_onednns_out_of_memory_stops_the_search_with_what_to_do():
     """oneDNN caches a kernel that failed to build: later sizes would fail too, so no bisection."""
     tried = []
-    with pytest.raises(RuntimeError, match=r"could not create a primitive: oneDNN .* Start a fresh process") as e:
+    with pytest.raises(RuntimeError, match=r"a primitive: oneDNN.*fresh process") as e:
         find_batch_size(fake_step(10, lambda: RuntimeError("could not create a primitive"), tried), limit=100)
     assert tried == [2, 4, 8, 16] and str(e.value.__cause__) == "could not create a primitive"
 
@@ -193,28 +193,21 @@ def test_verbose_prints_each_try(capsys):
             "you tried to allocate 137438953472 bytes.") in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    (dict(limit=0), ValueError, "limit must be a positive int"),
-    (dict(limit=10, start=11), ValueError, "start must be an int between 1 and limit=10"),
-    (dict(limit=10, start=0), ValueError, "start must be"),
-    (dict(limit=10, margin=0), ValueError, "margin must be in"),
-    (dict(limit=10, margin=1.5), ValueError, "margin must be in"),
-    (dict(limit=True), ValueError, "limit must be a positive int"),
-    (dict(limit=10.0), ValueError, "limit must be a positive int"),
-    (dict(limit=10, start=True), ValueError, "start must be an int"),
-    (dict(limit=10, margin="0.9"), ValueError, "margin must be in"),
-    (dict(limit=10, margin=float("nan")), ValueError, "margin must be in"),
-    (dict(limit=10, device="gpu"), ValueError, "device='gpu' is not a device"),
-    (dict(limit=10, model=3), TypeError, "model must be a torch.nn.Module"),
-    (dict(limit=10, model=torch.nn.ReLU()), TypeError, "with parameters"),
-    (dict(limit=10, optimizer="sgd"), TypeError, "optimizer must have state_dict"),
-    (dict(limit=10, try_step=64), TypeError, "try_step must be a function"),
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(limit=0), "limit=0"),
+    (dict(limit=10, start=11), "start=11, limit=10"),
+    (dict(limit=10, start=0), "start=0"),
+    (dict(limit=10.0), "limit=10.0"),  # sizes would become floats
+    (dict(limit=10, margin=0), "margin=0"),  # would always give 1
+    (dict(limit=10, margin=1.5), "margin=1.5"),  # a size that did not fit
+    (dict(limit=10, margin=float("nan")), "margin=nan"),
+    (dict(limit=10, device="gpu"), "device 'gpu'"),
+    (dict(limit=10, device="cuda:7"), "device 'cuda:7'"),  # no machine here has 8 GPUs
 ])
-def test_bad_arguments(kwargs, error, message):
+def test_bad_arguments(kwargs, match):
     tried = []
-    kwargs.setdefault("try_step", fake_step(10, MemoryError, tried))
-    with pytest.raises(error, match=message):
-        find_batch_size(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        find_batch_size(fake_step(10, MemoryError, tried), **kwargs)
     assert tried == []  # refused before any try
 
 

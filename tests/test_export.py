@@ -78,11 +78,13 @@ def test_loading_needs_no_pretrained_weights(arch, tmp_path, monkeypatch):
     assert info["mean"] == pytest.approx([grey_mean])  # what the grey stem computes inside
 
 
-def test_refuses_a_missing_file_and_a_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no model file at .*nothing.pt"):
+def test_refuses_a_missing_file_and_a_folder_means_its_model_pt(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.pt"):
         load_model(tmp_path / "nothing.pt")
-    with pytest.raises(IsADirectoryError, match="is a folder, not a model file.*model.pt"):
+    with pytest.raises(FileNotFoundError, match="model.pt"):  # an empty folder: no model.pt in it
         load_model(tmp_path)
+    export(tmp_path / "model.pt")
+    assert load_model(tmp_path)[1]["classes"] == CLASSES  # fastai's load_learner(folder) too
 
 
 def test_refuses_a_damaged_file(tmp_path):
@@ -95,27 +97,27 @@ def test_refuses_a_damaged_file(tmp_path):
     assert where > 0
     data[where + 5] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="model.pt is damaged: its values do not match"):
+    with pytest.raises(ValueError, match="model.pt.*damaged"):
         load_model(path)
     path.write_bytes(bytes(data[: len(data) // 2]))  # truncated
-    with pytest.raises(ValueError, match="cannot be read as a model: it is damaged"):
+    with pytest.raises(ValueError, match="model.pt.*damaged"):
         load_model(path)
 
 
 def test_refuses_foreign_files_saying_what_they_are(tmp_path):
     model = tiny()
     torch.save(model.state_dict(), tmp_path / "weights.pt")
-    with pytest.raises(ValueError, match=r"holds bare weights \(torch.save"):
+    with pytest.raises(ValueError, match="weights.pt holds bare weights"):
         load_model(tmp_path / "weights.pt")
     save_checked(tmp_path / "body.pt", "minicnn-lesson2-body-1", dict(model.state_dict()))
-    with pytest.raises(ValueError, match="is lesson2's cache of its pretrained body, not an"):
+    with pytest.raises(ValueError, match="body.pt is lesson2's cache"):
         load_model(tmp_path / "body.pt")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     save_checkpoint(tmp_path / "ckpt.pt", model=model, optimizer=opt, step=0)
-    with pytest.raises(ValueError, match="is a training checkpoint"):
+    with pytest.raises(ValueError, match="ckpt.pt is a training checkpoint"):
         load_model(tmp_path / "ckpt.pt")
     (tmp_path / "notes.pt").write_text("not a model")
-    with pytest.raises(ValueError, match="cannot be read as a model"):
+    with pytest.raises(ValueError, match="notes.pt"):
         load_model(tmp_path / "notes.pt")
 
 
@@ -126,24 +128,23 @@ def _contents(tmp_path):
 def test_refuses_a_newer_format_and_an_unknown_architecture(tmp_path):
     contents = _contents(tmp_path)
     save_checked(tmp_path / "newer.pt", "minicnn-model-2", contents)
-    with pytest.raises(ValueError, match="made by a newer minicnn .*minicnn-model-2.*upgrade"):
+    with pytest.raises(ValueError, match="newer.pt .*newer minicnn.*upgrade"):
         load_model(tmp_path / "newer.pt")
     save_checked(tmp_path / "vgg.pt", FORMAT, {**contents, "arch": "vgg16"})
-    with pytest.raises(ValueError, match="architecture 'vgg16' is not one this minicnn builds"):
+    with pytest.raises(ValueError, match="vgg16"):
         load_model(tmp_path / "vgg.pt")
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(arch="vgg16"), "architecture 'vgg16' is not one minicnn builds"),
-    (dict(arch_kwargs={"widths": (4, 16)}), "is not this model: keys or shapes differ"),
-    (dict(arch_kwargs={"widths": (4, 8, 16)}), "is not this model: keys or shapes differ"),
-    (dict(arch_kwargs={"depth": 3}), "cannot be built with them"),
-    (dict(arch_kwargs={"n_classes": 3}), "without n_classes"),
-    (dict(classes=["a", "a", "b"]), "2 or more different names"),
-    (dict(size=0), "size=0 must be"),
-    (dict(channels=2), "channels=2 must be 3"),
-    (dict(preset="sideways"), "preset='sideways' must be one of"),
-    (dict(test_accuracy=75), "test_accuracy=75 must be a fraction"),
+    (dict(arch="vgg16"), "vgg16"),
+    (dict(arch_kwargs={"widths": (4, 16)}), "is not this model"),
+    (dict(arch_kwargs={"widths": (4, 8, 16)}), "is not this model"),
+    (dict(channels=1), "is not this model"),  # a 3-channel model: the stem's shape differs
+    (dict(channels=2), "channel"),  # no builder takes 2
+    (dict(classes=["cat"]), "n_classes=1"),
+    (dict(size=0), "size=0"),
+    (dict(size=16.0), "size=16.0"),  # minicnn.predict would resize to a float
+    (dict(preset="sideways"), "preset='sideways'"),
 ])
 def test_export_refuses_bad_arguments_before_writing(tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):

@@ -229,80 +229,51 @@ def test_differential_lrs_properties(lr, n, ratio):
         assert math.isclose(higher / lower, ratio, rel_tol=1e-9)
 
 
-@pytest.mark.parametrize("n", [-1, 3, 1.0, True, None])
+@pytest.mark.parametrize("n", [-1, 3])
 def test_freeze_to_rejects_n_out_of_range(n):
-    with pytest.raises(ValueError, match="freeze_to"):
+    with pytest.raises(ValueError, match=rf"n={n} must be in 0\.\.2"):
         freeze_to(tiny_model(), n)
 
 
-def test_models_without_layer_groups_are_rejected():
-    with pytest.raises(TypeError, match="layer_groups"):
-        freeze(nn.Linear(2, 2))
-    with pytest.raises(TypeError, match="layer_groups"):
-        param_groups(nn.Linear(2, 2), 0.1)
-    with pytest.raises(TypeError, match="layer_groups"):
-        bn_freeze(nn.Linear(2, 2))
-
-
-class Grouped(nn.Module):
-    def __init__(self, groups):
-        super().__init__()
-        self.layer_groups = groups
-
-
-@pytest.mark.parametrize("groups", [[], nn.Linear(2, 2), [nn.Linear(2, 2), "head"]])
-def test_layer_groups_that_are_not_a_list_of_modules_are_rejected(groups):
-    model = Grouped(groups)
-    for call in [freeze, unfreeze, bn_freeze, lambda m: param_groups(m, 0.1)]:
-        with pytest.raises(TypeError, match="layer_groups must be a non-empty list of modules"):
-            call(model)
-
-
-def test_parameters_outside_or_shared_between_layer_groups_are_rejected():
+def test_parameters_outside_the_layer_groups_are_rejected():
     model = tiny_model()
     model.extra = nn.Linear(2, 2)  # trained by nobody: its optimizer group would not exist
-    with pytest.raises(ValueError, match="2 parameter tensors of the model are in no layer group"):
+    with pytest.raises(ValueError, match="extra.weight, extra.bias in no layer group"):
         param_groups(model, 0.1)
-    shared = nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="more than one layer group"):
-        param_groups(Grouped([shared, nn.Sequential(shared)]), 0.1)
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda m: freeze(m, train_bn="False"), TypeError, "train_bn must be True or False"),
-    (lambda m: freeze_to(m, 1, train_bn=0), TypeError, "train_bn must be True or False"),
-    (lambda m: bn_freeze(m, "off"), TypeError, "frozen must be True or False"),
-    (lambda m: param_groups(m, None), ValueError, "lrs must be a number or a list of 3"),
-    (lambda m: param_groups(m, "0.1"), ValueError, "lrs must be a number or a list of 3"),
-    (lambda m: param_groups(m, 0.1, lr=0.5), ValueError, "lr= is set here"),
-    (lambda m: param_groups(m, 0.1, params=[]), ValueError, "params= is set here"),
+@pytest.mark.parametrize("call, match", [
+    (lambda m: freeze(m, train_bn="False"), "train_bn='False'"),  # a string would read as True
+    (lambda m: freeze_to(m, 1, train_bn=0), "train_bn=0"),
+    (lambda m: bn_freeze(m, "off"), "frozen='off'"),
 ])
-def test_bad_arguments_are_named(call, error, match):
-    with pytest.raises(error, match=match):
+def test_flags_must_be_true_or_false(call, match):
+    with pytest.raises(TypeError, match=match):
         call(tiny_model())
+
+
+@pytest.mark.parametrize("hyper", [dict(lr=0.5), dict(params=[])])
+def test_lr_and_params_given_twice_are_refused_not_overridden(hyper):
+    with pytest.raises(TypeError, match=next(iter(hyper))):
+        param_groups(tiny_model(), 0.1, **hyper)
 
 
 def test_a_zero_dim_tensor_lr_is_a_number():
     assert [g["lr"] for g in param_groups(tiny_model(), torch.tensor(0.5))] == [0.5] * 3
 
 
-@pytest.mark.parametrize("lrs,match", [([0.1, 0.1], "2 learning rates for 3"), ([0.1] * 4, "4 learning rates"),
-                                       ([0.1, 0.0, 0.1], r"lrs\[1\]"), ([0.1, float("nan"), 0.1], r"lrs\[1\]"),
-                                       (-1.0, r"lrs\[0\]")])
-def test_param_groups_rejects_bad_lrs(lrs, match):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("lrs", [[0.1, 0.1], [0.1] * 4, [0.1, 0.0, 0.1], [0.1, float("nan"), 0.1],
+                                 [0.1, float("inf"), 0.1], -1.0])
+def test_param_groups_rejects_bad_lrs(lrs):
+    with pytest.raises(ValueError, match=r"lrs=.* must be 3 finite numbers > 0"):
         param_groups(tiny_model(), lrs)
 
 
-@pytest.mark.parametrize("args,kwargs,match", [((0.0, 3), {"ratio": 3}, "lr"), ((float("inf"), 3), {"ratio": 3}, "lr"),
-                                               ((0.1, 0), {"ratio": 3}, "n_groups"), ((0.1, 2.5), {"ratio": 3}, "n_groups"),
-                                               ((0.1, 3), {"ratio": 0.5}, "ratio"), ((0.1, 3), {"ratio": float("nan")}, "ratio")])
+@pytest.mark.parametrize("args, kwargs, match", [
+    ((0.0, 3), {"ratio": 3}, "lr=0.0"), ((float("inf"), 3), {"ratio": 3}, "lr=inf"),
+    ((0.1, 0), {"ratio": 3}, "n_groups=0"),  # would give an empty list
+    ((0.1, 3), {"ratio": 0.5}, "ratio=0.5"),  # earlier groups faster
+    ((0.1, 3), {"ratio": float("nan")}, "ratio=nan")])
 def test_differential_lrs_rejects_bad_input(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         differential_lrs(*args, **kwargs)
-
-
-def test_the_old_name_still_works_and_warns():
-    from minicnn.freeze import discriminative_lrs
-    with pytest.warns(DeprecationWarning, match="differential_lrs"):
-        assert discriminative_lrs(0.9, 3, ratio=3) == differential_lrs(0.9, 3, ratio=3)

@@ -147,6 +147,16 @@ def test_top_and_csv_for_single_files(trained, tmp_path, capsys):
     assert len((tmp_path / "out" / "p.csv").read_text().splitlines()) == 3
 
 
+@pytest.mark.parametrize("kwargs, match", [(dict(batch_size=0), "batch_size=0"),
+                                           (dict(batch_size=-1), "batch_size=-1"),  # no batch
+                                           (dict(tta=True), "tta=True")])
+def test_predict_images_refuses_bad_arguments(trained, kwargs, match):
+    model, info = load_model(trained["path"])
+    info = {**info, "preset": None} if "tta" in kwargs else info
+    with pytest.raises(ValueError, match=match):
+        predict_images(model, info, valid_paths(trained), **kwargs)
+
+
 def test_a_folder_of_only_broken_images_exits_1(trained, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad").mkdir()
@@ -159,17 +169,18 @@ def test_a_folder_of_only_broken_images_exits_1(trained, tmp_path, capsys, monke
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["{tmp}/nothing.pt", "{image}"], "argument model: no file .*nothing.pt"),
-    (["{tmp}", "{image}"], "argument model: .* is a folder"),
+    (["{tmp}/nothing.pt", "{image}"], "argument model: .*nothing.pt"),
+    (["{tmp}", "{image}"], "argument model: .*model.pt"),  # a folder: its model.pt
     (["{tmp}/damaged.pt", "{image}"], "argument model: .*damaged.pt .*damaged"),
     (["{model}", "{tmp}/nowhere.png"], "argument IMAGE_OR_FOLDER: no such file or folder"),
     (["{model}", "{image}", "--top", "0"], "argument --top: must be >= 1, got 0"),
     (["{model}", "{image}", "--batch-size", "0"], "argument --batch-size: must be >= 1"),
     (["{model}", "{image}", "--csv", "{tmp}"], "argument --csv: .* is a folder"),
     (["{model}", "{image}", "--csv", "{image}/p.csv"], "argument --csv: .* is a file, not a"),
-    (["{model}", "{image}", "--device", "gpu"], "argument --device: 'gpu' is not a device"),
+    (["{model}", "{image}", "--device", "gpu"], "argument --device: .*'gpu'"),
+    (["{model}", "{image}", "--device", "cuda:7"], "argument --device: .*'cuda:7'"),
     (["{plain}", "{image}", "--tta"], "argument --tta: this model was exported without"),
-    pytest.param(["{model}", "{image}", "--device", "cuda"], "CUDA is not available here",
+    pytest.param(["{model}", "{image}", "--device", "cuda"], "argument --device: .*'cuda'",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
 ])
 def test_bad_arguments_are_refused_by_name(trained, tmp_path, capsys, argv, message):
