@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from common import ROOT, check, command_line, device, int_in, out_folder, show, threads_note
-from minicnn.checkpoint import atomic_write
+from minicnn.atomic import atomic_write
 from minicnn.plots import save_png
 
 # %% [markdown]

@@ -16,7 +16,7 @@ import torch
 
 from common import (check, check_accuracy, command_line, fashion_data, int_in, parse_args, show,
                     threads_note)
-from minicnn.checkpoint import atomic_write
+from minicnn.atomic import atomic_write
 from minicnn.diagnose import diagnose
 from minicnn.export import export_model
 from minicnn.lr_find import lr_find

@@ -83,7 +83,7 @@ def main(argv=None):
     from nbclient.exceptions import CellExecutionError
 
     sys.path.insert(0, str(ROOT))
-    from minicnn.checkpoint import atomic_write
+    from minicnn.atomic import atomic_write
 
     failed = []
     for name in args.names or lessons():
