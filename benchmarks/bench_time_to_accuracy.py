@@ -38,6 +38,7 @@ Writes OUT/time_to_accuracy.md (the table), OUT/time_to_accuracy.json (every arm
 arm's log, and lesson2's report.md and results.json as OUT/minicnn_*.
 """
 import argparse
+import ast
 import importlib.util
 import json
 import math
@@ -57,11 +58,12 @@ LESSON2 = ROOT / "lessons" / "lesson2.py"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "lessons"))
 from minicnn.augment import side_on  # noqa: E402
-from minicnn.checkpoint import atomic_write  # noqa: E402
+from minicnn.atomic import atomic_write  # noqa: E402
 from minicnn.data import Batches  # noqa: E402
 from minicnn.lr_find import lr_find  # noqa: E402
 from minicnn.models import simple_resnet  # noqa: E402
 from minicnn.train import accuracy  # noqa: E402
+import minicnn.speed as speed  # noqa: E402
 from common import device, fashion_splits, float_above, int_in, out_folder  # noqa: E402 (lessons/)
 from lesson2_settings import MODES  # noqa: E402
 
@@ -85,17 +87,26 @@ def seconds_to(curve, threshold):
 
 
 def shared_settings(args):
-    """What every arm shares: lesson2's network and batch in this mode, bf16 where lesson2 uses it."""
-    import lesson2_io  # lessons/: lesson2's own test of the CPU's bf16
+    """What every arm shares: lesson2's network and batch in this mode, and the way to run a step
+    (speed.ways: fp32, channels_last, bf16 + channels_last) that a few timed steps found fastest,
+    or the one lesson2's --minicnn-results run found, or the one --precision/--channels-last force."""
     mode = "quick" if args.quick else args.mode
     row = MODES[mode]  # lessons/lesson2_settings.py: lesson2's settings, one row per mode
-    cycles = row["cycles"]
-    return dict(mode=mode, widths=list(row["widths"]), batch_size=row["batch_size"],
-                bf16=args.device.startswith("cuda") or lesson2_io.cpu_computes_bf16(),
-                recipe_epochs=2 ** cycles - 1)  # SGDR cycles of 1, 2, 4, ... epochs
+    candidates, trial = speed.ways(args.device, args.precision, args.channels_last), {}
+    if args.minicnn_results:  # the way lesson2 measured and took there
+        way = ast.literal_eval(json.loads(Path(args.minicnn_results).read_text())["settings"]["WAY"])
+        candidates = speed.WAYS
+    elif len(candidates) == 1:
+        way = next(iter(candidates))
+    else:
+        with torch.random.fork_rng():  # a network for the trial only: no random number used
+            net = simple_resnet(10, 1, row["widths"]).to(args.device)
+        train = load_data(args)["train"]
+        batches = Batches(*train, row["batch_size"], shuffle=True, device=args.device)
+        way, _, trial = speed.fastest(net, batches, candidates)
+    return dict(mode=mode, widths=list(row["widths"]), batch_size=row["batch_size"], way=way,
+                **candidates[way], trial=trial, recipe_epochs=2 ** row["cycles"] - 1)  # SGDR: 1, 2, 4..
 
-
-# ---- the data every in-process arm trains on ------------------------------------------------------
 
 def load_data(args):
     """-> dict(train, valid, test: (x uint8 (N, 1, 28, 28), y)): lesson2 --accuracy's split, or
@@ -108,11 +119,12 @@ def probabilities(model, x, s, device, *, flip=False):
     """Softmax probabilities (N, 10) of uint8 images x, in eval mode, 512 at a time (as lesson2)."""
     model.eval()
     out = []
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=s["bf16"]):
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                         enabled=s["mixed_precision"]):
         for i in range(0, len(x), 512):
             xb = x[i:i + 512].to(device).float().div_(255)  # (B, 1, 28, 28) in [0, 1]
             xb = xb.flip(-1) if flip else xb
-            if s["bf16"]:
+            if s["channels_last"]:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             out.append(torch.softmax(model(xb).float(), dim=1).cpu())
     return torch.cat(out)
@@ -136,7 +148,7 @@ def plain_arm(data, s, args, device):
     """What a 2019-style PyTorch script writes: SGD + OneCycleLR, one visible loop."""
     torch.manual_seed(args.seed)
     model = simple_resnet(10, 1, tuple(s["widths"])).to(device)
-    if s["bf16"]:
+    if s["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     x_train, y_train = data["train"]
     batch_size, epochs = s["batch_size"], args.epochs
@@ -165,10 +177,10 @@ def plain_arm(data, s, args, device):
         for i in range(steps_per_epoch):
             x, y = batch(order[i * batch_size:(i + 1) * batch_size])
             x = augment(x)
-            if s["bf16"]:
+            if s["channels_last"]:
                 x = x.contiguous(memory_format=torch.channels_last)
             # forward, backward, step, then the schedule's next LR and momentum
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s["bf16"]):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s["mixed_precision"]):
                 loss = F.cross_entropy(model(x).float(), y)
             loss.backward()
             opt.step()
@@ -207,17 +219,18 @@ def fastai_arm(data, s, args, device):
             print(f"epoch {self.epoch}: validation accuracy {self.curve[-1][1]:.4f}, {self.curve[-1][0]:.0f}s",
                   flush=True)
 
-    class Bf16ChannelsLast(Callback):
-        """bf16 autocast + channels_last, as the other arms. fastai 2.8's MixedPrecision (to_bf16)
-        enters autocast("cuda") only, so on the CPU it would do nothing; this is it for either device."""
+    class Way(Callback):
+        """bf16 autocast and channels_last where the other arms use them. fastai 2.8's MixedPrecision
+        (to_bf16) enters autocast("cuda") only, so on the CPU it would do nothing; this is it for either device."""
         order = 10  # where MixedPrecision sits
+        layout = torch.channels_last if s["channels_last"] else torch.contiguous_format
 
         def before_fit(self):
-            self.learn.model.to(memory_format=torch.channels_last)
+            self.learn.model.to(memory_format=self.layout)
 
         def before_batch(self):
-            self.learn.xb = tuple(x.contiguous(memory_format=torch.channels_last) for x in self.xb)
-            self.autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+            self.learn.xb = tuple(x.contiguous(memory_format=self.layout) for x in self.xb)
+            self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s["mixed_precision"])
             self.autocast.__enter__()
 
         def after_pred(self):
@@ -248,7 +261,7 @@ def fastai_arm(data, s, args, device):
     started = time.perf_counter()
     curve = Curve(started)
     learn = Learner(DataLoaders(train, valid), model, loss_func=CrossEntropyLossFlat(), metrics=fastai_accuracy,
-                    path=folder, cbs=[Bf16ChannelsLast()] if s["bf16"] else [])
+                    path=folder, cbs=[Way()])
     with learn.no_bar():  # its progress bar redraws itself into the log hundreds of times an epoch
         lr = learn.lr_find(num_it=100 if not args.quick else 50, show_plot=False).valley
         learn.fit_one_cycle(args.epochs, lr, cbs=[curve])
@@ -286,7 +299,9 @@ def run_arm(name, args, s):
                                       source=f"from {args.minicnn_results}")
             mode = ["--accuracy", "--quick"] if s["mode"] == "quick" else [f"--{s['mode']}"]  # from scratch, 10 classes
             command = [sys.executable, str(LESSON2), *mode, "--out", folder, "--threads", str(args.threads),
-                       "--device", args.device, "--seed", str(args.seed)]
+                       "--device", args.device, "--seed", str(args.seed),
+                       "--precision", "bf16" if s["mixed_precision"] else "fp32",
+                       "--channels-last", "on" if s["channels_last"] else "off"]
         else:
             command = [sys.executable, __file__, "--run-arm", name, "--result", str(Path(folder) / "result.json"),
                        "--settings", json.dumps(s)] + args.passed_on
@@ -308,7 +323,7 @@ def run_arm(name, args, s):
 def minicnn_result(results, s, *, source):
     """lesson2's results.json -> the arm's result; its network and batch must be the ones the others used."""
     settings = results["settings"]
-    for key, name in (("widths", "WIDTHS"), ("batch_size", "BATCH_SIZE"), ("bf16", "BF16")):
+    for key, name in (("widths", "WIDTHS"), ("batch_size", "BATCH_SIZE"), ("way", "WAY")):
         used = settings.get(name)
         want = repr(tuple(s[key])) if key == "widths" else repr(s[key])
         if used != want:
@@ -320,6 +335,12 @@ def minicnn_result(results, s, *, source):
 
 
 # ---- the table ---------------------------------------------------------------------------------------
+
+def trial_note(s):
+    """The speed trial's step times, as the table's note says them ("" when none ran)."""
+    return (" (seconds a step: " + ", ".join(f"{k} {v:.3f}" for k, v in s["trial"].items()) + ")"
+            if s["trial"] else "")
+
 
 def table(results, s, args):
     """The markdown table: seconds to each threshold, ratios to the plain loop, test accuracies."""
@@ -341,7 +362,7 @@ def table(results, s, args):
             + [f"{max(a for _, a in r['curve']):.4f}", f"{r['curve'][-1][0]:.0f}", f"{r['test']:.4f}",
                "—" if r["test_flip"] is None else f"{r['test_flip']:.4f}", r["how"], r["lr"]]) + " |")
     note = (f"simple_resnet{tuple(s['widths'])}, batch {s['batch_size']}, {args.threads} thread(s) on {args.device}, "
-            f"bf16 + channels_last {'on' if s['bf16'] else 'off'}, lesson2 mode {s['mode']}; order "
+            f"training in {s['way']}{trial_note(s)}, lesson2 mode {s['mode']}; order "
             f"{','.join(args.order)}; one-cycle arms {args.epochs} epochs.")
     if args.quick:
         note += (" --quick: a smoke run on slices (minicnn runs lesson2 --accuracy --quick), "
@@ -384,6 +405,11 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int_in(0), default=0)
     parser.add_argument("--out", type=out_folder, default=ROOT / "runs" / "bench_time_to_accuracy")
     parser.add_argument("--arm-timeout", type=float_above(0), default=3600, help="seconds before an arm is stopped")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="every arm's arithmetic: auto (the default) times a few steps of each "
+                             "and takes the faster; bf16 is tried only where the device computes it")
+    parser.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                        help="every arm's memory layout: auto (the default) times a few steps of each")
     parser.add_argument("--minicnn-results", type=results_file, default=None,
                         help="a lesson2 results.json of this machine to use as "
                         "the minicnn arm instead of running lesson2 (gpu_check.py: its --full run)")
@@ -414,7 +440,7 @@ def main(argv=None):
                       "--device", args.device, "--seed", str(args.seed)] + (["--quick"] if args.quick else [])
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"time to accuracy: arms {', '.join(args.order)}; simple_resnet{tuple(s['widths'])}, batch "
-          f"{s['batch_size']}, {args.threads} thread(s), {args.device}, bf16 {'on' if s['bf16'] else 'off'}",
+          f"{s['batch_size']}, {args.threads} thread(s), {args.device}, {s['way']}{trial_note(s)}",
           flush=True)
     results = {}
     for name in args.order:

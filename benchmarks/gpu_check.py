@@ -44,10 +44,11 @@ sys.path.insert(0, str(ROOT / "lessons"))
 from bench_time_to_accuracy import THRESHOLDS, seconds_to, synchronize  # noqa: E402
 from lesson2_settings import MODES  # noqa: E402  (lessons/, on the path as bench_time_to_accuracy puts it)
 from minicnn.batch_size import find_batch_size  # noqa: E402
-from minicnn.checkpoint import atomic_write  # noqa: E402
+from minicnn.atomic import atomic_write  # noqa: E402
 from minicnn.data import Batches  # noqa: E402
 from minicnn.models import simple_resnet  # noqa: E402
 from minicnn.train import fit  # noqa: E402
+import minicnn.speed as speed  # noqa: E402
 from common import device, float_above, int_in, out_folder  # noqa: E402  (lessons/common.py: the argument checks)
 
 PARTS = ("lesson2", "time", "bf16", "oom")
@@ -60,11 +61,6 @@ def network(args):
     """lesson2's widths and batch in the mode this check runs (--full on CUDA, else --quick)."""
     mode = "quick" if args.quick else "full"
     return tuple(MODES[mode]["widths"]), MODES[mode]["batch_size"]
-
-
-def cpu_computes_bf16():
-    import lesson2_io  # lesson2's own test (it imports matplotlib: only where needed)
-    return lesson2_io.cpu_computes_bf16()
 
 
 # ---- parts 3 and 4, each run in its own process (--part) ---------------------------------------------
@@ -100,7 +96,7 @@ def bf16_part(args):
 def oom_part(args):
     """find_batch_size through a real out-of-memory error (CUDA), then fit at the size found."""
     device, (widths, _) = torch.device(args.device), network(args)
-    bf16 = device.type == "cuda" or cpu_computes_bf16()  # lesson2's rule: as part 1 trains
+    bf16 = speed.computes_bf16(device)  # on CUDA: as lesson2's speed trial finds there
     torch.manual_seed(0)
     layout = torch.channels_last if bf16 else torch.preserve_format
     model = simple_resnet(10, 1, widths).to(device, memory_format=layout)

@@ -24,6 +24,7 @@ import lesson2_io as io  # loading, the body's cache, figures, report.md: no dec
 from common import check, check_accuracy, command_line, setup, show, threads_note, winner
 from lesson2_settings import MODES
 import minicnn.distributed as distributed
+import minicnn.speed as speed
 from minicnn.augment import side_on, top_down
 from minicnn.data import stratified_subset, train_valid_split
 from minicnn.diagnose import diagnose
@@ -95,9 +96,8 @@ TRAIN_EVAL = 2000  # training images the diagnosis evaluates in eval mode (half 
 TTA_VIEWS = row["tta_views"]
 TTA_NAME = f"TTA ({TTA_VIEWS} views + plain)" if TTA_VIEWS else "TTA (plain + mirror image)"
 AUGMENT = top_down if args.preset == "top_down" else side_on
-# bf16 autocast and channels_last: on CUDA, and on a CPU that computes bf16 itself (avx512_bf16
-# or AMX), where together they made a training step 1.8x faster (docs/speed.md); else off.
-BF16 = args.device.startswith("cuda") or io.cpu_computes_bf16()
+# fp32, channels_last or bf16 autocast: the fastest of a few timed steps (the cell before step 0)
+PRECISION, CHANNELS_LAST = args.precision, args.channels_last  # auto, or forced on the command line
 FLOOR = row["floor_from_scratch"] if MODE == "quick" and args.accuracy else row["floor"]
 
 # %% [markdown]
@@ -136,7 +136,6 @@ def agreed(value):
 
 setup(args)  # seeds, threads, the output folder
 hyper = dict(momentum=0.9, weight_decay=WEIGHT_DECAY)
-fast = dict(mixed_precision=BF16, channels_last=BF16)  # for fit on images
 settings = {k: v for k, v in globals().items()
             if k.isupper() and k not in ("ARGV", "MAIN", "MODES", "SGD")}  # this run's constants
 report = io.Report(args.out, MODE, settings=settings, main=MAIN, run=args.run, device=args.device)
@@ -224,6 +223,27 @@ augment = AUGMENT(generator=torch.Generator().manual_seed(args.seed + me.rank))
 steps_per_epoch = -(-MIN_CYCLE_STEPS // len(small["train"])) * len(small["train"])
 
 # %% [markdown]
+# ## How fast can this machine train?
+#
+# A training step can run in fp32, on channels_last tensors (pixels stored channel by channel
+# last, as fast kernels like them), or in bf16 autocast where the processor or GPU computes
+# bf16 itself. Which is fastest depends on the machine, so a few timed steps of each decide
+# (`minicnn/speed.py`); `--precision` and `--channels-last` force one.
+
+# %%
+with torch.random.fork_rng():  # a network for the trial only: no random number used here
+    trial_net = (simple_resnet(n_classes, channels, WIDTHS) if ARCH == "simple_resnet" else
+                 pretrained_classifier(ARCH, n_classes, pretrained=False, in_channels=channels))
+way, fast, step_times = agreed(speed.fastest(trial_net.to(args.device), full["train"],
+                                             speed.ways(args.device, PRECISION, CHANNELS_LAST)))
+del trial_net
+bf16 = fast["mixed_precision"]  # evaluate and predict too
+settings["WAY"] = way  # results.json says which way this run trained
+report.say(f"speed trial, seconds a training step at {SIZES[-1]}px: "
+           + ", ".join(f"{name} {seconds:.3f}" for name, seconds in step_times.items())
+           + f"; training in {way}")
+
+# %% [markdown]
 # ## Step 0: the pretrained body
 #
 # Fashion-MNIST: a small ResNet trained on the 5 source classes; its first two layer groups
@@ -240,7 +260,7 @@ if ARCH == "simple_resnet" and TRANSFER:
     if not cached:
         source_batches = io.training_batches(*source, 128, args)
         pretrained.to(args.device)
-        step_seconds = io.seconds_per_step(pretrained, source_batches, mixed_precision=BF16)
+        step_seconds = speed.seconds_per_step(pretrained, source_batches, **fast)
         report.estimate("step 0", step_seconds * PRETRAIN_EPOCHS * len(source_batches))
         opt = SGD(pretrained.parameters(), PRETRAIN_LR, **hyper)
         lr_at = functools.partial(cosine_lr, total_steps=PRETRAIN_EPOCHS * len(source_batches),
@@ -316,7 +336,7 @@ if TRANSFER:
     head_steps = HEAD_EPOCHS * len(on_features["train"])
     head_lr_at = functools.partial(sgdr_lr, steps_per_cycle=head_steps, lr_max=lr)
     fit(head, on_features["train"], None, head_opt, head_lr_at, HEAD_EPOCHS, verbose=False)
-    after = evaluate(model, small["valid"], mixed_precision=BF16)[1]  # the model's own head
+    after = evaluate(model, small["valid"], mixed_precision=bf16)[1]  # the model's own head
     report.step(3, f"head trained {HEAD_EPOCHS} epochs on the activations at lr {lr:.2g}",
                 started, before, after)
 
@@ -334,11 +354,11 @@ if TRANSFER:
     opt = SGD(param_groups(model, lr, **hyper), lr, **hyper)  # one group per layer group
     frozen_steps = total_steps(FROZEN_CYCLES, steps_per_cycle=steps_per_epoch)
     frozen_lr_at = functools.partial(sgdr_lr, steps_per_cycle=steps_per_epoch, lr_max=lr)
-    step_seconds = io.seconds_per_step(model, small["train"], mixed_precision=BF16)
+    step_seconds = speed.seconds_per_step(model, small["train"], **fast)
     report.estimate("step 4", step_seconds * frozen_steps)
     fit(model, small["train"], None, opt, frozen_lr_at, frozen_steps // len(small["train"]),
         augment=augment, verbose=False, **fast)
-    after = evaluate(model, small["valid"], mixed_precision=BF16)[1]
+    after = evaluate(model, small["valid"], mixed_precision=bf16)[1]
     report.step(4, f"frozen body (its BatchNorm trains), augmented images: {FROZEN_CYCLES} SGDR "
                    f"cycles of 1 epoch at lr {lr:.2g}", started, before, after)
 
@@ -371,7 +391,7 @@ else:
 
 # %%
 started = time.perf_counter()
-step_seconds = io.seconds_per_step(model, small["global_train"], mixed_precision=BF16)
+step_seconds = speed.seconds_per_step(model, small["global_train"], **fast)
 report.estimate("step 7", step_seconds * LR_FIND_STEPS)  # at most: a loss that blows up stops it
 opt = SGD(param_groups(model, lrs, **hyper), lrs[-1], **hyper)
 found = lr_find(model, small["global_train"], opt, num_iter=LR_FIND_STEPS, end_lr=10.0)
@@ -400,8 +420,8 @@ schedule = dict(steps_per_cycle=steps_per_epoch, cycle_mult=2)
 ends = cycle_end_steps(CYCLES, **schedule)
 lr_at = functools.partial(sgdr_lrs, lr_maxes=lrs, **schedule)
 small_steps = ends[-2] + 1 if CYCLES > 1 else 0  # every cycle but the last: the small size
-report.estimate("step 8", io.fit_seconds(model, small, small_steps, mixed_precision=BF16)
-                + io.fit_seconds(model, full, ends[-1] + 1 - small_steps, mixed_precision=BF16))
+report.estimate("step 8", io.fit_seconds(model, small, small_steps, fast)
+                + io.fit_seconds(model, full, ends[-1] + 1 - small_steps, fast))
 for cycle in range(CYCLES):
     started, before = time.perf_counter(), report.last_accuracy
     stage = full if cycle == CYCLES - 1 else small
@@ -436,16 +456,16 @@ report.curve(recipe_seconds - sum(history.seconds), history)  # validation accur
 def tta(m, b):  # a new seeded generator each call: every snapshot sees the same views
     views = (AUGMENT(generator=torch.Generator().manual_seed(args.seed)) if TTA_VIEWS
              else lambda x: x.flip(3))  # the mirror: exact, no resampling
-    with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=BF16):
+    with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
         return predict_tta(m, b, augment=views, n_aug=TTA_VIEWS or 1)
 
 
 started = time.perf_counter()
-image_seconds = io.seconds_per_step(model, full["valid"], mixed_precision=BF16, backward=False,
-                                    per_image=True)
+image_seconds = speed.seconds_per_step(model, full["valid"], **fast, backward=False,
+                                       per_image=True)
 passes = len(snapshots) * (2 + (TTA_VIEWS or 1))  # plain, and TTA's plain + views, each snapshot
 report.estimate("predicting", image_seconds * passes * (len(full["valid"].x) + len(full["test"].x)))
-plain = functools.partial(predict, mixed_precision=BF16)
+plain = functools.partial(predict, mixed_precision=bf16)
 # each snapshot's probabilities (N, C) on each split, plain and with TTA
 each = {(split, how): predict_each(model, snapshots, full[split], predict_fn=fn)
         for split in ("valid", "test") for how, fn in (("plain", plain), ("tta", tta))}
@@ -483,8 +503,7 @@ if TRANSFER:
     if ARCH == "simple_resnet":  # the recipe's network: step 8's epochs, measured, same images
         seconds_per_epoch = sum(history.seconds) / len(history.seconds)
     else:  # another network than the recipe's: its own epoch, timed on a few batches
-        seconds_per_epoch = io.fit_seconds(scratch, small, len(small["train"]),
-                                           mixed_precision=BF16)
+        seconds_per_epoch = io.fit_seconds(scratch, small, len(small["train"]), fast)
     left = recipe_seconds - (time.perf_counter() - started)
     epochs = agreed(max(1, round(left / seconds_per_epoch)))  # the epochs that fill the seconds
     lr_at = functools.partial(cosine_lr, total_steps=epochs * len(small["train"]),

@@ -4,16 +4,12 @@ results.json. Under torchrun, process 0 alone reads the cache and writes files. 
 itself (every step, every choice: which images, which rates, who won) is in lesson2.py.
 """
 import argparse
-import copy
 import hashlib
-import itertools
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -21,7 +17,8 @@ from common import (N_FASHION_TRAIN, ROOT, add_common_args, float_above, int_in,
                     out_folder)
 import minicnn.distributed as distributed
 from minicnn.augment import resize
-from minicnn.checkpoint import atomic_write, load_checked, save_checked
+from minicnn.atomic import atomic_write
+from minicnn.checkpoint import load_checked, save_checked
 from minicnn.data import Batches
 from minicnn.fashion_mnist import load_fashion_mnist
 from minicnn.image_folder import load_image_folder
@@ -30,6 +27,7 @@ from minicnn.plots import (plot_augmented, plot_confusion, plot_losses, plot_sch
                            plot_top_losses, save_png)
 from minicnn.plots import plot_lr_find as _plot_lr_find
 from minicnn.precompute import data_hash
+from minicnn.speed import seconds_per_step
 
 BODY_FORMAT = "minicnn-lesson2-body-1"
 
@@ -74,6 +72,13 @@ def parse_args(argv):
     parser.add_argument("--lr-ratio", type=float_above(1, or_equal=True), default=None,
                         help="LR ratio between layer groups (>= 1; default: simple_resnet 3, an "
                              "ImageNet body 10)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="arithmetic of training and predicting: auto (the default) times a "
+                             "few steps of each and takes the faster; bf16 is tried only where "
+                             "the CPU or GPU computes it")
+    parser.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                        help="memory layout of the images: auto (the default) times a few steps "
+                             "of each and takes the faster")
     parser.add_argument("--cache", type=out_folder, default=None,
                         help="folder for the pretrained body and the activations "
                              "(default: OUT/cache)")
@@ -133,14 +138,6 @@ def other_run(out, run):
     return None
 
 
-def cpu_computes_bf16():
-    """True where the CPU has bf16 arithmetic (avx512_bf16 or AMX); elsewhere torch emulates it,
-    slowly."""
-    cpu = torch.cpu
-    return any(getattr(cpu, name, lambda: False)()
-               for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
 def load_folder(path, size):
     """An image folder (minicnn.image_folder) at size x size; every class of train/ needs 2 images
     (one to train on, one held out for validation): refused by name otherwise."""
@@ -159,33 +156,12 @@ def load_fashion():
     return load_or_exit(load_fashion_mnist)
 
 
-def seconds_per_step(model, batches, *, mixed_precision=False, backward=True, steps=3,
-                     per_image=False):
-    """Median seconds of a step (forward, and backward unless backward=False) over a few of epoch
-    0's batches, or of one image of them (per_image), on a copy of the model: what the estimates
-    said before long steps rest on. Changes nothing: not the model, not a random number."""
-    model = copy.deepcopy(model)
-    device = next(model.parameters()).device
-    times = []
-    for x, y in itertools.islice(batches.epoch(0), steps + 1):  # the first one warms up
-        started = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(mixed_precision)):
-            with torch.set_grad_enabled(backward):
-                loss = F.cross_entropy(model(x.to(device)).float(), y.to(device))
-        if backward:
-            loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - started) / (len(x) if per_image else 1))
-    return statistics.median(times[1:] or times)
-
-
-def fit_seconds(model, stage, steps, *, mixed_precision=False):
-    """About how long fit takes for `steps` steps of stage["train"] with, after each epoch, an
-    evaluation (forward passes only) of every image of stage["valid"] and stage["train_eval"]."""
-    step = seconds_per_step(model, stage["train"], mixed_precision=mixed_precision)
-    image = seconds_per_step(model, stage["valid"], mixed_precision=mixed_precision,
-                             backward=False, per_image=True)
+def fit_seconds(model, stage, steps, way):
+    """About how long fit takes for `steps` steps of stage["train"] run `way` (speed.ways) with,
+    after each epoch, an evaluation (forward passes only) of every image of stage["valid"] and
+    stage["train_eval"]."""
+    step = seconds_per_step(model, stage["train"], **way)
+    image = seconds_per_step(model, stage["valid"], **way, backward=False, per_image=True)
     evaluated = sum(len(b.x) for b in (stage["valid"], stage["train_eval"]))
     return step * steps + image * evaluated * steps / len(stage["train"])
 

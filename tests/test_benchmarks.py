@@ -53,13 +53,14 @@ def test_seconds_to_a_threshold_never_reached_is_none():
 # ---- lesson2's settings, and the check that every arm had them ---------------------------------------
 
 def test_a_lesson2_run_with_another_network_is_refused():
-    s = dict(widths=[16, 32, 64], batch_size=128, bf16=False)
-    results = dict(settings=dict(WIDTHS="(16, 32, 64)", BATCH_SIZE="128", BF16="False"), valid_curve=[[5.0, 0.9]],
+    s = dict(widths=[16, 32, 64], batch_size=128, way="fp32")
+    results = dict(settings=dict(WIDTHS="(16, 32, 64)", BATCH_SIZE="128", WAY="'fp32'"), valid_curve=[[5.0, 0.9]],
                    test=0.9, chosen="last weights")
     assert minicnn_result(results, s, source="test")["curve"] == [(5.0, 0.9)]
-    results["settings"]["WIDTHS"] = "(64, 128, 256)"
-    with pytest.raises(SystemExit, match="WIDTHS"):
-        minicnn_result(results, s, source="test")
+    for key, other in (("WIDTHS", "(64, 128, 256)"), ("WAY", "'bf16 + channels_last'")):
+        changed = dict(results, settings=dict(results["settings"], **{key: other}))
+        with pytest.raises(SystemExit, match=key):
+            minicnn_result(changed, s, source="test")
 
 
 # ---- bad arguments: refused by name before any work ---------------------------------------------------
@@ -72,7 +73,7 @@ BAD_ARGUMENTS = [
     ("bench_time_to_accuracy.py", ["--minicnn-results", "no/such.json"], "--minicnn-results: no/such.json: no such"),
     ("bench_time_to_accuracy.py", ["--out", "README.md/x"], "--out: README.md is a file"),
     ("bench_loop.py", ["--repeats", "0"], "--repeats: 0 is out of range"),
-    ("bench_loop.py", ["--device", "foo"], "--device: 'foo' is not a device"),
+    ("bench_loop.py", ["--device", "foo"], "--device: device 'foo' is not a device"),
     ("bench_distributed.py", ["--rounds", "0"], "--rounds: 0 is out of range"),
     ("bench_optim.py", ["--steps", "0"], "--steps: 0 is out of range"),
     ("bench_augment.py", ["--reps", "0"], "--reps: 0 is out of range"),

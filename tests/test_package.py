@@ -31,7 +31,9 @@ PUBLIC = {
     "snapshot": "Snapshots predict_each ensemble_predict",
     "diagnose": "diagnose Diagnosis",
     "batch_size": "find_batch_size",
-    "checkpoint": "save_checkpoint load_checkpoint atomic_save atomic_write",
+    "checkpoint": "save_checkpoint load_checkpoint atomic_save",
+    "atomic": "atomic_write stale_temporaries",
+    "speed": "WAYS ways computes_bf16 seconds_per_step fastest",
     "distributed": "setup teardown is_main Shard rank_slice gather average_gradients all_sum broadcast_weights "
                    "run_on_main",
     "export": "export_model load_model",
