@@ -14,8 +14,9 @@ ARGS ?=
 lesson: data
 	$(PYTHON) $(LESSON) $(ARGS)
 
+# -n auto: one pytest worker per core (pytest-xdist); the tests run one torch thread each
 test: data lint
-	$(PYTHON) -m pytest $(ARGS)
+	$(PYTHON) -m pytest -n auto $(ARGS)
 
 # ruff.toml: pyflakes and pycodestyle errors, lines of at most 100 characters
 lint: $(STAMP)
