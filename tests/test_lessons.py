@@ -1,6 +1,6 @@
-"""lesson2 run as a script (your own images, end to end) and under torchrun (tests/test_notebooks.py runs every lesson
-as a notebook with --quick); lesson2's data, batches and report; the helpers the self-checks
-rest on (a floor, the most common class, luck)."""
+"""lesson2 run as a script (your own images, end to end) and under torchrun
+(tests/test_notebooks.py runs every lesson as a notebook with --quick); lesson2's data, batches
+and report; the helpers the self-checks rest on (a floor, the most common class, luck)."""
 import argparse
 import json
 import math
