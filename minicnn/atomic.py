@@ -41,8 +41,7 @@ def atomic_write(path, data):
     except BaseException as error:  # a full disk, a Ctrl-C: the old file stays, the temporary goes
         tmp.unlink(missing_ok=True)
         if isinstance(error, OSError):  # named by the target, not by the temporary
-            raise OSError(error.errno, f"{error.strerror}: {path} was not written (the file "
-                          "there before, if any, is unchanged)") from error
+            raise OSError(error.errno, f"{error.strerror}: {path} was not written") from error
         raise
     if os.name != "nt":  # fsync the folder: the rename survives a power cut (not on Windows)
         fd = os.open(path.parent, os.O_RDONLY)

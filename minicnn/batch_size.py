@@ -54,8 +54,7 @@ def find_batch_size(try_step, *, start=2, limit, margin=0.9, device=None, model=
                 break
             size = min(2 * size, limit)  # b <- min(2b, limit)
         if good == 0:
-            raise MemoryError(f"even batch size {start} does not fit in memory on {device} "
-                              f"({failure}); try start=1, a smaller model or mixed precision")
+            raise MemoryError(f"start={start} does not fit on {device} ({failure}); try start=1")
         # bisection between the last size that fit and the first that did not
         while bad is not None and bad - good > 1:
             mid = (good + bad) // 2  # good or bad <- mid, until they are neighbours
@@ -174,7 +173,6 @@ def _cpu_copy(obj):
 
 def _check_sizes(start, limit, margin):
     if not (isinstance(start, int) and isinstance(limit, int) and 1 <= start <= limit):
-        raise ValueError(f"find_batch_size: need whole numbers 1 <= start <= limit, got "
-                         f"start={start!r}, limit={limit!r}")
+        raise ValueError(f"find_batch_size: {start=}, {limit=}: need ints 1 <= start <= limit")
     if not 0 < margin <= 1:  # 0 would give 1, above 1 a size that did not fit
-        raise ValueError(f"find_batch_size: margin={margin!r} must be in (0, 1]")
+        raise ValueError(f"find_batch_size: {margin=} must be in (0, 1]")

@@ -147,9 +147,7 @@ def parse_device(spec):
     except (RuntimeError, TypeError):
         raise ValueError(f"device {spec!r} is not a device; give cpu, cuda or cuda:N") from None
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {spec!r}: this machine has {torch.cuda.device_count()} CUDA "
-                         "GPU(s); use cpu" + (f" or cuda:0 to cuda:{torch.cuda.device_count() - 1}"
-                                              if torch.cuda.device_count() else ""))
+        raise ValueError(f"device {spec!r}: {torch.cuda.device_count()} CUDA GPU(s) here; use cpu")
     return device
 
 

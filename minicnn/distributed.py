@@ -147,11 +147,11 @@ def setup(*, backend=None, timeout=None):
     if not any(name in os.environ for name in ENVIRONMENT):
         return Rank(0, 1, 0, torch.device("cuda" if cuda else "cpu"))
     rank, world_size, local_rank = (int(os.environ[name]) for name in ENVIRONMENT)
+    gpus = torch.cuda.device_count()
     if not 0 <= rank < world_size:  # else init_process_group waits for a rank that never comes
         raise ValueError(f"setup: RANK={rank} must be in 0 .. WORLD_SIZE - 1 = {world_size - 1}")
-    if cuda and local_rank >= torch.cuda.device_count():  # else CUDA's 'invalid device ordinal'
-        raise RuntimeError(f"setup: LOCAL_RANK={local_rank}, {torch.cuda.device_count()} GPU(s): "
-                           "start at most that many processes per machine (--nproc_per_node)")
+    if cuda and local_rank >= gpus:  # else CUDA's 'invalid device ordinal'
+        raise RuntimeError(f"setup: LOCAL_RANK={local_rank}, {gpus} GPU(s): lower --nproc_per_node")
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:  # nccl's collectives (and broadcast_object_list) use the current device
         torch.cuda.set_device(device)
@@ -196,5 +196,4 @@ def _same_on_every_rank(values, what, advice):  # a list of ints; unequal: Value
 
 def _check_share(b, W):  # a global batch of b < W would leave a rank with no sample (a NaN loss)
     if b < W:
-        raise ValueError(f"Shard: a batch of {b} cannot be shared by {W} ranks: use batch_size >= "
-                         f"{W}, and drop_last=True if the last batch is shorter")
+        raise ValueError(f"Shard: a batch of {b} for {W} ranks: batch_size >= {W}, drop_last=True")

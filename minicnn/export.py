@@ -41,15 +41,17 @@ def export_model(path, model, *, arch, arch_kwargs, classes, size, channels, pre
     preset: the training augmentation ("side_on", "top_down"), for TTA. The architecture is
     rebuilt and compared with model's weights before a file is written.
     """
-    _check_info(size, preset)
+    # what minicnn.predict reads, which the weights cannot confirm
+    if not (isinstance(size, int) and size >= 1) or preset not in (None, *AUGMENTATIONS):
+        raise ValueError(f"{size=} must be an int >= 1, {preset=} None or one of "
+                         f"{sorted(AUGMENTATIONS)}")
     with torch.random.fork_rng(devices=[]):  # random weights: exporting moves no random number
         rebuilt = build(arch, len(classes), channels, arch_kwargs).state_dict()
     state = model.state_dict()
     differ = sorted(set(state) ^ set(rebuilt)) or [k for k in state
                                                    if state[k].shape != rebuilt[k].shape]
     if differ:  # the file would not load back
-        raise ValueError(f"{arch}, {channels} channels, {arch_kwargs} is not this model (at "
-                         f"{differ[0]}): give the arch_kwargs and channels it was built with")
+        raise ValueError(f"{arch}, {channels} channels, {arch_kwargs}: not this model, {differ[0]}")
     normalize = next(m for m in model.modules() if isinstance(m, Normalize))  # every arch has it
     weights = OrderedDict((k, v.detach().cpu()) for k, v in state.items())
     if hasattr(state, "_metadata"):  # module versions, which steer load_state_dict
@@ -89,7 +91,7 @@ def load_model(path, device="cpu"):
 
 def build(arch, n_classes, channels, arch_kwargs):
     """The network `arch` with random weights: nothing is downloaded or read from a cache."""
-    if arch not in ARCHS:  # a file of a newer minicnn, or a typo
+    if arch not in ARCHS:  # a newer minicnn's file, or a typo (before arch_kwargs meet a builder)
         raise ValueError(f"arch={arch!r}: this minicnn builds {', '.join(ARCHS)}")
     if arch == "simple_resnet":
         return simple_resnet(n_classes, channels, **arch_kwargs)
@@ -118,11 +120,3 @@ def _what_it_is(path):
                 "or class names to rebuild the model from; load them with "
                 "model.load_state_dict(torch.load(path)), or save with export_model")
     return None
-
-
-def _check_info(size, preset):
-    """What the file tells minicnn.predict, which the weights cannot confirm."""
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"size={size!r} must be the side of the training images, an int >= 1")
-    if preset is not None and preset not in AUGMENTATIONS:
-        raise ValueError(f"preset={preset!r} must be one of {sorted(AUGMENTATIONS)} or None")

@@ -24,13 +24,11 @@ def check_fit(model, train, valid, train_eval, end_epoch, start_step, cycle_ends
         raise ValueError("fit: the model has no parameters")
     named = (("train", train), ("valid", valid), ("train_eval", train_eval))
     sizes = {name: len(b) for name, b in named if b is not None}  # len(): read every epoch
-    for name, size in sizes.items():
-        if size == 0:
-            raise ValueError(f"fit: {name} holds no batches (fewer samples than one batch?)")
+    if empty := [name for name, size in sizes.items() if size == 0]:
+        raise ValueError(f"fit: {empty[0]} holds no batches (fewer samples than one batch?)")
     steps = sizes["train"]
     if start_step < 0 or end_epoch < 0 or (start_step and start_step >= end_epoch * steps):
-        raise ValueError(f"fit: start_step={start_step} is not in 0 .. {end_epoch * steps - 1}: "
-                         f"end_epoch={end_epoch} is the epoch to stop before, not a count")
+        raise ValueError(f"fit: {start_step=} must be in [0, {end_epoch=} * {steps})")
     if bool(cycle_ends) != (on_cycle_end is not None):
         raise ValueError("fit: pass on_cycle_end and cycle_ends together, or neither")
     return steps, set(cycle_ends)
@@ -56,8 +54,7 @@ def check_epoch_length(batches, epoch, seen, steps_per_epoch):
     """Fewer or more batches than len(train) would shift every later step (and its LR)."""
     if seen < steps_per_epoch or next(batches, None) is not None:
         raise ValueError(f"train gave {seen if seen < steps_per_epoch else 'more'} batches in "
-                         f"epoch {epoch}, len(train) = {steps_per_epoch}: a one-shot generator? "
-                         "Pass Batches, a DataLoader or a list")
+                         f"epoch {epoch}, len(train) = {steps_per_epoch}: pass Batches or a list")
 
 
 def raise_clearly(error, x, y, model, where):
@@ -69,24 +66,17 @@ def raise_clearly(error, x, y, model, where):
     if y is not None and "target" in text and y.dtype != torch.long:  # target dtype ... Long
         raise TypeError(f"{where}: the labels are {y.dtype}: pass y.long()") from error
     if "more than 1 value per channel" in text:  # BatchNorm in train mode
-        raise ValueError(f"{where}: a batch of {len(x)} sample and BatchNorm: the epoch's last "
-                         "batch? Pass drop_last=True") from error
-    channels = re.search(r"to have (\d+) channels, but got (\d+) channels", text)
-    if channels:
-        raise ValueError(f"{where}: the images have {channels[2]} channels, the model's first "
-                         f"layer takes {channels[1]}") from error
-    widths = re.search(r"running_mean should contain (\d+) elements not (\d+)", text)
-    if widths:  # the BatchNorm layer: the one whose running_mean has the other width
-        got, want = (int(n) for n in widths.groups())
+        raise ValueError(f"{where}: BatchNorm got a batch of {len(x)}: drop_last=True") from error
+    if channels := re.search(r"to have (\d+) channels, but got (\d+) channels", text):
+        raise ValueError(f"{where}: {channels[2]} channels; model takes {channels[1]}") from error
+    if widths := re.search(r"running_mean should contain (\d+) elements not (\d+)", text):
+        got, want = (int(n) for n in widths.groups())  # the layer: its running_mean is `want` wide
         layers = [f"{name} ({type(m).__name__})" for name, m in model.named_modules() if isinstance(
             getattr(m, "running_mean", None), torch.Tensor) and m.running_mean.numel() == want]
-        raise ValueError(f"{where}: layer {' or '.join(layers)} expects {want} features per "
-                         f"sample (channels, for images) but got {got} (input {tuple(x.shape)}): "
-                         "the input and this layer come from different models or widths; take "
-                         "both from one model (body_and_head)") from error
+        raise ValueError(f"{where}: layer {' or '.join(layers)} takes {want} features, got {got} "
+                         "(input and layer from different models?)") from error
     if x.dtype != weight.dtype and "type" in text:  # expected scalar type Double but found Float
-        raise TypeError(f"{where}: the images are {x.dtype}, the weights {weight.dtype}: "
-                        f"pass x.to({weight.dtype})") from error
+        raise TypeError(f"{where}: the images are {x.dtype}, the weights {weight.dtype}") from error
     if y is not None and "to match target batch_size" in text:
         raise ValueError(f"{where}: a batch of {len(x)} images and {len(y)} labels") from error
     raise error

@@ -36,7 +36,6 @@ def freeze_to(model, n, *, train_bn=True):
     groups = list(model.layer_groups)
     if not 0 <= n < len(groups):  # n = len(groups) would leave nothing to train
         raise ValueError(f"freeze_to: n={n} must be in 0..{len(groups) - 1}")
-    _check_flag("train_bn", train_bn)
     for i, group in enumerate(groups):
         frozen = i < n
         for module in group.modules():
@@ -70,7 +69,6 @@ def bn_freeze(model, frozen=True):
     does. False: back to freeze_to's state (only frozen groups' BN with train_bn=False stay).
     freeze_to and unfreeze undo it: call it after them. The head's BN layers were made for
     this data and keep training (fastai 0.7 froze those too)."""
-    _check_flag("frozen", frozen)
     for group in list(model.layer_groups)[:-1]:
         for bn in (m for m in group.modules() if isinstance(m, BATCH_NORMS)):
             if frozen:
@@ -100,8 +98,7 @@ def differential_lrs(lr, n_groups, *, ratio):
     """[lr / ratio**(n_groups-1), ..., lr / ratio, lr]: each group `ratio` times lower than the
     next (3 to 10 is usual; 1 gives one LR)."""
     if not (0 < lr < math.inf and n_groups >= 1 and 1 <= ratio < math.inf):
-        raise ValueError(f"differential_lrs: need lr > 0, n_groups >= 1, ratio >= 1, got {lr=}, "
-                         f"{n_groups=}, {ratio=}")
+        raise ValueError(f"need lr > 0, n_groups >= 1, ratio >= 1: {lr=}, {n_groups=}, {ratio=}")
     return [lr / ratio ** (n_groups - 1 - i) for i in range(n_groups)]  # lr_g = lr / ratio**(G-1-g)
 
 
@@ -126,8 +123,3 @@ def param_groups(model, lrs, **hyper):
         raise ValueError(f"param_groups: lrs={lrs} must be {len(groups)} finite numbers > 0")
     return [dict(params=list(group.parameters()), lr=lr, **hyper)
             for group, lr in zip(groups, lrs)]
-
-
-def _check_flag(name, value):
-    if not isinstance(value, bool):  # "False" would read as True
-        raise TypeError(f"{name}={value!r} must be True or False")

@@ -146,8 +146,7 @@ def load_image_folder(path, size):
                         for part in (train, valid)]
     x_test = load_images(test, size, broken, animated) if test else None
     if broken:  # every file that will not decode, in one error
-        raise ValueError(f"{len(broken)} image(s) cannot be decoded; remove or replace them: "
-                         + "; ".join(broken))
+        raise ValueError(f"{len(broken)} image(s) cannot be decoded: " + "; ".join(broken))
     if animated:
         warnings.warn(f"{len(animated)} animated image(s), only the first frame of each is used: "
                       + ", ".join(animated), stacklevel=2)

@@ -179,10 +179,8 @@ def pretrained_classifier(arch, n_classes, *, pretrained=True, in_channels=3, he
     dropout=). Inputs: float images in [0, 1], any size (>= 32 for a 1x1 final map).
     download: torchvision ResNets only; False never touches the network.
     """
-    if arch not in PRETRAINED_ARCHS:
-        raise ValueError(f"arch={arch!r}: choose one of {', '.join(PRETRAINED_ARCHS)}")
-    if in_channels not in (1, 3):  # checked before any weights are loaded, as n_classes is
-        raise ValueError(f"in_channels={in_channels!r}: the stem takes 3 (RGB) or 1 (grey)")
+    if arch not in PRETRAINED_ARCHS or in_channels not in (1, 3):  # before any weights load
+        raise ValueError(f"{arch=}, {in_channels=}: arch in {PRETRAINED_ARCHS}, in_channels 1 or 3")
     _check_n_classes(n_classes)
     if arch == "efficientnet_lite0":
         early, late, n_features = _efficientnet_body(pretrained, in_channels)

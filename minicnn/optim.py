@@ -158,14 +158,14 @@ _KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "decoupled_w
 
 
 def _check_hyper(group):
-    """ValueError for hyper-parameters that would make every step silently wrong."""
+    """ValueError for hyper-parameters that would make every step silently wrong (momentum 1
+    never forgets a gradient, above 1 it diverges)."""
     lr, mu, tau, wd = (group[k] for k in ("lr", "momentum", "dampening", "weight_decay"))
     if not (0 <= lr < math.inf and 0 <= wd < math.inf):  # NaN fails too
         raise ValueError(f"SGD: lr={lr} and weight_decay={wd} must be finite and >= 0")
-    if not (0 <= mu < 1 and 0 <= tau <= 1):  # mu = 1 never forgets a gradient, mu > 1 diverges
-        raise ValueError(f"SGD: momentum={mu} must be in [0, 1), dampening={tau} in [0, 1]")
-    if group["nesterov"] and (mu == 0 or tau != 0):
-        raise ValueError(f"SGD: nesterov needs momentum > 0 and dampening 0, got {mu} and {tau}")
+    if not (0 <= mu < 1 and 0 <= tau <= 1) or group["nesterov"] and (mu == 0 or tau != 0):
+        raise ValueError(f"SGD: momentum={mu} must be in [0, 1), dampening={tau} in [0, 1]; "
+                         "nesterov needs momentum > 0 and dampening 0")
 
 
 def _check_state_dict(groups, state, param_groups, params):

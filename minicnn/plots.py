@@ -53,8 +53,6 @@ def plot_lr_find(result, path=None):
     smoothed = np.asarray(result.smoothed_losses, dtype=float)
     first = getattr(result, "skip_start", 0) or 0
     stop = len(lrs) if getattr(result, "stop", None) is None else result.stop
-    if not 0 <= first < stop <= len(lrs):  # else an empty curve
-        raise ValueError(f"no points to draw: skip_start={first}, stop={stop}, {len(lrs)} lrs")
     fig = _new_figure(6, 4)
     ax = fig.add_subplot()
     lr = result.suggested_lr
@@ -79,8 +77,6 @@ def plot_schedule(schedules, path=None, *, title=""):
     """LR against step: one line per named schedule (a dict), or a single list."""
     schedules = schedules if isinstance(schedules, dict) else {"lr": schedules}
     arrays = {name: np.asarray(lrs, dtype=float) for name, lrs in schedules.items()}
-    if not arrays or min(lrs.size for lrs in arrays.values()) == 0:  # else an empty plot
-        raise ValueError(f"schedules must each hold one LR per step, got {schedules!r}")
     fig = _new_figure(6, 3.5)
     ax = fig.add_subplot()
     for name, lrs in arrays.items():
@@ -98,8 +94,6 @@ def plot_losses(history, path=None, *, title="", restarts=()):
     per_epoch = {"train (running)": history.train_loss or [], "valid": history.valid_loss or [],
                  "train (eval mode)": getattr(history, "train_eval_loss", []) or []}
     epochs = max(len(v) for v in per_epoch.values())
-    if epochs == 0 and not batch_loss:  # else an empty plot
-        raise ValueError("history holds no losses yet")
     restarts = list(restarts)
     if not all(0 < r < len(batch_loss) for r in restarts):  # else drawn off the curve or not at all
         raise ValueError(f"restarts {restarts} must lie in 1..{len(batch_loss) - 1} (batch_loss)")

@@ -171,8 +171,7 @@ def main(argv=None):
         print(f"skipped {len(failures)} image(s) that will not decode:\n  "
               + "\n  ".join(failures), file=sys.stderr)
     if not read:
-        raise SystemExit(f"minicnn.predict: none of the {len(paths)} image(s) could be read"
-                         + ("" if paths else " (the folders hold no images)"))
+        raise SystemExit(f"minicnn.predict: none of the {len(paths)} image(s) could be read")
     classes, top = info["classes"], min(args.top, len(info["classes"]))
     for path, p in zip(read, probs):
         values, indices = p.topk(top)

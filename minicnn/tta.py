@@ -59,12 +59,11 @@ def _softmax(logits, x):
 
 
 def _augmentation(augment, generator):
-    """A preset name -> its function, drawing from generator; a function x -> x as it is."""
+    """A preset name -> its function, drawing from generator; a function x -> x as it is (it
+    draws from its own generator: `generator` is not used)."""
     if isinstance(augment, str):
         from minicnn.augment import AUGMENTATIONS               # only for a preset given by name
         return AUGMENTATIONS[augment](generator=generator)    # KeyError: not a preset's name
-    if generator is not None:  # it would be ignored: a function draws from its own generator
-        raise ValueError("generator is only for a preset name; seed your function's own")
     return augment
 
 

@@ -65,7 +65,7 @@ def search_property(threshold, start, limit, margin, kind):
     tried = []
     try_step = fake_step(threshold, OOM_ERRORS[kind], tried)
     if threshold < start:
-        with pytest.raises(MemoryError, match=f"even batch size {start} does not fit"):
+        with pytest.raises(MemoryError, match=f"start={start} does not fit"):
             find_batch_size(try_step, start=start, limit=limit, margin=margin)
         return
     found = find_batch_size(try_step, start=start, limit=limit, margin=margin)
@@ -82,7 +82,7 @@ def test_the_limit_caps_the_result_and_no_margin_when_the_whole_dataset_fits():
 
 
 def test_when_even_start_does_not_fit_the_error_says_so_and_why():
-    oom = r"batch size 4 .* cpu \(OutOfMemoryError: CUDA out of memory.*start=1"
+    oom = r"start=4 does not fit on cpu \(OutOfMemoryError: CUDA out of memory.*start=1"
     with pytest.raises(MemoryError, match=oom):
         find_batch_size(fake_step(3, OOM_ERRORS["torch.OutOfMemoryError"]), start=4, limit=100)
 

@@ -137,9 +137,9 @@ def test_refuses_a_newer_format_and_an_unknown_architecture(tmp_path):
 
 @pytest.mark.parametrize("changes, message", [
     (dict(arch="vgg16"), "vgg16"),
-    (dict(arch_kwargs={"widths": (4, 16)}), "is not this model"),
-    (dict(arch_kwargs={"widths": (4, 8, 16)}), "is not this model"),
-    (dict(channels=1), "is not this model"),  # a 3-channel model: the stem's shape differs
+    (dict(arch_kwargs={"widths": (4, 16)}), "not this model"),
+    (dict(arch_kwargs={"widths": (4, 8, 16)}), "not this model"),
+    (dict(channels=1), "not this model"),  # a 3-channel model: the stem's shape differs
     (dict(channels=2), "channel"),  # no builder takes 2
     (dict(classes=["cat"]), "n_classes=1"),
     (dict(size=0), "size=0"),

@@ -115,7 +115,6 @@ def test_preset_name_with_a_generator_is_seeded_and_equals_the_preset_function()
     (dict(augment=hflip, beta=1.5), ValueError, "beta=1.5"),
     (dict(augment=hflip, beta=-0.25), ValueError, "beta=-0.25"),
     (dict(augment=hflip, beta=float("nan")), ValueError, "beta=nan"),
-    (dict(augment=hflip, generator=torch.Generator()), ValueError, "generator.*preset"),
 ])
 def test_bad_arguments_say_what_is_wrong(kwargs, error, match):
     model, (x, y) = tiny_model(), data()
