@@ -3,9 +3,12 @@ table, and each module copied into an empty folder with the siblings its docstri
 (minicnn/<name>.py, followed transitively) imports with the rest of minicnn unavailable."""
 import ast
 import importlib
+import io
+import re
 import subprocess
 import sys
 import textwrap
+import tokenize
 import types
 from pathlib import Path
 
@@ -122,3 +125,56 @@ def test_the_copy_test_catches_a_module_that_needs_an_unnamed_one(tmp_path):
     result = subprocess.run([sys.executable, "-c", BLOCKER, "", str(tmp_path), "copied"],
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode != 0 and "not available to a module copied alone" in result.stderr
+
+
+# ---- a module a learner reads in one sitting: <= 200 lines, checks <= 15% of the code -------------
+
+CHECK_NAME = re.compile(r"(^|_)(check|checks|raise|validate)(_|$)")
+
+
+def _code_and_check_lines(path):
+    """Code lines (not blank, comment or docstring) and those of them that are checks: raise and
+    assert statements, `if ...: raise` blocks, except blocks that raise, and functions named
+    check/raise (a *_checks.py module counts whole)."""
+    source = path.read_text()
+    tree = ast.parse(source)
+    docstrings = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and body and isinstance(
+                body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            docstrings.update(range(body[0].lineno, body[0].end_lineno + 1))
+    code = set()
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type not in (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT,
+                              tokenize.DEDENT, tokenize.ENDMARKER):
+            code.update(set(range(token.start[0], token.end[0] + 1)) - docstrings)
+    if path.stem.endswith("checks"):
+        return code, code
+    checks = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        last = body[-1] if isinstance(body, list) and body else None
+        if (isinstance(node, (ast.Raise, ast.Assert))
+                or isinstance(node, ast.If) and not node.orelse and isinstance(last, ast.Raise)
+                or isinstance(node, ast.ExceptHandler) and isinstance(last, ast.Raise)
+                or isinstance(node, ast.FunctionDef) and CHECK_NAME.search(node.name)):
+            checks.update(range(node.lineno, node.end_lineno + 1))
+    return code, checks & code
+
+
+def test_every_module_is_at_most_200_lines_and_checks_are_at_most_15_percent_of_the_code():
+    lengths = {name: len((PACKAGE / f"{name}.py").read_text().splitlines()) for name in MODULES}
+    assert max(lengths.values()) <= 200, {n: k for n, k in lengths.items() if k > 200}
+    counts = [_code_and_check_lines(PACKAGE / f"{name}.py") for name in MODULES]
+    code, checks = (sum(len(c[i]) for c in counts) for i in (0, 1))
+    assert checks <= 0.15 * code, f"{checks} of {code} code lines are checks ({checks / code:.1%})"
+
+
+def test_the_check_counter_counts_checks_and_not_docstrings(tmp_path):
+    (tmp_path / "m.py").write_text('"""Doc.\n\nraise here is words."""\nimport math\n\n\n'
+                                   'def f(x):\n    # a comment\n    if x < 0:\n'
+                                   '        raise ValueError(\n            "x < 0")\n'
+                                   '    return math.sqrt(x)\n')
+    code, checks = _code_and_check_lines(tmp_path / "m.py")
+    assert sorted(code) == [4, 7, 9, 10, 11, 12] and sorted(checks) == [9, 10, 11]
