@@ -1,7 +1,8 @@
-"""The benchmarks CI runs, in their --quick forms: bench_time_to_accuracy.py prints its table with
-every arm (fastai possibly skipped, with the line that says how to install it), gpu_check.py runs
-its four parts on the CPU and prints their table; and the rules those tables rest on: the seconds
-to a threshold, lesson2's settings read from its source, the check that every arm had them."""
+"""The benchmarks CI runs, in their --quick forms: gpu_check.py runs its four parts on the CPU
+and prints their table, the time-to-accuracy benchmark among them with every arm (fastai possibly
+skipped, with the line that says how to install it); and the rules those tables rest on: the
+seconds to a threshold, the check that every arm had lesson2's settings, the command that runs
+lesson2 as the minicnn arm."""
 import json
 import os
 import re
@@ -96,8 +97,9 @@ def test_a_bad_argument_is_refused_by_name_before_any_work(script, options, mess
 
     def reached(*args, **kwargs):
         raise AssertionError("the data was loaded before the arguments were checked")
-    if hasattr(module, "load_fashion_mnist"):  # the scripts that train on it; the others load no data
-        monkeypatch.setattr(module, "load_fashion_mnist", reached)
+    for loader in ("load_fashion_mnist", "fashion_splits"):  # in the scripts that train on it
+        if hasattr(module, loader):
+            monkeypatch.setattr(module, loader, reached)
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "argv", [script, *options])
     with pytest.raises(SystemExit) as exit_:
@@ -108,30 +110,24 @@ def test_a_bad_argument_is_refused_by_name_before_any_work(script, options, mess
 
 # ---- the scripts, end to end ------------------------------------------------------------------------
 
-@pytest.mark.slow
-@needs_data
-def test_time_to_accuracy_quick_prints_a_table_of_every_arm(tmp_path):
-    out = run("bench_time_to_accuracy.py", "--quick", "--threads", "1", "--out", str(tmp_path))
-    assert "| arm | epochs | " + " | ".join(f"seconds to {t}" for t in THRESHOLDS) in out
-    rows = table_rows(out)
-    column = {name: i for i, name in enumerate(rows["arm"])}  # the header row
-    assert set(ARMS) <= set(rows), f"arms missing from the table: {set(ARMS) - set(rows)}"
-    saved = json.loads((tmp_path / "time_to_accuracy.json").read_text())["results"]
-    for arm in ARMS:
-        if arm == "fastai" and "skipped" in saved[arm]:  # not installed: its own line says how to get it
-            assert 'fastai: skipped' in rows[arm][1] and 'pip install -e ".[bench]"' in out
-            continue
-        curve = saved[arm]["curve"]
-        assert curve and all(0 < s1 < s2 for (s1, _), (s2, _) in zip(curve, curve[1:])), (arm, curve)
-        assert all(0.0 <= acc <= 1.0 for _, acc in curve), (arm, curve)
-        test = float(rows[arm][column["test"]])
-        assert test == pytest.approx(saved[arm]["test"], abs=5e-5) and test > 0.3, (arm, test)  # 5 or 10 classes
-        assert rows[arm][column["epochs"]] == str(len(curve))  # one validation point an epoch
-    assert rows["plain"][column["epochs"]] == "2"  # --quick: 2 epochs
-    # the minicnn arm's curve is lesson2's own, as its results.json wrote it
-    lesson2 = json.loads((tmp_path / "minicnn_results.json").read_text())
-    assert [list(p) for p in saved["minicnn"]["curve"]] == lesson2["valid_curve"]
-    assert (tmp_path / "time_to_accuracy.md").read_text() in out
+def test_the_minicnn_arm_runs_lesson2_with_the_other_arms_network_and_way(monkeypatch, tmp_path):
+    """Without --minicnn-results the benchmark runs lesson2 itself, forced to the way of running a
+    step (precision, layout) the other arms use."""
+    import bench_time_to_accuracy as bench
+    commands = []
+
+    def fake_run(command, **kwargs):
+        commands.append(command)
+        raise subprocess.TimeoutExpired(command, 1)  # stop there: the command is what is tested
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    args = bench.parse_args(["--quick", "--out", str(tmp_path), "--threads", "1"])
+    for way in ("fp32", "channels_last", "bf16 + channels_last"):
+        s = dict(mode="quick", way=way, **bench.speed.WAYS[way])
+        assert "failed" in bench.run_arm("minicnn", args, s)
+        command = commands[-1]
+        assert command[1].endswith("lesson2.py") and "--accuracy" in command and "--quick" in command
+        precision, layout = (command[command.index(flag) + 1] for flag in ("--precision", "--channels-last"))
+        assert (precision == "bf16", layout == "on") == (s["mixed_precision"], s["channels_last"])
 
 
 @pytest.mark.slow
@@ -147,3 +143,24 @@ def test_gpu_check_runs_every_part_quick_on_the_cpu(tmp_path):
     assert re.search(r"bf16 \+ channels_last [\d.]+ steps/s: [\d.]+x", table)
     oom = next(line for line in table.splitlines() if line.startswith("| oom |"))
     assert "found 64" in oom and "steps of fit at 64" in oom and "skipped on the CPU" in oom
+    # part 2, the time-to-accuracy benchmark: every arm in its table; its minicnn arm is part 1's run
+    bench = tmp_path / "time_to_accuracy"
+    text = (bench / "time_to_accuracy.md").read_text()
+    assert "| arm | epochs | " + " | ".join(f"seconds to {t}" for t in THRESHOLDS) in text
+    rows = table_rows(text)
+    column = {name: i for i, name in enumerate(rows["arm"])}  # the header row
+    assert set(ARMS) <= set(rows), f"arms missing from the table: {set(ARMS) - set(rows)}"
+    saved = json.loads((bench / "time_to_accuracy.json").read_text())["results"]
+    for arm in ARMS:
+        if arm == "fastai" and "skipped" in saved[arm]:  # not installed: its own line says how to get it
+            assert 'fastai: skipped' in rows[arm][1] and 'pip install -e ".[bench]"' in text
+            continue
+        curve = saved[arm]["curve"]
+        assert curve and all(0 < s1 < s2 for (s1, _), (s2, _) in zip(curve, curve[1:])), (arm, curve)
+        assert all(0.0 <= acc <= 1.0 for _, acc in curve), (arm, curve)
+        test = float(rows[arm][column["test"]])
+        assert test == pytest.approx(saved[arm]["test"], abs=5e-5) and test > 0.3, (arm, test)  # 10 classes
+        assert rows[arm][column["epochs"]] == str(len(curve))  # one validation point an epoch
+    assert rows["plain"][column["epochs"]] == "2"  # --quick: 2 epochs
+    lesson2 = json.loads((tmp_path / "lesson2" / "results.json").read_text())
+    assert [list(p) for p in saved["minicnn"]["curve"]] == lesson2["valid_curve"]
