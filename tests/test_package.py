@@ -4,6 +4,7 @@ table, and each module copied into an empty folder with the siblings its docstri
 import ast
 import importlib
 import io
+import json
 import re
 import subprocess
 import sys
@@ -74,16 +75,36 @@ def _minicnn_imports(tree):
 
 
 BLOCKER = textwrap.dedent("""
-    import importlib.abc, sys
-    allowed, folder, name = set(sys.argv[1].split(",")) - {""}, sys.argv[2], sys.argv[3]
+    # argv[1]: JSON [[allowed minicnn modules, folder, module name], ...]; one import each, in turn
+    import importlib.abc, json, sys, traceback
+    allowed = set()
     class NoMinicnn(importlib.abc.MetaPathFinder):  # the installed minicnn is not there
         def find_spec(self, fullname, path, target=None):
             if fullname.split(".")[0] == "minicnn" and fullname not in allowed:
                 raise ImportError(f"{fullname} is not available to a module copied alone")
     sys.meta_path.insert(0, NoMinicnn())
-    sys.path.insert(0, folder)
-    __import__(name)
+    failed = []
+    for names, folder, name in json.loads(sys.argv[1]):
+        allowed = set(names)
+        sys.path.insert(0, folder)
+        try:
+            __import__(name)
+        except Exception:
+            failed.append(f"{name}: " + traceback.format_exc(limit=-3))
+        sys.path.remove(folder)  # the next copy starts with no minicnn module imported
+        for module in [m for m in sys.modules if m == name or m.split(".")[0] == "minicnn"]:
+            del sys.modules[module]
+    sys.exit("\\n".join(failed) or None)
 """)
+
+
+def _copy_alone(copies):
+    """Import each (name, folder, allowed) copy in one fresh process -> its exit status and stderr."""
+    result = subprocess.run([sys.executable, "-c", BLOCKER,
+                             json.dumps([[sorted(allowed), str(folder), name]
+                                         for name, folder, allowed in copies])],
+                            capture_output=True, text=True, timeout=300)
+    return result.returncode, result.stderr
 
 
 def _siblings(name):
@@ -103,28 +124,31 @@ def _siblings(name):
     return needed
 
 
-@pytest.mark.parametrize("name", MODULES)
-def test_each_module_copied_with_its_named_siblings_imports_without_minicnn(name, tmp_path):
-    needed = _siblings(name)
-    (tmp_path / f"{name}.py").write_text((PACKAGE / f"{name}.py").read_text())
-    if needed:
-        (tmp_path / "minicnn").mkdir()
-        (tmp_path / "minicnn" / "__init__.py").write_text("")
-        for other in needed:
-            (tmp_path / "minicnn" / f"{other}.py").write_text((PACKAGE / f"{other}.py").read_text())
-    allowed = ",".join(["minicnn"] + [f"minicnn.{other}" for other in needed]) if needed else ""
-    result = subprocess.run([sys.executable, "-c", BLOCKER, allowed, str(tmp_path), name],
-                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert result.returncode == 0, f"minicnn/{name}.py copied with {sorted(needed)} does not import:\n{result.stderr[-2000:]}"
+def test_each_module_copied_with_its_named_siblings_imports_without_minicnn(tmp_path):
+    copies = []
+    for name in MODULES:
+        needed, folder = _siblings(name), tmp_path / name
+        folder.mkdir()
+        (folder / f"{name}.py").write_text((PACKAGE / f"{name}.py").read_text())
+        if needed:
+            (folder / "minicnn").mkdir()
+            (folder / "minicnn" / "__init__.py").write_text("")
+            for other in needed:
+                (folder / "minicnn" / f"{other}.py").write_text((PACKAGE / f"{other}.py").read_text())
+        allowed = {"minicnn"} | {f"minicnn.{other}" for other in needed} if needed else set()
+        copies.append((name, folder, allowed))
+    status, errors = _copy_alone(copies)
+    assert status == 0, f"copied with the siblings their docstrings name, these do not import:\n{errors[-4000:]}"
 
 
 def test_the_copy_test_catches_a_module_that_needs_an_unnamed_one(tmp_path):
     tree = ast.parse('"""Uses the loop."""\nfrom minicnn.train import fit\nimport minicnn.data\n')
     assert _minicnn_imports(tree) == {"train", "data"}
     (tmp_path / "copied.py").write_text("from minicnn.train import fit\n")
-    result = subprocess.run([sys.executable, "-c", BLOCKER, "", str(tmp_path), "copied"],
-                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert result.returncode != 0 and "not available to a module copied alone" in result.stderr
+    (tmp_path / "fine.py").write_text("import math\n")
+    status, errors = _copy_alone([("fine", tmp_path, set()), ("copied", tmp_path, set())])
+    assert status != 0 and "copied: " in errors and "not available to a module copied alone" in errors
+    assert "fine: " not in errors
 
 
 # ---- a module a learner reads in one sitting: <= 200 lines, checks <= 15% of the code -------------
