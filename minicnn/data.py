@@ -85,7 +85,8 @@ def normalize(x, mean, std):
                  for v in (mean, std))
     for name, t in (("mean", mean), ("std", std)):  # 3 values on 1 channel would broadcast to 3
         if len(t) not in (1, channels) or not t.isfinite().all() or name == "std" and t.min() <= 0:
-            raise ValueError(f"normalize: {name}={t.tolist()}; give 1 or {channels} finite values")
+            raise ValueError(f"normalize: {name}={t.tolist()}: need 1 or {channels} finite "
+                             "values (std > 0)")
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)  # (N, C, H, W)
 
 

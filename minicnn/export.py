@@ -43,7 +43,7 @@ def export_model(path, model, *, arch, arch_kwargs, classes, size, channels, pre
     """
     # what minicnn.predict reads, which the weights cannot confirm
     if not (isinstance(size, int) and size >= 1) or preset not in (None, *AUGMENTATIONS):
-        raise ValueError(f"{size=} must be an int >= 1, {preset=} None or one of "
+        raise ValueError(f"{size=}, {preset=}: need an int >= 1, and None or one of "
                          f"{sorted(AUGMENTATIONS)}")
     with torch.random.fork_rng(devices=[]):  # random weights: exporting moves no random number
         rebuilt = build(arch, len(classes), channels, arch_kwargs).state_dict()

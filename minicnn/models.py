@@ -180,7 +180,7 @@ def pretrained_classifier(arch, n_classes, *, pretrained=True, in_channels=3, he
     download: torchvision ResNets only; False never touches the network.
     """
     if arch not in PRETRAINED_ARCHS or in_channels not in (1, 3):  # before any weights load
-        raise ValueError(f"{arch=}, {in_channels=}: arch in {PRETRAINED_ARCHS}, in_channels 1 or 3")
+        raise ValueError(f"{arch=}, {in_channels=}: need one of {PRETRAINED_ARCHS}, 1 or 3")
     _check_n_classes(n_classes)
     if arch == "efficientnet_lite0":
         early, late, n_features = _efficientnet_body(pretrained, in_channels)

@@ -36,6 +36,8 @@ class SGD:
         self.foreach = foreach
         self.state = {}          # parameter -> {"momentum_buffer": tensor shaped like it}
         self.param_groups = []   # list of dicts: "params" plus every hyper-parameter
+        if isinstance(params, torch.nn.Module):  # SGD(model), a common slip
+            raise TypeError("SGD: pass model.parameters(), not the model")
         groups = [params] if isinstance(params, torch.Tensor) else list(params)
         if not groups:
             raise ValueError("SGD: params is empty; is every parameter frozen?")
@@ -47,8 +49,6 @@ class SGD:
         defaults."""
         params = group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
-        if not all(isinstance(p, torch.Tensor) for p in params):  # SGD(model), a common slip
-            raise TypeError("SGD: params must be tensors: pass model.parameters(), not the model")
         group = {**self.defaults, **group, "params": params}
         _check_hyper(group)
         ids = [id(p) for g in self.param_groups + [group] for p in g["params"]]

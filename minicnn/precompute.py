@@ -76,7 +76,10 @@ def _run(body, x, batch_size, device):
                 xb = x[start:start + batch_size].to(device)
                 # (B, C, H, W) in [0, 1]
                 xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb.float()
-                out.append(body(xb).float().cpu())  # features = body(x), (B, F) each
+                try:
+                    out.append(body(xb).float().cpu())  # features = body(x), (B, F) each
+                except RuntimeError as error:  # e.g. 3-channel images, a 1-channel stem
+                    raise ValueError(f"body(x), x {tuple(x.shape)}: {error}") from error
     finally:
         for module, training in modes:
             module.training = training

@@ -55,9 +55,10 @@ def predict_each(model, snapshots, batches, *, predict_fn=None):
     try:
         each = []
         for i, state in enumerate(states):
-            # copies into the existing tensors: same device, same Parameters; torch names the
-            # keys of a snapshot of another architecture
-            model.load_state_dict(state)
+            try:  # copies into the existing tensors: same device, same Parameters
+                model.load_state_dict(state)
+            except RuntimeError as error:  # torch lists the keys that differ
+                raise ValueError(f"snapshot {i} is not of this model's architecture") from error
             probs = predict_fn(model, batches).detach().float().cpu()  # (N, n_classes)
             each.append(probs)
             if not ((probs.sum(-1) - 1).abs() < 1e-2).all() or probs.shape != each[0].shape:

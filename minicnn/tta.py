@@ -22,7 +22,7 @@ def predict_tta(model, batches, *, augment, n_aug=4, generator=None, beta=None):
     beta: weight of the plain view (fastai 2 uses 0.25); None: all n_aug + 1 views equal.
     """
     if n_aug < 0 or beta is not None and not 0 <= beta <= 1:  # NaN fails too
-        raise ValueError(f"n_aug={n_aug} must be >= 0 and beta={beta} None or in [0, 1]")
+        raise ValueError(f"n_aug={n_aug}, beta={beta}: need n_aug >= 0, beta None or in [0, 1]")
     augment = _augmentation(augment, generator)
     # eval mode (running BN statistics, no dropout); each module's own mode is put back, even
     # after an error, so a frozen BN inside a training model stays in eval mode

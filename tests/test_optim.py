@@ -230,6 +230,9 @@ def test_bad_params():
     p = torch.nn.Parameter(torch.ones(1))
     with pytest.raises(ValueError, match="params is empty"):
         SGD([], 0.1)
+    for model in (torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2))):  # iterable
+        with pytest.raises(TypeError, match=r"model.parameters\(\)"):
+            SGD(model, 0.1)
     with pytest.raises(ValueError, match="twice"):
         SGD([p, p], 0.1)
     opt = SGD([p], 0.1)

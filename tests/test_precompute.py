@@ -224,7 +224,7 @@ def test_the_mode_of_every_module_is_restored_even_after_an_error():
     modes = [m.training for m in body.modules()]
     precompute_features(body, tiny_images()[0], batch_size=8)
     assert [m.training for m in body.modules()] == modes
-    with pytest.raises(RuntimeError):  # 3 channels into a 1-channel body: the first conv refuses
+    with pytest.raises(ValueError, match=r"\(4, 3, 8, 8\).*1 channels"):  # a 1-channel stem
         precompute_features(body, torch.zeros(4, 3, 8, 8, dtype=torch.uint8), batch_size=8)
     assert [m.training for m in body.modules()] == modes
 
