@@ -174,6 +174,8 @@ CASES = [
     ("lesson2_labels", ["--threads", "0"], "--threads"),
     ("lesson2_labels", ["--device", "tpu"], "--device"),
     ("lesson2_labels", ["--seed", "-1"], "--seed"),
+    ("lesson3_faster", ["--all", "--limit", "5000"], "--all"),
+    ("lesson3_faster", ["--lr", "0"], "--lr"),
 ]
 
 
@@ -191,6 +193,7 @@ GOOD = [
     ("lesson2_fine_tune", ["--quick"]), ("lesson2_fine_tune", ["--lr-ratio", "1", "--quick", "--batch-size", "85",
                                                                "--n-train", "255"]),
     ("lesson2_snapshots", ["--quick", "--search-limit", "512", "--n-aug", "0"]),
+    ("lesson3_faster", ["--quick"]), ("lesson3_faster", ["--all"]),
 ]
 
 

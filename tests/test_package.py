@@ -38,6 +38,8 @@ PUBLIC = {
     "checkpoint": "save_checkpoint load_checkpoint atomic_save",
     "atomic": "atomic_write stale_temporaries",
     "speed": "WAYS ways computes_bf16 seconds_per_step fastest",
+    "whitening": "whiten_ sample_patches simple_resnet_stem",
+    "ema": "EMA decay_at",
     "distributed": "setup teardown is_main Shard rank_slice gather average_gradients all_sum broadcast_weights "
                    "run_on_main",
     "export": "export_model load_model",
