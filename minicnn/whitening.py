@@ -7,15 +7,10 @@ applies (flattened: d = C*k*k numbers each), then
     Sigma = V diag(lambda) V^T                          lambda_1 >= ... >= lambda_d
     W_i = v_i / sqrt(lambda_i + eps)                    filter i: eigenvector i, scaled
     filters = [W_1 .. W_d, -W_1 .. -W_d][:out_channels]
-so cov(W p) = diag(lambda / (lambda + eps)), about the identity: the conv's outputs on the data
-are uncorrelated with unit variance. The pair +W, -W lets a ReLU after the conv pass both signs;
-with fewer than d filters the top eigenvectors are kept, filters past 2d keep their values.
-The bias is set to 0 and by default the conv is frozen (requires_grad False), as the
-speedruns freeze its weights.
-
-Source: Coates & Ng 2011, "An Analysis of Single-Layer Networks in Unsupervised Feature
-Learning" (whitened patches; ZCA); the CIFAR-10 speedruns hlb-CIFAR10 (tysam-code) and airbench
-(Keller Jordan). More, and what they report: docs/whitening.md.
+so cov(W p) = diag(lambda / (lambda + eps)), about the identity. +W and -W let a ReLU after
+the conv pass both signs. The bias is set to 0 and the conv frozen, as the speedruns do.
+Source: Coates & Ng 2011 (whitened patches); the CIFAR-10 speedruns hlb-CIFAR10 (tysam-code)
+and airbench (Keller Jordan). More, and what they report: docs/whitening.md.
 """
 import torch
 

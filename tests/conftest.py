@@ -29,6 +29,18 @@ HAVE_DATA = any((Path(f) / name).is_file() for f in fashion_mnist_folders()
 needs_data = pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST not installed "
                                 "(make test installs it)")
 
+
+
+def blobs(n, seed=0):
+    """n images of two classes, 1x4x4: bright in the top half (0) or in the bottom half (1)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = torch.rand(n, 1, 4, 4, generator=g) * 0.3
+    x[y == 0, :, :2] += 0.6
+    x[y == 1, :, 2:] += 0.6
+    return x, y
+
+
 # Tiny tensors are faster on one thread, and several test runs may share the machine.
 torch.set_num_threads(1)
 

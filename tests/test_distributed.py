@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import blobs
 import torch
 import torch.multiprocessing as mp
 from torch import nn
@@ -106,16 +107,6 @@ def assert_close(a, b, **tolerance):
 
 
 # ---- data, models, a run ------------------------------------------------------------------------
-
-def blobs(n=40, seed=0):
-    """Two classes of 1x4x4 images: bright in the top half or in the bottom half."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 2, (n,), generator=g)
-    x = torch.rand(n, 1, 4, 4, generator=g) * 0.3
-    x[y == 0, :, :2] += 0.6
-    x[y == 1, :, 2:] += 0.6
-    return x, y
-
 
 def mlp(seed=0):
     torch.manual_seed(seed)
@@ -420,7 +411,7 @@ def _mismatches(rank):
     for name, call in [
             ("gather", lambda: gather(torch.zeros(3, 2 + rank))),
             ("broadcast", lambda: distributed.broadcast_weights(nn.Linear(4, 2 + rank))),
-            ("shard", lambda: Shard(Batches(*blobs(), 8, shuffle=True))),  # seed from each rank's own RNG
+            ("shard", lambda: Shard(Batches(*blobs(40), 8, shuffle=True))),  # seed from each rank's own RNG
             ("average", lambda: distributed.average_gradients(*_gradients(rank, layers=1 + rank)))]:
         torch.manual_seed(rank)
         try:
@@ -526,7 +517,7 @@ def test_shards_cover_every_global_batch_once_in_order():
             assert sorted(len(p[i][1]) for p in parts) in ([5, 5, 5], [3, 3, 4])
     lists = [Shard(list(batches.epoch(0)), rank=r, world_size=2) for r in range(2)]  # any loader with len()
     assert torch.equal(torch.cat([next(iter(s))[1] for s in lists]), next(batches.epoch(0))[1])
-    unlabelled = Shard(Batches(blobs()[0], None, 8, shuffle=False), rank=1, world_size=2)
+    unlabelled = Shard(Batches(blobs(40)[0], None, 8, shuffle=False), rank=1, world_size=2)
     assert next(iter(unlabelled))[1] is None
     assert [rank_slice(7, rank=r, world_size=3) for r in range(3)] == [slice(0, 2), slice(2, 4), slice(4, 7)]
 
@@ -538,7 +529,7 @@ def test_bad_input_to_the_helpers_is_refused_by_name():
     with pytest.raises(ValueError, match=r"rank=0.*world_size"):
         rank_slice(10, rank=0, world_size=0)
     with pytest.raises(ValueError, match=r"batch of 4.*8 ranks"):  # seen when the Shard is built
-        Shard(Batches(*blobs(), 4, shuffle=False), rank=0, world_size=8)
+        Shard(Batches(*blobs(40), 4, shuffle=False), rank=0, world_size=8)
     with pytest.raises(ValueError, match=r"batch of 1.*drop_last"):
         Shard(Batches(*blobs(41), 8, shuffle=False), rank=0, world_size=2)  # 41 = 5 x 8 + 1
     Shard(Batches(*blobs(41), 8, shuffle=False, drop_last=True), rank=0, world_size=2)

@@ -6,6 +6,7 @@ import copy
 import math
 
 import pytest
+from conftest import blobs
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,16 +18,6 @@ from minicnn.ema import EMA, decay_at
 from minicnn.lr_find import lr_find
 from minicnn.optim import SGD
 from minicnn.train import evaluate, fit
-
-
-def blobs(n=64, seed=0):
-    """Two classes of 1x4x4 images: bright in the top half or in the bottom half."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 2, (n,), generator=g)
-    x = torch.rand(n, 1, 4, 4, generator=g) * 0.3
-    x[y == 0, :, :2] += 0.6
-    x[y == 1, :, 2:] += 0.6
-    return x, y
 
 
 def tiny_net(dtype=torch.float32):

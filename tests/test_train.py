@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import blobs
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -15,23 +16,13 @@ from minicnn.models import simple_resnet
 from minicnn.train import History, accuracy, evaluate, fit, join_histories, predict
 
 
-def blobs(n=96, seed=0):
-    """Two classes of 1x4x4 images: bright in the top half or in the bottom half."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 2, (n,), generator=g)
-    x = torch.rand(n, 1, 4, 4, generator=g) * 0.3
-    x[y == 0, :, :2] += 0.6
-    x[y == 1, :, 2:] += 0.6
-    return x, y
-
-
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     return simple_resnet(2, widths=(4, 4))
 
 
 def test_fit_lowers_the_loss_and_records_the_lr_of_every_step():
-    x, y = blobs()
+    x, y = blobs(96)
     train = Batches(x, y, 16, shuffle=True, generator=torch.Generator().manual_seed(0))
     valid = Batches(*blobs(32, seed=1), 32, shuffle=False)
     model = tiny_model()
