@@ -113,8 +113,11 @@ def add_common_args(parser, *, out, batch_help="default 128", limit=True, limit_
 
 
 def in_notebook():
-    """True inside a Jupyter kernel (a lesson opened or executed as a notebook)."""
-    return "ipykernel" in sys.modules
+    """True inside a running Jupyter kernel (a lesson opened or executed as a notebook); not in a
+    script that merely imported ipykernel or IPython (a test runner that executes notebooks)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return type(shell).__name__ == "ZMQInteractiveShell"  # the kernel's shell; None elsewhere
 
 
 def command_line(notebook_argv):

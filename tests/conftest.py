@@ -48,3 +48,10 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tests (whole lessons) first: with one worker per core (make test's -n auto) the
+    long runs start at once and the many short tests fill in around them, instead of one long
+    run left alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

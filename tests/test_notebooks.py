@@ -64,3 +64,20 @@ def test_a_failed_self_check_fails_the_notebook(tmp_path):
     with pytest.raises(CellExecutionError, match="SystemExit"):
         notebooks.execute(nb, timeout=120)
     assert "after the check" not in outputs(nb, "text")
+
+
+def test_a_script_that_imported_ipykernel_still_reads_its_command_line(monkeypatch):
+    """in_notebook: a running kernel's shell, not ipykernel merely imported (this test process
+    has imported it to run the notebooks above); otherwise a lesson would ignore its argv."""
+    import common
+    import IPython
+    import ipykernel  # noqa: F401
+    assert not common.in_notebook()
+    monkeypatch.setattr(sys, "argv", ["lesson.py", "--quick"])
+    assert common.command_line(["from", "the", "notebook"]) == ["--quick"]
+
+    class ZMQInteractiveShell:  # what IPython.get_ipython() returns inside a Jupyter kernel
+        pass
+    monkeypatch.setattr(IPython, "get_ipython", lambda: ZMQInteractiveShell())
+    assert common.in_notebook() and common.command_line(["--quick"]) == ["--quick"]
+    assert common.command_line([]) == []
