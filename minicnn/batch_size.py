@@ -7,10 +7,10 @@ bisect, then keep a safety margin. The process survives every out-of-memory erro
     return min(limit, floor(margin * good))        or `limit` when even `limit` fit
 After each out-of-memory error the failed step's tensors are freed (leave the except block,
 gc.collect(), torch.cuda.empty_cache()); afterwards model, optimizer and RNG are as they were.
-The device is read by minicnn/data.py's parse_device.
 
 Source: fast.ai 2018 lesson 2 ("make it as big as possible until you run out of memory");
 PyTorch Lightning's scale_batch_size (doubling, then binary search). More: docs/batch_size.md.
+Copied out, it needs minicnn/data.py beside it (its parse_device reads the device).
 """
 import contextlib
 import gc

@@ -8,6 +8,7 @@ Write:  torch.save to memory -> minicnn/atomic.py's atomic_write (temporary file
 Check:  sha256 over every value saved, stored in the file, recomputed on load.
 Source: PyTorch's recipe "Saving and loading a general checkpoint".
 docs/checkpoints.md: what a crash can cost, and what not.
+Copied out, it needs minicnn/atomic.py beside it.
 """
 import hashlib
 import io

@@ -10,6 +10,8 @@ Input the model expects: uint8 pixels as x = pixels / 255 in [0, 1], RGB (3 chan
 (1), size x size; the model computes (x - mean) / std itself, in its first layer (its mean
 and std are stored too, for the record). The preset's name is checked against
 minicnn/augment.py. More: docs/export.md.
+Copied out, it needs minicnn/checkpoint.py, minicnn/atomic.py, minicnn/models.py,
+minicnn/efficientnet.py and minicnn/augment.py beside it.
 """
 import re
 from collections import OrderedDict

@@ -9,7 +9,7 @@ the optimizer and the RNG states are as they were, bit for bit. suggest_lr: the 
 lr, of the longest run of steps falling at least as steeply as the mean descent to the minimum.
 Sources: Smith 2015, "Cyclical Learning Rates for Training Neural Networks"; fast.ai 2018
 lesson 2, steps 2 and 7 ("the highest rate where the loss is clearly improving").
-Needs minicnn/fit_checks.py (raise_clearly). docs/lr_find.md: the rule, what is restored, peers.
+Copy with minicnn/fit_checks.py (raise_clearly). docs/lr_find.md: the rule, what is restored, peers.
 """
 import copy
 import itertools

@@ -7,9 +7,10 @@ While the body is frozen it is a fixed function, so its output for an image neve
 The cache file, <cache>/<arch>-<H>x<W>-data<hash of x>-weights<hash of the body>.pt, is written
 and checked with minicnn/checkpoint.py (atomic, sha256); a cache file that is damaged or does not
 match x and the body is recomputed, with a warning. Float images are checked by check_images of
-minicnn/augment.py, the other module this file needs.
+minicnn/augment.py.
 Source: fastai 0.7, ConvLearner.pretrained(..., precompute=True). docs/precompute.md: why
 augmentation does nothing here, how it differs from fastai, the speed measured.
+Copied out, it needs minicnn/checkpoint.py, minicnn/atomic.py and minicnn/augment.py beside it.
 """
 import hashlib
 import inspect

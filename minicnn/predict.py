@@ -13,6 +13,8 @@ A folder stands for its images (recursive, sorted) and its predictions go to a C
 with minicnn/atomic.py's atomic_write. An image that will not decode is named and skipped.
 --device is read by minicnn/data.py's parse_device.
 Source: fast.ai 2018 lesson 2 (learn.predict, learn.TTA). More: docs/export.md.
+Not a piece to copy alone: it is the command line over export, image_folder, train and tta (and
+what they need); take the package.
 """
 import argparse
 import csv

@@ -9,7 +9,7 @@ Per minibatch, in this order (the order fastai's callbacks hide):
 `step` counts minibatches over the whole run (epoch * len(train) + i), so a schedule is a
 pure function of it and a run resumed at `start_step` sees the same LRs and the same batches.
 Sources: fast.ai 2018 lessons 1-2; the loop's shape follows nanoGPT's train.py.
-Needs minicnn/fit_checks.py (what fit refuses). docs/training_loop.md: bad input, bf16, torchrun.
+Copy with minicnn/fit_checks.py (what fit refuses). docs/training_loop.md: bad input, torchrun.
 """
 import contextlib
 import itertools
