@@ -64,7 +64,7 @@ from minicnn.lr_find import lr_find  # noqa: E402
 from minicnn.models import simple_resnet  # noqa: E402
 from minicnn.train import accuracy  # noqa: E402
 import minicnn.speed as speed  # noqa: E402
-from common import device, fashion_splits, float_above, int_in, out_folder  # noqa: E402 (lessons/)
+from common import device, fashion_splits, float_above, int_in, out_folder, seconds_to  # noqa: E402 (lessons/)
 from lesson2_settings import MODES  # noqa: E402
 
 ARMS = ("minicnn", "plain", "fastai")
@@ -75,15 +75,6 @@ QUICK_TRAIN = 2000  # --quick: stratified slices of 2,000 / 200 / 200 images
 MAX_LR = 0.2
 WEIGHT_DECAY, MOMENTUM = 5e-4, 0.9
 FASTAI_SKIPPED = 'fastai: skipped ({}); install it with pip install -e ".[bench]"'
-
-
-def seconds_to(curve, threshold):
-    """The seconds at the first epoch whose validation accuracy is at or above threshold, else None.
-    curve: [(seconds since training began, validation accuracy)] in epoch order."""
-    for seconds, accuracy in curve:
-        if accuracy >= threshold:
-            return seconds
-    return None
 
 
 def shared_settings(args):

@@ -244,6 +244,12 @@ def fashion_data(args, *, batch_size=None):
         x_test=x_test, y_test=y_test, classes=classes)
 
 
+def seconds_to(curve, threshold):
+    """The seconds at the first epoch whose validation accuracy is at or above threshold, else
+    None. curve: [(seconds since training began, validation accuracy)] in epoch order."""
+    return next((seconds for seconds, accuracy in curve if accuracy >= threshold), None)
+
+
 def check(condition, message):
     """A lesson's closing self-check: fail loudly, with the numbers, when a result is off."""
     if not condition:

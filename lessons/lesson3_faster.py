@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from common import (check, check_accuracy, command_line, fashion_data, float_above, parse_args,
-                    show, threads_note)
+                    seconds_to, show, threads_note)
 import minicnn.speed as speed
 from minicnn.atomic import atomic_write
 from minicnn.augment import lighting, random_affine, side_on
@@ -148,7 +148,8 @@ def run_arm(features):
         whiten_(conv, data["x_train"][:5000], normalize=normalize,
                 generator=torch.Generator().manual_seed(args.seed))
     bn_biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    others = [p for p in model.parameters() if all(p is not b for b in bn_biases)]
+    bias_ids = {id(b) for b in bn_biases}
+    others = [p for p in model.parameters() if id(p) not in bias_ids]
     scale = BN_BIAS_LR_SCALE if "bn" in features else 1
     opt = SGD([{"params": others}, {"params": bn_biases}], args.lr, momentum=MOMENTUM,
               nesterov=True, weight_decay=WEIGHT_DECAY)
@@ -220,12 +221,7 @@ for name, adds in ARMS:
 # its epochs), its last validation and its test accuracy. Look at the figure for where the
 # curves part: early (faster learning) or only at the end (a better final model).
 
-
 # %%
-def seconds_to(curve, threshold):
-    return next((s for s, a in curve if a >= threshold), None)
-
-
 head = ["arm"] + [f"seconds to {t}" for t in THRESHOLDS] + ["last validation", "test", "seconds"]
 lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 for name, r in results.items():
