@@ -112,6 +112,19 @@ def add_common_args(parser, *, out, batch_help="default 128", limit=True, limit_
     return parser
 
 
+def add_speed_args(parser):
+    """--precision and --channels-last: auto (a few timed steps of each way, minicnn/speed.py) or
+    forced."""
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="arithmetic of training and predicting: auto (the default) times a "
+                             "few steps of each and takes the faster; bf16 is tried only where "
+                             "the CPU or GPU computes it")
+    parser.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                        help="memory layout of the images: auto (the default) times a few steps "
+                             "of each and takes the faster")
+    return parser
+
+
 def in_notebook():
     """True inside a running Jupyter kernel (a lesson opened or executed as a notebook); not in a
     script that merely imported ipykernel or IPython (a test runner that executes notebooks)."""

@@ -13,8 +13,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from common import (N_FASHION_TRAIN, ROOT, add_common_args, float_above, int_in, load_or_exit,
-                    out_folder)
+from common import (N_FASHION_TRAIN, ROOT, add_common_args, add_speed_args, float_above, int_in,
+                    load_or_exit, out_folder)
 import minicnn.distributed as distributed
 from minicnn.augment import resize
 from minicnn.atomic import atomic_write
@@ -72,13 +72,7 @@ def parse_args(argv):
     parser.add_argument("--lr-ratio", type=float_above(1, or_equal=True), default=None,
                         help="LR ratio between layer groups (>= 1; default: simple_resnet 3, an "
                              "ImageNet body 10)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="arithmetic of training and predicting: auto (the default) times a "
-                             "few steps of each and takes the faster; bf16 is tried only where "
-                             "the CPU or GPU computes it")
-    parser.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
-                        help="memory layout of the images: auto (the default) times a few steps "
-                             "of each and takes the faster")
+    add_speed_args(parser)
     parser.add_argument("--cache", type=out_folder, default=None,
                         help="folder for the pretrained body and the activations "
                              "(default: OUT/cache)")

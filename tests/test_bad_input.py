@@ -174,7 +174,12 @@ CASES = [
     ("lesson2_labels", ["--threads", "0"], "--threads"),
     ("lesson2_labels", ["--device", "tpu"], "--device"),
     ("lesson2_labels", ["--seed", "-1"], "--seed"),
-    ("lesson3_faster", ["--all", "--limit", "5000"], "--all"),
+    ("lesson3_faster", ["--all", "--limit", "5000"], "--limit"),
+    ("lesson3_faster", ["--accuracy", "--limit", "5000"], "--limit"),
+    ("lesson3_faster", ["--all", "--accuracy"], "--accuracy"),
+    ("lesson3_faster", ["--accuracy", "--sprint"], "--sprint"),
+    ("lesson3_faster", ["--sprint", "--limit", "5000"], "--limit"),
+    ("lesson3_faster", ["--precision", "fp16"], "--precision"),
     ("lesson3_faster", ["--lr", "0"], "--lr"),
 ]
 
@@ -193,7 +198,9 @@ GOOD = [
     ("lesson2_fine_tune", ["--quick"]), ("lesson2_fine_tune", ["--lr-ratio", "1", "--quick", "--batch-size", "85",
                                                                "--n-train", "255"]),
     ("lesson2_snapshots", ["--quick", "--search-limit", "512", "--n-aug", "0"]),
-    ("lesson3_faster", ["--quick"]), ("lesson3_faster", ["--all"]),
+    ("lesson3_faster", ["--quick"]), ("lesson3_faster", ["--all"]), ("lesson3_faster", ["--accuracy"]),
+    ("lesson3_faster", ["--sprint"]),
+    ("lesson3_faster", ["--accuracy", "--quick", "--precision", "fp32", "--channels-last", "off"]),
 ]
 
 
