@@ -1,10 +1,17 @@
-"""Seconds to 0.92 and 0.93 validation accuracy on Fashion-MNIST: lesson 2's recipe against a plain
-PyTorch one-cycle loop and fastai's fit_one_cycle, one after the other on the same machine.
+"""Seconds to 0.92, 0.93 and 0.94 validation accuracy on Fashion-MNIST: lesson 2's recipe and lesson 3's
+successors against a plain PyTorch one-cycle loop and fastai's fit_one_cycle, one after the other on
+the same machine.
 
 Arms, each in a fresh process with the same threads (--threads), network, data and batch size:
   minicnn  lessons/lesson2.py --accuracy (--full with --mode full): from random weights, its LR
            range test, SGDR cycles of 1, 2, 4, ... epochs, progressive resizing, snapshots; its test
            accuracy is the prediction it chose on validation (last weights, TTA or an ensemble).
+  sprint   lessons/lesson3_faster.py --sprint: the speedruns' techniques (label smoothing, BatchNorm
+           biases at 10x the lr, an EMA of the weights, alternating flip, a whitened first conv) on
+           the recipe's network, one cosine of 6 epochs from lr 0.2 (no restarts); test predicted
+           plain or with the mirror image, whichever is better on validation.
+  faster   lessons/lesson3_faster.py --accuracy: the same techniques on wider late stages
+           (16, 32, 96, 192) with the recipe's SGDR, cycles of 1, 2, ... 16 epochs (31).
   plain    the loop in plain_arm below: torch.optim.SGD (momentum 0.9, Nesterov, weight decay 5e-4)
            and torch.optim.lr_scheduler.OneCycleLR stepped every batch, with its defaults (30%
            warm-up from max_lr/25, cosine down to max_lr/25e4, momentum cycled 0.95 -> 0.85 -> 0.95
@@ -12,8 +19,8 @@ Arms, each in a fresh process with the same threads (--threads), network, data a
   fastai   Learner.fit_one_cycle at lr_find().valley with fastai's defaults (Adam, wd 0.01), fed the
            same batches and augmentation; skipped with a line when fastai is not installed
            (pip install -e ".[bench]").
-Shared: simple_resnet with lesson2's widths and batch size (read from lesson2.py's settings and
-checked against its results.json), the 50,000/10,000 split of lessons/common.py (fashion_splits),
+Shared: simple_resnet with lesson2's widths (lesson3's arms: their own) and batch size (read from
+lesson2.py's settings and checked against its results.json), the 50,000/10,000 split of lessons/common.py (fashion_splits),
 the 10,000 test images predicted once at the end, bf16 autocast + channels_last exactly where
 lesson2 uses them (CUDA, or a CPU that computes bf16). Each arm's clock starts where its training
 starts, its LR range test included (the recipe's step 7, fastai's lr_find), and runs through every
@@ -32,10 +39,14 @@ Run:
   python benchmarks/bench_time_to_accuracy.py                      # 3 x lesson2 --accuracy's time
   python benchmarks/bench_time_to_accuracy.py --order plain,fastai,minicnn
   python benchmarks/bench_time_to_accuracy.py --order fastai,minicnn,plain
+  python benchmarks/bench_time_to_accuracy.py --order sprint,plain --epochs 8   # the 0.93 target,
+  python benchmarks/bench_time_to_accuracy.py --order plain,sprint --epochs 8   # both orders
+  python benchmarks/bench_time_to_accuracy.py --order faster                    # the accuracy run
   python benchmarks/bench_time_to_accuracy.py --mode full          # lesson2 --full's settings (a GPU)
   python benchmarks/bench_time_to_accuracy.py --quick              # CI: seconds, numbers not comparable
 Writes OUT/time_to_accuracy.md (the table), OUT/time_to_accuracy.json (every arm's curve), each
-arm's log, and lesson2's report.md and results.json as OUT/minicnn_*.
+arm's log, lesson2's report.md and results.json as OUT/minicnn_*, lesson3's results.json as
+OUT/sprint_results.json and OUT/faster_results.json.
 """
 import argparse
 import ast
@@ -55,6 +66,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 LESSON2 = ROOT / "lessons" / "lesson2.py"
+LESSON3 = ROOT / "lessons" / "lesson3_faster.py"
+LESSON3_RUNS = {"sprint": "--sprint", "faster": "--accuracy"}  # the arms that are lesson3_faster runs
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "lessons"))
 from minicnn.augment import side_on  # noqa: E402
@@ -67,8 +80,8 @@ import minicnn.speed as speed  # noqa: E402
 from common import device, fashion_splits, float_above, int_in, out_folder, seconds_to  # noqa: E402 (lessons/)
 from lesson2_settings import MODES  # noqa: E402
 
-ARMS = ("minicnn", "plain", "fastai")
-THRESHOLDS = (0.92, 0.93)
+ARMS = ("minicnn", "sprint", "faster", "plain", "fastai")
+THRESHOLDS = (0.92, 0.93, 0.94)
 QUICK_TRAIN = 2000  # --quick: stratified slices of 2,000 / 200 / 200 images
 # lesson2 --accuracy's range test picked 0.2 for simple_resnet at batch 128 (docs/recipe.md, step 7),
 # inside the 0.1-0.4 usual for SGD with Nesterov on a ResNet at this batch; --max-lr find measures it
@@ -283,14 +296,16 @@ def run_arm(name, args, s):
     log = args.out / f"{name}.log"
     if name == "fastai" and importlib.util.find_spec("fastai") is None:  # not installed: no process to start
         return dict(skipped=FASTAI_SKIPPED.format("No module named 'fastai'"))
+    if name == "minicnn" and args.minicnn_results:  # already run (gpu_check.py runs lesson2 --full first)
+        return minicnn_result(json.loads(Path(args.minicnn_results).read_text()), s,
+                              source=f"from {args.minicnn_results}")
     with tempfile.TemporaryDirectory() as folder:
-        if name == "minicnn":
-            if args.minicnn_results:  # already run (gpu_check.py runs lesson2 --full first)
-                return minicnn_result(json.loads(Path(args.minicnn_results).read_text()), s,
-                                      source=f"from {args.minicnn_results}")
-            mode = ["--accuracy", "--quick"] if s["mode"] == "quick" else [f"--{s['mode']}"]  # from scratch, 10 classes
-            command = [sys.executable, str(LESSON2), *mode, "--out", folder, "--threads", str(args.threads),
-                       "--device", args.device, "--seed", str(args.seed),
+        if name == "minicnn" or name in LESSON3_RUNS:  # a lesson, from scratch on 10 classes, in the shared way
+            mode = ["--accuracy", "--quick"] if s["mode"] == "quick" else [f"--{s['mode']}"]
+            if name in LESSON3_RUNS:  # the same run on a CPU or a GPU
+                mode = [LESSON3_RUNS[name]] + (["--quick"] if s["mode"] == "quick" else [])
+            command = [sys.executable, str(LESSON2 if name == "minicnn" else LESSON3), *mode, "--out", folder,
+                       "--threads", str(args.threads), "--device", args.device, "--seed", str(args.seed),
                        "--precision", "bf16" if s["mixed_precision"] else "fp32",
                        "--channels-last", "on" if s["channels_last"] else "off"]
         else:
@@ -304,6 +319,9 @@ def run_arm(name, args, s):
                 return dict(failed=f"stopped after --arm-timeout {args.arm_timeout}s (log: {log})")
         if done.returncode != 0:
             return dict(failed=f"exit status {done.returncode}; the end of {log}:\n" + log.read_text()[-2000:])
+        if name in LESSON3_RUNS:
+            shutil.copy(Path(folder) / "results.json", args.out / f"{name}_results.json")
+            return lesson3_result(json.loads((Path(folder) / "results.json").read_text()), s)
         if name != "minicnn":
             return json.loads((Path(folder) / "result.json").read_text())
         for kept in ("results.json", "report.md"):
@@ -323,6 +341,17 @@ def minicnn_result(results, s, *, source):
     return dict(curve=[tuple(point) for point in results["valid_curve"]], test=results["test"], test_flip=None,
                 epochs=len(results["valid_curve"]), how=f"{results['chosen']} (chosen on validation)",
                 lr=f"SGDR, its range test ({source})")
+
+
+def lesson3_result(results, s):
+    """lesson3_faster --accuracy's or --sprint's results.json -> the arm's result; its way must be the
+    others'."""
+    if results["way"] != s["way"]:
+        raise SystemExit(f"lesson3_faster trained in {results['way']}, the other arms in {s['way']}")
+    (r,) = results["results"].values()  # --accuracy: one arm
+    return dict(curve=[tuple(point) for point in r["curve"]], test=r["test"], test_flip=None,
+                epochs=len(r["curve"]), how=f"{r['predicted']} (chosen on validation)",
+                lr=f"{r['schedule']}, simple_resnet{tuple(r['widths'])}, {', '.join(r['features'])}")
 
 
 # ---- the table ---------------------------------------------------------------------------------------
@@ -352,11 +381,12 @@ def table(results, s, args):
             [name, str(r["epochs"])] + [number(v, ".0f") for v in reached] + ratios
             + [f"{max(a for _, a in r['curve']):.4f}", f"{r['curve'][-1][0]:.0f}", f"{r['test']:.4f}",
                "—" if r["test_flip"] is None else f"{r['test_flip']:.4f}", r["how"], r["lr"]]) + " |")
-    note = (f"simple_resnet{tuple(s['widths'])}, batch {s['batch_size']}, {args.threads} thread(s) on {args.device}, "
+    note = (f"simple_resnet{tuple(s['widths'])} (lesson3's arms: see their LR column), batch {s['batch_size']}, "
+            f"{args.threads} thread(s) on {args.device}, "
             f"training in {s['way']}{trial_note(s)}, lesson2 mode {s['mode']}; order "
             f"{','.join(args.order)}; one-cycle arms {args.epochs} epochs.")
     if args.quick:
-        note += (" --quick: a smoke run on slices (minicnn runs lesson2 --accuracy --quick), "
+        note += (" --quick: a smoke run on slices (lessons 2 and 3 with --quick), "
                  "so the arms' numbers are not comparable.")
     return "\n".join(lines) + "\n\n" + note + "\n"
 

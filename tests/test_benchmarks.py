@@ -110,9 +110,12 @@ def test_a_bad_argument_is_refused_by_name_before_any_work(script, options, mess
 
 # ---- the scripts, end to end ------------------------------------------------------------------------
 
-def test_the_minicnn_arm_runs_lesson2_with_the_other_arms_network_and_way(monkeypatch, tmp_path):
-    """Without --minicnn-results the benchmark runs lesson2 itself, forced to the way of running a
-    step (precision, layout) the other arms use."""
+@pytest.mark.parametrize("arm, lesson, mode", [("minicnn", "lesson2.py", "--accuracy"),
+                                               ("sprint", "lesson3_faster.py", "--sprint"),
+                                               ("faster", "lesson3_faster.py", "--accuracy")])
+def test_the_lesson_arms_run_their_lesson_in_the_other_arms_way(monkeypatch, tmp_path, arm, lesson, mode):
+    """Without --minicnn-results the benchmark runs lesson2 itself, and lesson3_faster for the sprint
+    and faster arms, forced to the way of running a step (precision, layout) the other arms use."""
     import bench_time_to_accuracy as bench
     commands = []
 
@@ -123,9 +126,9 @@ def test_the_minicnn_arm_runs_lesson2_with_the_other_arms_network_and_way(monkey
     args = bench.parse_args(["--quick", "--out", str(tmp_path), "--threads", "1"])
     for way in ("fp32", "channels_last", "bf16 + channels_last"):
         s = dict(mode="quick", way=way, **bench.speed.WAYS[way])
-        assert "failed" in bench.run_arm("minicnn", args, s)
+        assert "failed" in bench.run_arm(arm, args, s)
         command = commands[-1]
-        assert command[1].endswith("lesson2.py") and "--accuracy" in command and "--quick" in command
+        assert command[1].endswith(lesson) and mode in command and "--quick" in command
         precision, layout = (command[command.index(flag) + 1] for flag in ("--precision", "--channels-last"))
         assert (precision == "bf16", layout == "on") == (s["mixed_precision"], s["channels_last"])
 
