@@ -348,7 +348,7 @@ def lesson3_result(results, s):
     others'."""
     if results["way"] != s["way"]:
         raise SystemExit(f"lesson3_faster trained in {results['way']}, the other arms in {s['way']}")
-    (r,) = results["results"].values()  # --accuracy: one arm
+    (r,) = results["results"].values()  # --accuracy and --sprint: one arm
     return dict(curve=[tuple(point) for point in r["curve"]], test=r["test"], test_flip=None,
                 epochs=len(r["curve"]), how=f"{r['predicted']} (chosen on validation)",
                 lr=f"{r['schedule']}, simple_resnet{tuple(r['widths'])}, {', '.join(r['features'])}")

@@ -16,7 +16,7 @@ from conftest import needs_data
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_time_to_accuracy import ARMS, THRESHOLDS, minicnn_result, seconds_to  # noqa: E402
+from bench_time_to_accuracy import ARMS, THRESHOLDS, lesson3_result, minicnn_result, seconds_to  # noqa: E402
 
 # PASSIVE: OpenMP threads sleep instead of spinning when the cores are busy (as in test_lessons)
 ENV = {**os.environ, "MPLBACKEND": "Agg", "OMP_WAIT_POLICY": "PASSIVE"}
@@ -62,6 +62,16 @@ def test_a_lesson2_run_with_another_network_is_refused():
         changed = dict(results, settings=dict(results["settings"], **{key: other}))
         with pytest.raises(SystemExit, match=key):
             minicnn_result(changed, s, source="test")
+
+
+def test_a_lesson3_run_in_another_way_is_refused():
+    arm = dict(curve=[[5.0, 0.93]], test=0.93, predicted="mirror TTA", features=["ema", "whiten"],
+               widths=[16, 32, 64, 128], schedule="one cosine of 6 epochs from lr 0.2")
+    results = dict(way="fp32", results={"the sprint": arm})
+    r = lesson3_result(results, dict(way="fp32"))
+    assert r["curve"] == [(5.0, 0.93)] and r["test"] == 0.93 and "one cosine" in r["lr"]
+    with pytest.raises(SystemExit, match="lesson3_faster trained in fp32, the other arms in channels_last"):
+        lesson3_result(results, dict(way="channels_last"))
 
 
 # ---- bad arguments: refused by name before any work ---------------------------------------------------
