@@ -9,12 +9,9 @@ stored in model.pt, then x = pixels / 255 goes through the model (which normalis
 in batches:
     p = softmax(model(x))                                   minicnn/train.py's predict
     --tta: p = (p_plain + p_aug_1 + ... + p_aug_4) / 5      minicnn/tta.py, the stored preset
-A folder stands for its images (recursive, sorted) and its predictions go to a CSV, written
-with minicnn/atomic.py's atomic_write. An image that will not decode is named and skipped.
---device is read by minicnn/data.py's parse_device.
-Source: fast.ai 2018 lesson 2 (learn.predict, learn.TTA). More: docs/export.md.
-Not a piece to copy alone: it is the command line over export, image_folder, train and tta (and
-what they need); take the package.
+A folder gives a CSV (minicnn/atomic.py writes it), --device is read by minicnn/data.py, and
+an image that will not decode is named and skipped. Source: fast.ai 2018 lesson 2
+(learn.predict, learn.TTA). Not a piece to copy alone: take the package. docs/export.md.
 """
 import argparse
 import csv
