@@ -14,9 +14,11 @@ ARGS ?=
 lesson: data
 	$(PYTHON) $(LESSON) $(ARGS)
 
-# -n auto: one pytest worker per core (pytest-xdist); the tests run one torch thread each
+# -n auto: one pytest worker per core (pytest-xdist), the tests one torch thread each;
+# worksteal: an idle worker takes queued tests from a busy one (the default, load, left one
+# core idle for the last 100 s of lesson notebooks queued on the other)
 test: data lint
-	$(PYTHON) -m pytest -n auto $(ARGS)
+	$(PYTHON) -m pytest -n auto --dist worksteal $(ARGS)
 
 # ruff.toml: pyflakes and pycodestyle errors, lines of at most 100 characters
 lint: $(STAMP)

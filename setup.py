@@ -21,7 +21,7 @@ setup(
     ],
     extras_require={
         # dev: the tests, the notebooks (make notebooks, tests/test_notebooks.py) and the formatter
-        "dev": ["pytest", "pytest-xdist", "hypothesis", "ruff", "jupytext", "nbclient", "nbformat", "ipykernel"],
+        "dev": ["pytest", "pytest-xdist>=3.2", "hypothesis", "ruff", "jupytext", "nbclient", "nbformat", "ipykernel"],
         "bench": ["fastai"],  # benchmarks/bench_time_to_accuracy.py's third arm only
     },
 )
