@@ -301,9 +301,10 @@ def run_arm(name, args, s):
                               source=f"from {args.minicnn_results}")
     with tempfile.TemporaryDirectory() as folder:
         if name == "minicnn" or name in LESSON3_RUNS:  # a lesson, from scratch on 10 classes, in the shared way
-            mode = ["--accuracy", "--quick"] if s["mode"] == "quick" else [f"--{s['mode']}"]
             if name in LESSON3_RUNS:  # the same run on a CPU or a GPU
                 mode = [LESSON3_RUNS[name]] + (["--quick"] if s["mode"] == "quick" else [])
+            else:
+                mode = ["--accuracy", "--quick"] if s["mode"] == "quick" else [f"--{s['mode']}"]
             command = [sys.executable, str(LESSON2 if name == "minicnn" else LESSON3), *mode, "--out", folder,
                        "--threads", str(args.threads), "--device", args.device, "--seed", str(args.seed),
                        "--precision", "bf16" if s["mixed_precision"] else "fp32",
